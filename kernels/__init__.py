@@ -1,0 +1,21 @@
+"""Hot loops, one bundle of kernels per device (the minitorch `tensor_ops` idea).
+
+    reference.py  plain NumPy, written to be read; the oracle the tests compare against
+    cpu.py        the same kernels compiled with Numba (used for NumPy arrays)
+    gpu.py        the same kernels as CUDA source compiled by CuPy (used for CuPy arrays)
+
+Every bundle offers the same functions with the same signatures; `for_array(x)` returns
+the bundle that matches where `x` lives. This is the only place that chooses.
+"""
+import importlib
+
+
+def for_array(array):
+    """The kernel bundle (module) for an array: kernels.cpu for NumPy, kernels.gpu for CuPy."""
+    if type(array).__module__.startswith("cupy"):
+        return importlib.import_module("kernels.gpu")
+    return importlib.import_module("kernels.cpu")
+
+
+def reference():
+    return importlib.import_module("kernels.reference")

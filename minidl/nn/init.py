@@ -1,0 +1,1 @@
+"""Weight initialisers (in place, like torch.nn.init). Filled in by the engine-core work."""

@@ -1,0 +1,1 @@
+"""seg: image segmentation models, data, losses, metrics and training built on minidl."""

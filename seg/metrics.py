@@ -1,0 +1,182 @@
+"""Segmentation metrics on integer label maps (pure NumPy).
+
+Every function takes a predicted label map and a ground-truth label map of the same shape,
+either one image (H, W) or a batch (N, H, W), holding integer class ids. Take the argmax of
+the network scores first: ``pred = logits.argmax(axis=1)`` turns (N, C, H, W) into (N, H, W).
+
+Conventions used here:
+
+- ``confusion_matrix[t, p]`` counts pixels whose true class is ``t`` and predicted class is
+  ``p`` (rows = truth, columns = prediction), so the diagonal holds the correct pixels.
+- IoU of class c = TP / (TP + FP + FN). A class absent from both prediction and target has
+  0 / 0 = NaN and is left out of the mean, instead of counting as 0 or 1.
+- Dice is the Kaggle Ultrasound Nerve Segmentation score: binary (any non-zero label is
+  foreground), computed per image, and an empty prediction on an empty mask scores 1.
+
+To score a whole data set batch by batch, add up ``confusion_matrix`` results and call
+``iou_from_confusion`` / ``accuracy_from_confusion`` once at the end; averaging per-batch IoUs
+would weight small batches wrongly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "confusion_matrix",
+    "iou_from_confusion",
+    "accuracy_from_confusion",
+    "iou_per_class",
+    "mean_iou",
+    "dice_score",
+    "mean_dice",
+    "pixel_accuracy",
+]
+
+
+def _as_numpy(x, name):
+    """Return ``x`` as a NumPy array; accepts CuPy arrays and objects with ``.numpy()``."""
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.get()  # device -> host copy
+    if hasattr(x, "numpy") and callable(x.numpy):  # e.g. a minidl.Tensor
+        return np.asarray(x.numpy())
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise TypeError(f"{name} must be an array of integer class ids, got {type(x).__name__}.") from exc
+
+
+def _check_pair(pred, target):
+    """Validate a (pred, target) pair of label maps and return them as NumPy arrays."""
+    pred = _as_numpy(pred, "pred")
+    target = _as_numpy(target, "target")
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pred shape {pred.shape} does not match target shape {target.shape}; "
+            "both must be (H, W) or (N, H, W) label maps (take argmax over the class axis first)."
+        )
+    if pred.ndim not in (2, 3):
+        raise ValueError(
+            f"expected label maps of shape (H, W) or (N, H, W), got {pred.ndim} dimensions {pred.shape}."
+        )
+    for name, a in (("pred", pred), ("target", target)):
+        if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+            raise TypeError(
+                f"{name} must hold integer class ids, got dtype {a.dtype}; "
+                "use scores.argmax(axis=1) to turn (N, C, H, W) scores into labels."
+            )
+    return pred, target
+
+
+def confusion_matrix(pred, target, num_classes, ignore_index=None):
+    """Count (true class, predicted class) pixel pairs.
+
+    pred, target: (H, W) or (N, H, W) integer class ids in [0, num_classes).
+    ignore_index: pixels whose *target* equals this value are not counted (e.g. CamVid's 11).
+    Returns an int64 array (num_classes, num_classes): ``cm[t, p]`` = number of pixels with
+    true class t predicted as p.
+    """
+    pred, target = _check_pair(pred, target)
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+    p = pred.ravel().astype(np.int64)
+    t = target.ravel().astype(np.int64)
+    if ignore_index is not None:
+        keep = t != ignore_index
+        p, t = p[keep], t[keep]
+    for name, a in (("target", t), ("pred", p)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            bad = a[(a < 0) | (a >= num_classes)][0]
+            raise ValueError(
+                f"{name} holds class id {bad}, outside [0, {num_classes}); "
+                "check num_classes or pass ignore_index for the label to skip."
+            )
+    # One bincount over the joint index t*K + p is much faster than a Python loop over classes.
+    counts = np.bincount(t * num_classes + p, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def iou_from_confusion(cm):
+    """Per-class IoU from a confusion matrix (K, K); NaN for classes absent from both maps.
+
+    Returns float64 (K,).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"a confusion matrix must be square (K, K), got shape {cm.shape}.")
+    tp = np.diag(cm)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp  # predicted + true - counted twice
+    iou = np.full(cm.shape[0], np.nan)
+    present = union > 0
+    iou[present] = tp[present] / union[present]
+    return iou
+
+
+def accuracy_from_confusion(cm):
+    """Fraction of counted pixels on the diagonal; NaN when nothing was counted."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total > 0 else float("nan")
+
+
+def iou_per_class(pred, target, num_classes, ignore_index=None):
+    """Intersection over union for each class.
+
+    pred, target: (H, W) or (N, H, W) integer class ids.
+    Returns float64 (num_classes,), NaN where the class appears in neither pred nor target.
+    """
+    return iou_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))
+
+
+def mean_iou(pred, target, num_classes, ignore_index=None):
+    """Mean IoU over the classes present in pred or target (absent classes are skipped).
+
+    Returns a Python float; NaN only when no pixel was counted at all.
+    """
+    iou = iou_per_class(pred, target, num_classes, ignore_index)
+    present = ~np.isnan(iou)
+    # np.nanmean would warn on an all-NaN input; an explicit check keeps the output quiet.
+    return float(iou[present].mean()) if present.any() else float("nan")
+
+
+def dice_score(pred, target):
+    """Binary Dice coefficient per image, Kaggle rule: both empty -> 1.
+
+    pred, target: (H, W) or (N, H, W); any non-zero value is foreground.
+    Dice = 2 |P & T| / (|P| + |T|).
+    Returns a float for (H, W) input, a float64 array (N,) for (N, H, W) input.
+    """
+    pred, target = _check_pair(pred, target)
+    single = pred.ndim == 2
+    p = (pred != 0).reshape(1 if single else pred.shape[0], -1)
+    t = (target != 0).reshape(p.shape)
+    inter = np.count_nonzero(p & t, axis=1).astype(np.float64)
+    total = np.count_nonzero(p, axis=1) + np.count_nonzero(t, axis=1)
+    # Empty prediction on an empty mask is a correct "no nerve here" answer: score 1.
+    dice = np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+    return float(dice[0]) if single else dice
+
+
+def mean_dice(pred, target):
+    """Mean over images of the Kaggle Dice score (the competition's metric).
+
+    pred, target: (H, W) (one image) or (N, H, W). Returns a Python float.
+    """
+    return float(np.mean(dice_score(pred, target)))
+
+
+def pixel_accuracy(pred, target, ignore_index=None):
+    """Fraction of pixels whose predicted class equals the true class.
+
+    pred, target: (H, W) or (N, H, W) integer class ids; target pixels equal to
+    ignore_index are skipped. Returns a Python float (NaN if every pixel is ignored).
+    """
+    pred, target = _check_pair(pred, target)
+    keep = np.ones(target.shape, dtype=bool) if ignore_index is None else target != ignore_index
+    n = np.count_nonzero(keep)
+    if n == 0:
+        return float("nan")
+    return float(np.count_nonzero((pred == target) & keep) / n)
