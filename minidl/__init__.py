@@ -9,4 +9,11 @@ from .tensor import Tensor, tensor
 from .function import Function
 from .ops.shape import cat, stack
 from .ops.arithmetic import matmul, maximum, minimum, where, exp, log, sqrt
-from . import functional, nn
+from .ops.activation import relu, sigmoid, softmax, log_softmax, tanh
+from .creation import (arange, empty, full, full_like, ones, ones_like, rand, rand_like, randint,
+                       randn, randn_like, zeros, zeros_like)
+from .random import manual_seed
+from .serialization import load, save
+from .gradcheck import gradcheck
+from . import functional, nn, optim, random
+from .receptive_field import receptive_field  # noqa: E402  (a function; shadows the module name)

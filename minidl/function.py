@@ -9,6 +9,8 @@ and saves on `self` only what backward needs. `MyOp.apply(x, w, stride=2)` build
 with its parameters, runs forward on the tensors' arrays and, when a gradient is wanted,
 links the output tensor to the op so that `Tensor.backward()` can find it.
 """
+import numpy
+
 from . import backend
 from .grad_mode import is_grad_enabled
 from .tensor import Tensor
@@ -35,31 +37,29 @@ class Function:
         return cls(**params)(*inputs)
 
     def __call__(self, *inputs):
-        arrays, device = [], None
-        requires_grad = False
+        # This runs once per op, so it is written for speed: one pass over the inputs,
+        # and the device check only when there are several arrays to compare.
+        arrays = []
+        needs = []
         for x in inputs:
-            a = x.data if isinstance(x, Tensor) else x
-            if a is not None and hasattr(a, "shape"):
-                d = backend.device_of(a)
-                if device is None:
-                    device = d
-                elif d != device:
-                    raise RuntimeError(f"{type(self).__name__} got inputs on two devices, "
-                                       f"'{device}' and '{d}'; move them to one device with "
-                                       ".to('cpu') or .to('gpu').")
-            requires_grad |= isinstance(x, Tensor) and x.requires_grad
-            arrays.append(a)
-        requires_grad = requires_grad and is_grad_enabled()
+            if isinstance(x, Tensor):
+                arrays.append(x.data)
+                needs.append(x.requires_grad)
+            else:
+                arrays.append(x)
+                needs.append(False)
+        if len(arrays) > 1:
+            _check_one_device(self, arrays)
+        requires_grad = True in needs and is_grad_enabled()
         if requires_grad:
-            self.needs_input_grad = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
-        y = self.forward(*arrays)
-        out = Tensor._wrap(y)
+            self.needs_input_grad = tuple(needs)
+        out = Tensor._wrap(self.forward(*arrays))
         if requires_grad:
             # Parents: the leaf tensor itself (its .grad is filled), the node that made a
             # non-leaf tensor, or None for inputs that need no gradient.
             self.parents = tuple(
-                (x if x._node is None else x._node) if isinstance(x, Tensor) and x.requires_grad
-                else None for x in inputs)
+                (x if x._node is None else x._node) if need else None
+                for x, need in zip(inputs, needs))
             out.requires_grad = True
             out._node = self
         return out
@@ -71,6 +71,19 @@ class Function:
 
     def __repr__(self):
         return f"<{type(self).__name__}>"
+
+
+def _check_one_device(op, arrays):
+    """Refuse inputs that live on two devices (a NumPy scalar is fine next to either)."""
+    on_cpu = on_gpu = False
+    for a in arrays:
+        if isinstance(a, numpy.ndarray):
+            on_cpu = True
+        elif backend.is_gpu_array(a):
+            on_gpu = True
+    if on_cpu and on_gpu:
+        raise RuntimeError(f"{type(op).__name__} got inputs on two devices, 'cpu' and 'gpu'; "
+                           "move them to one device with .to('cpu') or .to('gpu').")
 
 
 def sum_to_shape(g, shape):

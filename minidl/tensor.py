@@ -223,6 +223,25 @@ class Tensor:
     def abs(self): return _A.abs(self)
     def clip(self, min=None, max=None): return _A.clip(self, min, max)
     clamp = clip
+    def relu(self): return _Act.relu(self)
+    def sigmoid(self): return _Act.sigmoid(self)
+    def tanh(self): return _Act.tanh(self)
+    def softmax(self, dim): return _Act.softmax(self, dim)
+    def log_softmax(self, dim): return _Act.log_softmax(self, dim)
+
+    def unsqueeze(self, dim):
+        """A view with a new axis of length 1 at `dim` (torch.unsqueeze)."""
+        dim = dim % (self.ndim + 1)
+        return self.reshape(*(self.shape[:dim] + (1,) + self.shape[dim:]))
+
+    def squeeze(self, dim=None):
+        """Drop axes of length 1 (only `dim` when given, if it has length 1)."""
+        if dim is None:
+            return self.reshape(*(n for n in self.shape if n != 1))
+        dim = dim % max(self.ndim, 1)
+        if self.ndim == 0 or self.shape[dim] != 1:
+            return self
+        return self.reshape(*(self.shape[:dim] + self.shape[dim + 1:]))
 
 
 def run_backward(root, grad, retain_graph=False):
@@ -284,3 +303,4 @@ def tensor(data, requires_grad=False, dtype=None, device=None):
 from .ops import arithmetic as _A  # noqa: E402
 from .ops import reduction as _R  # noqa: E402
 from .ops import shape as _S  # noqa: E402
+from .ops import activation as _Act  # noqa: E402

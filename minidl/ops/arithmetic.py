@@ -13,16 +13,17 @@ from ..tensor import Tensor
 
 
 def _lift(x, like):
-    """A Python number next to a tensor becomes a 0-d array of the tensor's dtype,
-    so float32 stays float32 (as `tensor * 2.0` does in PyTorch)."""
-    if isinstance(x, (Tensor,)) or hasattr(x, "shape"):
+    """A Python number next to a tensor becomes a NumPy scalar of the tensor's dtype,
+    so float32 stays float32 (as `tensor * 2.0` does in PyTorch). A NumPy scalar works
+    next to NumPy and CuPy arrays alike, so no device transfer is needed."""
+    if isinstance(x, Tensor) or hasattr(x, "shape"):   # tensors, arrays, NumPy scalars
         return x
     ref = like.data if isinstance(like, Tensor) else like
-    xp = backend.get_array_module(ref) if ref is not None else numpy
-    if isinstance(x, numbers.Number) and ref is not None and getattr(ref, "dtype", None) is not None:
-        if ref.dtype.kind == "f" or isinstance(x, numbers.Integral):
-            return xp.asarray(x, dtype=ref.dtype)
-    return xp.asarray(x)
+    dtype = getattr(ref, "dtype", None)
+    if dtype is not None and isinstance(x, (int, float)) and not isinstance(x, bool):
+        if dtype.kind == "f" or (dtype.kind in "iu" and isinstance(x, int)):
+            return dtype.type(x)
+    return numpy.asarray(x)[()]
 
 
 def _binary(cls, a, b):
@@ -37,7 +38,9 @@ class Add(Function):
         return a + b
 
     def backward(self, gy):
-        return sum_to_shape(gy, self.shapes[0]), sum_to_shape(gy, self.shapes[1])
+        need_a, need_b = self.needs_input_grad
+        return (sum_to_shape(gy, self.shapes[0]) if need_a else None,
+                sum_to_shape(gy, self.shapes[1]) if need_b else None)
 
 
 class Sub(Function):
@@ -46,7 +49,9 @@ class Sub(Function):
         return a - b
 
     def backward(self, gy):
-        return sum_to_shape(gy, self.shapes[0]), sum_to_shape(-gy, self.shapes[1])
+        need_a, need_b = self.needs_input_grad
+        return (sum_to_shape(gy, self.shapes[0]) if need_a else None,
+                sum_to_shape(-gy, self.shapes[1]) if need_b else None)
 
 
 class Mul(Function):
@@ -71,8 +76,9 @@ class Div(Function):
 
     def backward(self, gy):
         a, b = self.a, self.b
-        ga = sum_to_shape(gy / b, a.shape)
-        gb = sum_to_shape(-gy * a / (b * b), b.shape)
+        need_a, need_b = self.needs_input_grad
+        ga = sum_to_shape(gy / b, a.shape) if need_a else None
+        gb = sum_to_shape(-gy * a / (b * b), b.shape) if need_b else None
         return ga, gb
 
 
@@ -105,8 +111,9 @@ class Pow(Function):
     def backward(self, gy):
         xp = backend.get_array_module(gy)
         a, b, y = self.a, self.b, self.y
-        ga = sum_to_shape(gy * b * a ** (b - 1), a.shape)
-        gb = sum_to_shape(gy * y * xp.log(xp.where(a > 0, a, 1)), b.shape)
+        need_a, need_b = self.needs_input_grad
+        ga = sum_to_shape(gy * b * a ** (b - 1), a.shape) if need_a else None
+        gb = sum_to_shape(gy * y * xp.log(xp.where(a > 0, a, 1)), b.shape) if need_b else None
         return ga, gb
 
 
@@ -118,8 +125,9 @@ class MatMul(Function):
 
     def backward(self, gy):
         a, b = self.a, self.b
-        ga = sum_to_shape(gy @ b.swapaxes(-1, -2), a.shape)
-        gb = sum_to_shape(a.swapaxes(-1, -2) @ gy, b.shape)
+        need_a, need_b = self.needs_input_grad
+        ga = sum_to_shape(gy @ b.swapaxes(-1, -2), a.shape) if need_a else None
+        gb = sum_to_shape(a.swapaxes(-1, -2) @ gy, b.shape) if need_b else None
         return ga, gb
 
 
@@ -188,8 +196,9 @@ class Maximum(Function):
 
     def backward(self, gy):
         share_a = self.share_a.astype(gy.dtype)
-        return (sum_to_shape(gy * share_a, self.shapes[0]),
-                sum_to_shape(gy * (1 - share_a), self.shapes[1]))
+        need_a, need_b = self.needs_input_grad
+        return (sum_to_shape(gy * share_a, self.shapes[0]) if need_a else None,
+                sum_to_shape(gy * (1 - share_a), self.shapes[1]) if need_b else None)
 
 
 class Minimum(Maximum):
@@ -199,15 +208,16 @@ class Minimum(Maximum):
 class Where(Function):
     """where(cond, a, b): cond is a constant boolean array."""
     def forward(self, a, b):
-        xp = backend.get_array_module(a, b)
+        xp = backend.get_array_module(self.cond, a, b)
         self.shapes = a.shape, b.shape
         return xp.where(self.cond, a, b)
 
     def backward(self, gy):
         zero = gy.dtype.type(0)
         xp = backend.get_array_module(gy)
-        return (sum_to_shape(xp.where(self.cond, gy, zero), self.shapes[0]),
-                sum_to_shape(xp.where(self.cond, zero, gy), self.shapes[1]))
+        need_a, need_b = self.needs_input_grad
+        return (sum_to_shape(xp.where(self.cond, gy, zero), self.shapes[0]) if need_a else None,
+                sum_to_shape(xp.where(self.cond, zero, gy), self.shapes[1]) if need_b else None)
 
 
 class Cast(Function):

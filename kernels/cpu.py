@@ -1,0 +1,293 @@
+"""CPU kernels compiled with Numba: the same functions and signatures as kernels/reference.py.
+
+Read reference.py first for *what* each kernel computes; this file is about doing it fast:
+
+* Work is split with `prange` over independent rows of the output (im2col: one row of the
+  column matrix per (sample, channel, tap); the others: one (sample, channel) plane each),
+  so no two threads ever write the same element and no locks are needed.
+* Inner loops run over a precomputed range of valid output columns, so the hot loop has no
+  bounds test, and with stride 1 it is a plain contiguous copy that LLVM vectorises.
+* im2col writes straight into the layout the GEMM wants, (N, C*kh*kw, ho*wo), so
+  `weight2d @ cols[n]` produces NCHW output with no transpose or copy.
+* 2x2 / stride-2 max pooling (every pooling layer of U-Net, SegNet, VGG) has its own loop.
+
+Everything is `@njit(cache=True)`: compiled once per dtype, then loaded from kernels/__pycache__.
+With NUMBA_DISABLE_JIT=1 the same code runs as plain Python (prange becomes range), which is
+slow but lets you step through it in a debugger.
+"""
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True)
+def _valid_range(off, stride, size, n_out):
+    """Output positions o in [lo, hi) whose input coordinate o * stride + off lies in [0, size)."""
+    lo = 0 if off >= 0 else (-off + stride - 1) // stride
+    hi = (size - 1 - off) // stride + 1 if size - 1 - off >= 0 else 0
+    lo = min(lo, n_out)
+    hi = max(lo, min(hi, n_out))
+    return lo, hi
+
+
+# ---------------------------------------------------------------------- im2col / col2im
+@njit(cache=True, parallel=True)
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> cols (N, C*kh*kw, ho*wo); see reference.im2col."""
+    n, c, h, w = x.shape
+    k = c * kh * kw
+    cols = np.empty((n, k, ho * wo), dtype=x.dtype)
+    for r in prange(n * k):
+        b = r // k
+        row = r % k
+        ch = row // (kh * kw)
+        i = (row // kw) % kh
+        j = row % kw
+        src = x[b, ch]
+        dst = cols[b, row]
+        off = j * dw - pw                     # ix = ox * sw + off
+        lo, hi = _valid_range(off, sw, w, wo)
+        for oy in range(ho):
+            iy = oy * sh - ph + i * dh
+            base = oy * wo
+            if iy < 0 or iy >= h:             # a whole row of padding
+                for ox in range(wo):
+                    dst[base + ox] = 0
+                continue
+            for ox in range(lo):
+                dst[base + ox] = 0
+            if sw == 1:                       # contiguous copy: vectorises
+                for ox in range(lo, hi):
+                    dst[base + ox] = src[iy, ox + off]
+            else:
+                for ox in range(lo, hi):
+                    dst[base + ox] = src[iy, ox * sw + off]
+            for ox in range(hi, wo):
+                dst[base + ox] = 0
+    return cols
+
+
+@njit(cache=True, parallel=True)
+def col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """cols (N, C*kh*kw, ho*wo) -> x (N, C, h, w), summing overlaps; see reference.col2im.
+
+    One thread owns one (sample, channel) plane and visits all kh*kw rows that write into
+    it, so overlapping windows never race.
+    """
+    n = cols.shape[0]
+    x = np.zeros((n, c, h, w), dtype=cols.dtype)
+    for p in prange(n * c):
+        b = p // c
+        ch = p % c
+        dst = x[b, ch]
+        for i in range(kh):
+            for j in range(kw):
+                src = cols[b, (ch * kh + i) * kw + j]
+                off = j * dw - pw
+                lo, hi = _valid_range(off, sw, w, wo)
+                for oy in range(ho):
+                    iy = oy * sh - ph + i * dh
+                    if iy < 0 or iy >= h:
+                        continue
+                    base = oy * wo
+                    if sw == 1:
+                        for ox in range(lo, hi):
+                            dst[iy, ox + off] += src[base + ox]
+                    else:
+                        for ox in range(lo, hi):
+                            dst[iy, ox * sw + off] += src[base + ox]
+    return x
+
+
+# ---------------------------------------------------------------------- max pooling
+@njit(cache=True, parallel=True)
+def _maxpool2x2(x, ho, wo):
+    """2x2 windows, stride 2, no padding, every window fully inside the input."""
+    n, c, h, w = x.shape
+    y = np.empty((n, c, ho, wo), dtype=x.dtype)
+    idx = np.empty((n, c, ho, wo), dtype=np.int64)
+    for p in prange(n * c):
+        b = p // c
+        ch = p % c
+        src = x[b, ch]
+        for oy in range(ho):
+            iy = 2 * oy
+            for ox in range(wo):
+                ix = 2 * ox
+                best = src[iy, ix]
+                where = iy * w + ix
+                # The other three taps in scan order; only a larger value (or NaN) replaces.
+                v = src[iy, ix + 1]
+                if v > best or v != v:
+                    best, where = v, iy * w + ix + 1
+                v = src[iy + 1, ix]
+                if v > best or v != v:
+                    best, where = v, (iy + 1) * w + ix
+                v = src[iy + 1, ix + 1]
+                if v > best or v != v:
+                    best, where = v, (iy + 1) * w + ix + 1
+                y[b, ch, oy, ox] = best
+                idx[b, ch, oy, ox] = where
+    return y, idx
+
+
+@njit(cache=True, parallel=True)
+def _maxpool_general(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    n, c, h, w = x.shape
+    y = np.empty((n, c, ho, wo), dtype=x.dtype)
+    idx = np.empty((n, c, ho, wo), dtype=np.int64)
+    for p in prange(n * c):
+        b = p // c
+        ch = p % c
+        src = x[b, ch]
+        for oy in range(ho):
+            for ox in range(wo):
+                best = -np.inf
+                where = -1
+                for i in range(kh):
+                    iy = oy * sh - ph + i * dh
+                    if iy < 0 or iy >= h:
+                        continue
+                    for j in range(kw):
+                        ix = ox * sw - pw + j * dw
+                        if ix < 0 or ix >= w:
+                            continue
+                        v = src[iy, ix]
+                        if where < 0 or v > best or v != v:
+                            best = v
+                            where = iy * w + ix
+                y[b, ch, oy, ox] = best
+                idx[b, ch, oy, ox] = where
+    return y, idx
+
+
+def maxpool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> (y, idx int64), both (N, C, ho, wo); see reference.maxpool2d_forward."""
+    h, w = x.shape[2], x.shape[3]
+    if (kh == kw == 2 and sh == sw == 2 and ph == pw == 0 and dh == dw == 1
+            and 2 * ho <= h and 2 * wo <= w):
+        return _maxpool2x2(x, ho, wo)
+    return _maxpool_general(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+
+
+@njit(cache=True, parallel=True)
+def maxpool2d_backward(gy, idx, h, w):
+    """gy, idx (N, C, ho, wo) -> gx (N, C, h, w); one thread per plane, so repeats add safely."""
+    n, c, ho, wo = gy.shape
+    gx = np.zeros((n, c, h * w), dtype=gy.dtype)
+    for p in prange(n * c):
+        b = p // c
+        ch = p % c
+        dst = gx[b, ch]
+        g = gy[b, ch]
+        where = idx[b, ch]
+        for oy in range(ho):
+            for ox in range(wo):
+                dst[where[oy, ox]] += g[oy, ox]
+    return gx.reshape(n, c, h, w)
+
+
+@njit(cache=True, parallel=True)
+def maxunpool2d_forward(x, idx, ho, wo):
+    """x, idx (N, C, h, w) -> y (N, C, ho, wo): a scatter per plane, zeros elsewhere.
+
+    Unpooling is already a single pass over the input, so the 2x2 case needs no special loop.
+    """
+    n, c, h, w = x.shape
+    y = np.zeros((n, c, ho * wo), dtype=x.dtype)
+    for p in prange(n * c):
+        b = p // c
+        ch = p % c
+        dst = y[b, ch]
+        src = x[b, ch]
+        where = idx[b, ch]
+        for iy in range(h):
+            for ix in range(w):
+                dst[where[iy, ix]] = src[iy, ix]
+    return y.reshape(n, c, ho, wo)
+
+
+@njit(cache=True, parallel=True)
+def maxunpool2d_backward(gy, idx):
+    """gy (N, C, ho, wo), idx (N, C, h, w) -> gx (N, C, h, w): a gather per plane."""
+    n, c, ho, wo = gy.shape
+    h, w = idx.shape[2], idx.shape[3]
+    gx = np.empty((n, c, h, w), dtype=gy.dtype)
+    for p in prange(n * c):
+        b = p // c
+        ch = p % c
+        src = gy[b, ch].reshape(ho * wo)
+        where = idx[b, ch]
+        for iy in range(h):
+            for ix in range(w):
+                gx[b, ch, iy, ix] = src[where[iy, ix]]
+    return gx
+
+
+# ---------------------------------------------------------------------- bilinear resize
+@njit(cache=True)
+def _bilinear_weights(n_in, n_out, align_corners):
+    """Per output coordinate: source indices i0, i1 and weights l0, l1 (reference.bilinear_weights)."""
+    i0 = np.empty(n_out, dtype=np.int64)
+    i1 = np.empty(n_out, dtype=np.int64)
+    l0 = np.empty(n_out, dtype=np.float64)
+    l1 = np.empty(n_out, dtype=np.float64)
+    if align_corners:
+        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    else:
+        scale = n_in / n_out
+    for o in range(n_out):
+        if align_corners:
+            src = o * scale
+        else:
+            src = max((o + 0.5) * scale - 0.5, 0.0)
+        a = min(int(np.floor(src)), n_in - 1)
+        i0[o] = a
+        i1[o] = min(a + 1, n_in - 1)
+        frac = min(max(src - a, 0.0), 1.0)
+        l0[o] = 1.0 - frac
+        l1[o] = frac
+    return i0, i1, l0, l1
+
+
+@njit(cache=True, parallel=True)
+def bilinear_forward(x, ho, wo, align_corners):
+    """x (N, C, h, w) -> y (N, C, ho, wo)."""
+    n, c, h, w = x.shape
+    y0, y1, a0, a1 = _bilinear_weights(h, ho, align_corners)
+    x0, x1, b0, b1 = _bilinear_weights(w, wo, align_corners)
+    y = np.empty((n, c, ho, wo), dtype=x.dtype)
+    for p in prange(n * c):
+        b = p // c
+        ch = p % c
+        src = x[b, ch]
+        for oy in range(ho):
+            r0 = y0[oy]
+            r1 = y1[oy]
+            for ox in range(wo):
+                top = b0[ox] * src[r0, x0[ox]] + b1[ox] * src[r0, x1[ox]]
+                bottom = b0[ox] * src[r1, x0[ox]] + b1[ox] * src[r1, x1[ox]]
+                y[b, ch, oy, ox] = a0[oy] * top + a1[oy] * bottom
+    return y
+
+
+@njit(cache=True, parallel=True)
+def bilinear_backward(gy, h, w, align_corners):
+    """gy (N, C, ho, wo) -> gx (N, C, h, w), the adjoint of bilinear_forward."""
+    n, c, ho, wo = gy.shape
+    y0, y1, a0, a1 = _bilinear_weights(h, ho, align_corners)
+    x0, x1, b0, b1 = _bilinear_weights(w, wo, align_corners)
+    gx = np.zeros((n, c, h, w), dtype=gy.dtype)
+    for p in prange(n * c):
+        b = p // c
+        ch = p % c
+        dst = gx[b, ch]
+        for oy in range(ho):
+            r0 = y0[oy]
+            r1 = y1[oy]
+            for ox in range(wo):
+                g = gy[b, ch, oy, ox]
+                dst[r0, x0[ox]] += a0[oy] * b0[ox] * g
+                dst[r0, x1[ox]] += a0[oy] * b1[ox] * g
+                dst[r1, x0[ox]] += a1[oy] * b0[ox] * g
+                dst[r1, x1[ox]] += a1[oy] * b1[ox] * g
+    return gx

@@ -1,0 +1,489 @@
+"""GPU kernels: the same functions and signatures as kernels/reference.py, as CUDA C run by CuPy.
+
+Read reference.py first for *what* each kernel computes; this file is about doing it on a GPU.
+
+* One CUDA thread per **output** element, in a grid-stride loop (`for (t = first; t < total;
+  t += all threads)`), so any size runs with a fixed launch and neighbouring threads write
+  neighbouring addresses (coalesced stores).
+* Every adjoint ("backward") is written as a **gather**: the thread that owns an output
+  element reads all the values that should be added into it, in a fixed order. No two
+  threads write one address, so no floating-point atomics are needed and results are
+  bit-for-bit the same from run to run (and the same summation order as kernels/cpu.py).
+  Where the reverse map is not known in closed form (max-pool indices, unpooling), a first
+  kernel builds it with *integer* atomics, whose result does not depend on thread order
+  once it is read back in sorted order.
+* Indices are `long long`: im2col's column matrix passes 2^31 elements easily
+  (8 x 64*9 x 256*256 is 302 million; one more factor of 8 and int32 would overflow).
+* float32 and float64 each get their own compiled copy of the source: the source starts
+  with `typedef float T;` or `typedef double T;`. Compiled once per dtype (CuPy also keeps
+  the binary in ~/.cupy/kernel_cache, so later runs skip NVRTC).
+
+CuPy is imported lazily (through minidl.backend.require_cupy), so `import kernels.gpu`
+works on a machine without CuPy; calling a kernel there raises the clear "install CuPy" error.
+
+Glue seams used by tests/test_gpu_source.py, which compiles this same CUDA source as plain
+C++ on the host and runs it through the Python wrappers below with NumPy arrays:
+`_xp()` (the array module) and `_launch(name, dtype, total, args)` (run one kernel).
+"""
+import functools
+
+import numpy as np
+
+from minidl import backend
+
+# ---------------------------------------------------------------------------- CUDA source
+# The whole bundle is one source string, compiled into one RawModule per dtype. `T` is the
+# floating type (float or double). Loops are grid-stride loops over `total` elements.
+
+_GRID_STRIDE = "for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total; " \
+               "t += (long long)blockDim.x * gridDim.x)"
+
+IM2COL_SRC = r"""
+// cols (N, C*kh*kw, ho*wo) from x (N, C, H, W): one thread per element of cols.
+// Row (c, i, j) of cols is channel c seen through kernel tap (i, j); padding reads 0.
+extern "C" __global__ void im2col_kernel(
+        const T* x, T* cols, const long long total,
+        const long long C, const long long H, const long long W,
+        const long long kh, const long long kw, const long long sh, const long long sw,
+        const long long ph, const long long pw, const long long dh, const long long dw,
+        const long long ho, const long long wo) {
+    GRID_STRIDE {
+        long long r = t;
+        const long long ox = r % wo; r /= wo;
+        const long long oy = r % ho; r /= ho;
+        const long long j = r % kw;  r /= kw;
+        const long long i = r % kh;  r /= kh;
+        const long long c = r % C;
+        const long long n = r / C;
+        const long long iy = oy * sh - ph + i * dh;
+        const long long ix = ox * sw - pw + j * dw;
+        T v = (T)0;
+        if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
+            v = x[((n * C + c) * H + iy) * W + ix];
+        }
+        cols[t] = v;
+    }
+}
+"""
+
+COL2IM_SRC = r"""
+// x (N, C, H, W) = sum of the cols entries that im2col copied from each pixel.
+// A gather: one thread per pixel visits the kh*kw taps; tap (i, j) was read by output
+// position (oy, ox) only if iy + ph - i*dh is a non-negative multiple of sh (same for x).
+extern "C" __global__ void col2im_kernel(
+        const T* cols, T* x, const long long total,
+        const long long C, const long long H, const long long W,
+        const long long kh, const long long kw, const long long sh, const long long sw,
+        const long long ph, const long long pw, const long long dh, const long long dw,
+        const long long ho, const long long wo) {
+    GRID_STRIDE {
+        long long r = t;
+        const long long ix = r % W; r /= W;
+        const long long iy = r % H; r /= H;
+        const long long c = r % C;
+        const long long n = r / C;
+        const long long L = ho * wo;
+        T s = (T)0;
+        for (long long i = 0; i < kh; ++i) {
+            const long long ty = iy + ph - i * dh;      // = oy * sh
+            if (ty < 0 || ty % sh != 0) continue;
+            const long long oy = ty / sh;
+            if (oy >= ho) continue;
+            for (long long j = 0; j < kw; ++j) {
+                const long long tx = ix + pw - j * dw;  // = ox * sw
+                if (tx < 0 || tx % sw != 0) continue;
+                const long long ox = tx / sw;
+                if (ox >= wo) continue;
+                s += cols[(((n * C + c) * kh + i) * kw + j) * L + oy * wo + ox];
+            }
+        }
+        x[t] = s;
+    }
+}
+"""
+
+MAXPOOL_SRC = r"""
+// y, idx (N, C, ho, wo): one thread per output. Taps are scanned row by row; only a
+// strictly larger value (or a NaN) replaces the best, so the first maximum wins ties.
+// Padding is never a candidate; a window with no pixel inside gives (lowest, -1).
+extern "C" __global__ void maxpool_forward_kernel(
+        const T* x, T* y, long long* idx, const long long total,
+        const long long H, const long long W,
+        const long long kh, const long long kw, const long long sh, const long long sw,
+        const long long ph, const long long pw, const long long dh, const long long dw,
+        const long long ho, const long long wo, const T lowest) {
+    GRID_STRIDE {
+        long long r = t;
+        const long long ox = r % wo; r /= wo;
+        const long long oy = r % ho;
+        const long long plane = r / ho;               // n * C + c
+        const T* src = x + plane * H * W;
+        T best = lowest;
+        long long where = -1;
+        for (long long i = 0; i < kh; ++i) {
+            const long long iy = oy * sh - ph + i * dh;
+            if (iy < 0 || iy >= H) continue;
+            for (long long j = 0; j < kw; ++j) {
+                const long long ix = ox * sw - pw + j * dw;
+                if (ix < 0 || ix >= W) continue;
+                const T v = src[iy * W + ix];
+                if (where < 0 || v > best || v != v) {  // v != v: NaN wins, as in PyTorch
+                    best = v;
+                    where = iy * W + ix;
+                }
+            }
+        }
+        y[t] = best;
+        idx[t] = where;
+    }
+}
+
+// Backward, step 1 of 2: build, for every input pixel, the list of outputs whose window
+// picked it. head[pixel] is the newest output in its list, next[output] the one after.
+// Only integer atomics; the list order varies from run to run, step 2 does not depend on it.
+// Indices inside a plane are int (the wrapper checks that a plane has < 2^31 elements).
+extern "C" __global__ void maxpool_link_kernel(
+        const long long* idx, int* head, int* next, const long long total,
+        const long long plane_in, const long long plane_out) {
+    GRID_STRIDE {
+        const long long plane = t / plane_out;
+        const int local = (int)(t - plane * plane_out);
+        const long long p = idx[t];
+        if (p < 0 || p >= plane_in) { next[t] = -1; continue; }   // no valid pixel: skip
+        next[t] = atomicExch(&head[plane * plane_in + p], local);
+    }
+}
+
+// Backward, step 2 of 2: one thread per input pixel sums the gradients of its list in
+// increasing output order (the order kernels/cpu.py adds them in), so the result is
+// deterministic. A list is short (at most kh*kw entries), so picking the next-smallest
+// by rescanning it is cheap.
+extern "C" __global__ void maxpool_gather_kernel(
+        const T* gy, const int* head, const int* next, T* gx, const long long total,
+        const long long plane_in, const long long plane_out) {
+    GRID_STRIDE {
+        const long long base = (t / plane_in) * plane_out;   // this plane's first output
+        T s = (T)0;
+        int last = -1;
+        while (true) {
+            int best = -1;
+            for (int o = head[t]; o >= 0; o = next[base + o]) {
+                if (o > last && (best < 0 || o < best)) best = o;
+            }
+            if (best < 0) break;
+            s += gy[base + best];
+            last = best;
+        }
+        gx[t] = s;
+    }
+}
+"""
+
+MAXUNPOOL_SRC = r"""
+// Unpooling forward, step 1 of 2: for every output pixel, the last input (in plane order)
+// that points at it, as in NumPy's y[idx] = x where the last repeated index wins.
+extern "C" __global__ void maxunpool_claim_kernel(
+        const long long* idx, int* winner, const long long total,
+        const long long plane_in, const long long plane_out) {
+    GRID_STRIDE {
+        const long long plane = t / plane_in;
+        const long long p = idx[t];
+        if (p < 0 || p >= plane_out) continue;          // out of range: dropped
+        atomicMax(&winner[plane * plane_out + p], (int)(t - plane * plane_in));
+    }
+}
+
+// Unpooling forward, step 2 of 2: one thread per output pixel copies its winner (or 0).
+extern "C" __global__ void maxunpool_fill_kernel(
+        const T* x, const int* winner, T* y, const long long total,
+        const long long plane_in, const long long plane_out) {
+    GRID_STRIDE {
+        const int w = winner[t];
+        y[t] = w >= 0 ? x[(t / plane_out) * plane_in + w] : (T)0;
+    }
+}
+
+// Unpooling backward: a plain gather, gx[n, c, k] = gy[n, c, idx[n, c, k]].
+extern "C" __global__ void maxunpool_backward_kernel(
+        const T* gy, const long long* idx, T* gx, const long long total,
+        const long long plane_in, const long long plane_out) {
+    GRID_STRIDE {
+        const long long p = idx[t];
+        gx[t] = (p >= 0 && p < plane_out) ? gy[(t / plane_in) * plane_out + p] : (T)0;
+    }
+}
+"""
+
+BILINEAR_SRC = r"""
+// Bilinear resize. Per output row oy the wrapper precomputes (y0, y1, a0, a1): the two
+// source rows and their weights (PyTorch's source-coordinate rule), likewise per column.
+// y = a0 * (b0 * x[y0, x0] + b1 * x[y0, x1]) + a1 * (b0 * x[y1, x0] + b1 * x[y1, x1])
+extern "C" __global__ void bilinear_forward_kernel(
+        const T* x, T* y, const long long total,
+        const long long H, const long long W, const long long ho, const long long wo,
+        const long long* y0, const long long* y1, const T* a0, const T* a1,
+        const long long* x0, const long long* x1, const T* b0, const T* b1) {
+    GRID_STRIDE {
+        long long r = t;
+        const long long ox = r % wo; r /= wo;
+        const long long oy = r % ho;
+        const long long plane = r / ho;
+        const T* src = x + plane * H * W;
+        const T top = b0[ox] * src[y0[oy] * W + x0[ox]] + b1[ox] * src[y0[oy] * W + x1[ox]];
+        const T bottom = b0[ox] * src[y1[oy] * W + x0[ox]] + b1[ox] * src[y1[oy] * W + x1[ox]];
+        y[t] = a0[oy] * top + a1[oy] * bottom;
+    }
+}
+
+// Bilinear backward as a gather: one thread per input pixel (iy, ix). The output rows that
+// read row iy are exactly those whose y0 is iy - 1 or iy (y1 = min(y0 + 1, H - 1)), a
+// contiguous range [ylo[iy], yhi[iy]) because y0 never decreases; likewise for columns.
+extern "C" __global__ void bilinear_backward_kernel(
+        const T* gy, T* gx, const long long total,
+        const long long H, const long long W, const long long ho, const long long wo,
+        const long long* y0, const long long* y1, const T* a0, const T* a1,
+        const long long* x0, const long long* x1, const T* b0, const T* b1,
+        const long long* ylo, const long long* yhi,
+        const long long* xlo, const long long* xhi) {
+    GRID_STRIDE {
+        long long r = t;
+        const long long ix = r % W; r /= W;
+        const long long iy = r % H;
+        const long long plane = r / H;
+        const T* g = gy + plane * ho * wo;
+        T s = (T)0;
+        for (long long oy = ylo[iy]; oy < yhi[iy]; ++oy) {
+            for (long long ox = xlo[ix]; ox < xhi[ix]; ++ox) {
+                const T go = g[oy * wo + ox];
+                // The same four products as the forward; a tap counts when it lands on (iy, ix).
+                if (y0[oy] == iy && x0[ox] == ix) s += a0[oy] * b0[ox] * go;
+                if (y0[oy] == iy && x1[ox] == ix) s += a0[oy] * b1[ox] * go;
+                if (y1[oy] == iy && x0[ox] == ix) s += a1[oy] * b0[ox] * go;
+                if (y1[oy] == iy && x1[ox] == ix) s += a1[oy] * b1[ox] * go;
+            }
+        }
+        gx[t] = s;
+    }
+}
+"""
+
+SOURCES = (IM2COL_SRC, COL2IM_SRC, MAXPOOL_SRC, MAXUNPOOL_SRC, BILINEAR_SRC)
+KERNEL_NAMES = (
+    "im2col_kernel", "col2im_kernel",
+    "maxpool_forward_kernel", "maxpool_link_kernel", "maxpool_gather_kernel",
+    "maxunpool_claim_kernel", "maxunpool_fill_kernel", "maxunpool_backward_kernel",
+    "bilinear_forward_kernel", "bilinear_backward_kernel",
+)
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def cuda_source(dtype):
+    """The complete CUDA source for one floating dtype (float32 or float64)."""
+    body = "\n".join(SOURCES).replace("GRID_STRIDE", _GRID_STRIDE)
+    return f"typedef {_CTYPES[np.dtype(dtype)]} T;\n{body}"
+
+
+# ---------------------------------------------------------------------------- launching
+_BLOCK = 256          # threads per block
+_MAX_BLOCKS = 65535   # more work than this many blocks is covered by the grid-stride loop
+_modules = {}         # dtype -> cupy.RawModule (compiled on first use, per dtype)
+
+
+def _xp():
+    """The array module the wrappers allocate with (CuPy; the host test swaps in NumPy)."""
+    return backend.require_cupy()
+
+
+def _module(dtype):
+    mod = _modules.get(dtype)
+    if mod is None:
+        cp = backend.require_cupy()
+        mod = cp.RawModule(code=cuda_source(dtype))
+        _modules[dtype] = mod
+    return mod
+
+
+def _launch(name, dtype, total, args):
+    """Run kernel `name` of dtype's module over `total` elements (nothing when total == 0)."""
+    if total == 0:
+        return
+    kernel = _module(dtype).get_function(name)
+    blocks = min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
+    kernel((blocks,), (_BLOCK,), args)
+
+
+def _i(*values):
+    """Kernel scalar arguments as int64 (they are `long long` in the source)."""
+    return tuple(np.int64(v) for v in values)
+
+
+def _float_input(a, what):
+    """a as a C-contiguous float32/float64 device array, or a clear TypeError."""
+    dtype = np.dtype(a.dtype)
+    if dtype not in _CTYPES:
+        raise TypeError(f"the GPU kernel {what} supports float32 and float64 arrays, got {dtype}; "
+                        "cast the input with .astype('float32') first.")
+    return _xp().ascontiguousarray(a), dtype
+
+
+def _index_input(idx):
+    return _xp().ascontiguousarray(idx, dtype=np.int64)
+
+
+def _check_plane(size, what):
+    # The pooling lists store positions inside one plane as int32.
+    if size >= 2 ** 31:
+        raise ValueError(f"{what} on the GPU needs planes of fewer than 2^31 elements, got {size}.")
+
+
+# ---------------------------------------------------------------------- im2col / col2im
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> cols (N, C*kh*kw, ho*wo); see reference.im2col."""
+    x, dtype = _float_input(x, "im2col")
+    n, c, h, w = x.shape
+    cols = _xp().empty((n, c * kh * kw, ho * wo), dtype=dtype)
+    _launch("im2col_kernel", dtype, cols.size,
+            (x, cols) + _i(cols.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+    return cols
+
+
+def col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """cols (N, C*kh*kw, ho*wo) -> x (N, C, h, w), summing overlaps (a gather per pixel)."""
+    cols, dtype = _float_input(cols, "col2im")
+    n = cols.shape[0]
+    x = _xp().empty((n, c, h, w), dtype=dtype)
+    _launch("col2im_kernel", dtype, x.size,
+            (cols, x) + _i(x.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+    return x
+
+
+# ---------------------------------------------------------------------- max pooling
+def maxpool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> (y, idx int64), both (N, C, ho, wo); see reference.maxpool2d_forward."""
+    x, dtype = _float_input(x, "maxpool2d_forward")
+    xp = _xp()
+    n, c, h, w = x.shape
+    y = xp.empty((n, c, ho, wo), dtype=dtype)
+    idx = xp.empty((n, c, ho, wo), dtype=np.int64)
+    _launch("maxpool_forward_kernel", dtype, y.size,
+            (x, y, idx) + _i(y.size, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+            + (dtype.type(-np.inf),))
+    return y, idx
+
+
+def maxpool2d_backward(gy, idx, h, w):
+    """gy, idx (N, C, ho, wo) -> gx (N, C, h, w); repeated indices add (deterministically)."""
+    gy, dtype = _float_input(gy, "maxpool2d_backward")
+    idx = _index_input(idx)
+    xp = _xp()
+    n, c, ho, wo = gy.shape
+    plane_in, plane_out = h * w, ho * wo
+    _check_plane(max(plane_in, plane_out), "maxpool2d_backward")
+    head = xp.full((n, c, h, w), -1, dtype=np.int32)
+    nxt = xp.empty((n, c, ho, wo), dtype=np.int32)
+    gx = xp.empty((n, c, h, w), dtype=dtype)
+    _launch("maxpool_link_kernel", dtype, idx.size,
+            (idx, head, nxt) + _i(idx.size, plane_in, plane_out))
+    _launch("maxpool_gather_kernel", dtype, gx.size,
+            (gy, head, nxt, gx) + _i(gx.size, plane_in, plane_out))
+    return gx
+
+
+def maxunpool2d_forward(x, idx, ho, wo):
+    """x, idx (N, C, h, w) -> y (N, C, ho, wo): y.flat[idx] = x per plane, zeros elsewhere."""
+    x, dtype = _float_input(x, "maxunpool2d_forward")
+    idx = _index_input(idx)
+    xp = _xp()
+    n, c, h, w = x.shape
+    plane_in, plane_out = h * w, ho * wo
+    _check_plane(max(plane_in, plane_out), "maxunpool2d_forward")
+    winner = xp.full((n, c, ho, wo), -1, dtype=np.int32)
+    y = xp.empty((n, c, ho, wo), dtype=dtype)
+    _launch("maxunpool_claim_kernel", dtype, idx.size,
+            (idx, winner) + _i(idx.size, plane_in, plane_out))
+    _launch("maxunpool_fill_kernel", dtype, y.size,
+            (x, winner, y) + _i(y.size, plane_in, plane_out))
+    return y
+
+
+def maxunpool2d_backward(gy, idx):
+    """gy (N, C, ho, wo), idx (N, C, h, w) -> gx (N, C, h, w) = gy read back at idx."""
+    gy, dtype = _float_input(gy, "maxunpool2d_backward")
+    idx = _index_input(idx)
+    n, c, ho, wo = gy.shape
+    h, w = idx.shape[2], idx.shape[3]
+    gx = _xp().empty((n, c, h, w), dtype=dtype)
+    _launch("maxunpool_backward_kernel", dtype, gx.size,
+            (gy, idx, gx) + _i(gx.size, h * w, ho * wo))
+    return gx
+
+
+# ---------------------------------------------------------------------- bilinear resize
+def _bilinear_axis(n_in, n_out, align_corners):
+    """Host tables for one axis: i0, i1 (int64), l0, l1 (float64) per output coordinate, and
+    for each input coordinate the range [lo, hi) of outputs that read it (for the gather).
+
+    PyTorch's rule: with align_corners, src = dst * (n_in - 1) / (n_out - 1); without,
+    src = (dst + 0.5) * n_in / n_out - 0.5, clamped below at 0.
+    """
+    dst = np.arange(n_out, dtype=np.float64)
+    if align_corners:
+        src = dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        src = np.maximum((dst + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    l1 = np.clip(src - i0, 0.0, 1.0)
+    # Input k is read by outputs with i0 in {k - 1, k}; i0 is sorted, so that is a range.
+    k = np.arange(n_in, dtype=np.int64)
+    lo = np.searchsorted(i0, k - 1, side="left").astype(np.int64)
+    hi = np.searchsorted(i0, k, side="right").astype(np.int64)
+    return i0, i1, 1.0 - l1, l1, lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_tables(n_in, n_out, align_corners, dtype, device_key):
+    """The axis tables on the device (cached: a network resizes to the same few sizes)."""
+    xp = _xp()
+    i0, i1, l0, l1, lo, hi = _bilinear_axis(n_in, n_out, bool(align_corners))
+    dtype = np.dtype(dtype)
+    return (xp.asarray(i0), xp.asarray(i1), xp.asarray(l0.astype(dtype)),
+            xp.asarray(l1.astype(dtype)), xp.asarray(lo), xp.asarray(hi))
+
+
+def _device_key():
+    # Device arrays belong to one GPU: key the table cache by the current device.
+    xp = _xp()
+    return xp.cuda.Device().id if hasattr(xp, "cuda") else -1
+
+
+def bilinear_forward(x, ho, wo, align_corners):
+    """x (N, C, h, w) -> y (N, C, ho, wo); see reference.bilinear_forward."""
+    x, dtype = _float_input(x, "bilinear_forward")
+    n, c, h, w = x.shape
+    if n * c * h * w == 0 or ho * wo == 0:
+        return _xp().zeros((n, c, ho, wo), dtype=dtype)
+    key = _device_key()
+    y0, y1, a0, a1, _, _ = _bilinear_tables(h, ho, bool(align_corners), dtype.str, key)
+    x0, x1, b0, b1, _, _ = _bilinear_tables(w, wo, bool(align_corners), dtype.str, key)
+    y = _xp().empty((n, c, ho, wo), dtype=dtype)
+    _launch("bilinear_forward_kernel", dtype, y.size,
+            (x, y) + _i(y.size, h, w, ho, wo) + (y0, y1, a0, a1, x0, x1, b0, b1))
+    return y
+
+
+def bilinear_backward(gy, h, w, align_corners):
+    """gy (N, C, ho, wo) -> gx (N, C, h, w): the adjoint of bilinear_forward, as a gather
+    (one thread per input pixel, no atomics, deterministic)."""
+    gy, dtype = _float_input(gy, "bilinear_backward")
+    n, c, ho, wo = gy.shape
+    if n * c * ho * wo == 0 or h * w == 0:
+        return _xp().zeros((n, c, h, w), dtype=dtype)
+    key = _device_key()
+    y0, y1, a0, a1, ylo, yhi = _bilinear_tables(h, ho, bool(align_corners), dtype.str, key)
+    x0, x1, b0, b1, xlo, xhi = _bilinear_tables(w, wo, bool(align_corners), dtype.str, key)
+    gx = _xp().empty((n, c, h, w), dtype=dtype)
+    _launch("bilinear_backward_kernel", dtype, gx.size,
+            (gy, gx) + _i(gx.size, h, w, ho, wo)
+            + (y0, y1, a0, a1, x0, x1, b0, b1, ylo, yhi, xlo, xhi))
+    return gx

@@ -1,0 +1,192 @@
+"""Reference kernels: plain NumPy, written to be read, and the oracle the tests compare against.
+
+Every function here has a twin with the same signature in kernels/cpu.py (Numba) and
+kernels/gpu.py (CuPy). All arrays are C-contiguous, NCHW; every function returns new arrays.
+
+Shared geometry arguments (one pair per spatial axis, height first):
+
+    kh, kw   kernel size            sh, sw   stride
+    ph, pw   zero padding before    dh, dw   dilation (gap between kernel taps)
+    ho, wo   output size, passed in explicitly by the caller
+
+Output pixel (oy, ox) with kernel tap (i, j) reads input pixel
+
+    iy = oy * sh - ph + i * dh,    ix = ox * sw - pw + j * dw
+
+and anything outside 0 <= iy < h, 0 <= ix < w is padding. Because ho/wo are given rather
+than computed, a caller can ask for more output rows than symmetric padding would give; the
+extra windows simply read more zeros. That is how conv2d's asymmetric padding="same" and
+pooling's ceil_mode are expressed without a second padding argument.
+"""
+import numpy as np
+
+
+def _tap(o, s, p, k, d):
+    """Input coordinate read by output position o through kernel tap k."""
+    return o * s - p + k * d
+
+
+# ---------------------------------------------------------------------- im2col / col2im
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """Unfold every receptive window into a column.
+
+    x: (N, C, H, W) -> cols (N, C*kh*kw, ho*wo). Row (c, i, j) of cols holds channel c seen
+    through tap (i, j) at every output position, the same order as the columns of
+    weight.reshape(C_out, C*kh*kw); so conv2d is `weight2d @ cols[n]`.
+    """
+    n, c, h, w = x.shape
+    cols = np.zeros((n, c, kh, kw, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            for oy in range(ho):
+                iy = _tap(oy, sh, ph, i, dh)
+                if not 0 <= iy < h:
+                    continue          # a padding row: stays zero
+                for ox in range(wo):
+                    ix = _tap(ox, sw, pw, j, dw)
+                    if 0 <= ix < w:
+                        cols[:, :, i, j, oy, ox] = x[:, :, iy, ix]
+    return cols.reshape(n, c * kh * kw, ho * wo)
+
+
+def col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """The adjoint of im2col: add every column entry back onto the pixel it was read from.
+
+    cols: (N, C*kh*kw, ho*wo) -> x (N, C, h, w). Where windows overlap, contributions add up;
+    entries that came from padding are dropped.
+    """
+    n = cols.shape[0]
+    cols = cols.reshape(n, c, kh, kw, ho, wo)
+    x = np.zeros((n, c, h, w), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            for oy in range(ho):
+                iy = _tap(oy, sh, ph, i, dh)
+                if not 0 <= iy < h:
+                    continue
+                for ox in range(wo):
+                    ix = _tap(ox, sw, pw, j, dw)
+                    if 0 <= ix < w:
+                        x[:, :, iy, ix] += cols[:, :, i, j, oy, ox]
+    return x
+
+
+# ---------------------------------------------------------------------- max pooling
+def maxpool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """Max over each window, and where it was.
+
+    x: (N, C, H, W) -> y (N, C, ho, wo), idx int64 (N, C, ho, wo) with idx = iy * W + ix, the
+    flat position inside the input plane. Taps are scanned row by row and only a strictly
+    larger value replaces the current best, so the first maximum wins ties (a window of -inf
+    points at its first pixel). Padding is never a candidate. A NaN wins (as in PyTorch).
+    """
+    n, c, h, w = x.shape
+    y = np.full((n, c, ho, wo), -np.inf, dtype=x.dtype)
+    idx = np.full((n, c, ho, wo), -1, dtype=np.int64)
+    for b in range(n):
+        for ch in range(c):
+            for oy in range(ho):
+                for ox in range(wo):
+                    best, where = -np.inf, -1
+                    for i in range(kh):
+                        iy = _tap(oy, sh, ph, i, dh)
+                        if not 0 <= iy < h:
+                            continue
+                        for j in range(kw):
+                            ix = _tap(ox, sw, pw, j, dw)
+                            if not 0 <= ix < w:
+                                continue
+                            v = x[b, ch, iy, ix]
+                            if where < 0 or v > best or np.isnan(v):
+                                best, where = v, iy * w + ix
+                    y[b, ch, oy, ox], idx[b, ch, oy, ox] = best, where
+    return y, idx
+
+
+def maxpool2d_backward(gy, idx, h, w):
+    """Send each output gradient to the input pixel that won its window.
+
+    gy, idx: (N, C, ho, wo) -> gx (N, C, h, w). Overlapping windows can pick the same pixel
+    more than once; those gradients add.
+    """
+    n, c = gy.shape[:2]
+    gx = np.zeros((n, c, h * w), dtype=gy.dtype)
+    for b in range(n):
+        for ch in range(c):
+            np.add.at(gx[b, ch], idx[b, ch].ravel(), gy[b, ch].ravel())
+    return gx.reshape(n, c, h, w)
+
+
+def maxunpool2d_forward(x, idx, ho, wo):
+    """Put each value back where max pooling found it (SegNet's unpooling); zeros elsewhere.
+
+    x, idx: (N, C, h, w) -> y (N, C, ho, wo) with y[b, c].flat[idx[b, c]] = x[b, c].
+    """
+    n, c = x.shape[:2]
+    y = np.zeros((n, c, ho * wo), dtype=x.dtype)
+    for b in range(n):
+        for ch in range(c):
+            y[b, ch, idx[b, ch].ravel()] = x[b, ch].ravel()
+    return y.reshape(n, c, ho, wo)
+
+
+def maxunpool2d_backward(gy, idx):
+    """Gradient of unpooling: read gy back at the same positions.
+
+    gy: (N, C, ho, wo), idx: (N, C, h, w) -> gx (N, C, h, w).
+    """
+    n, c = gy.shape[:2]
+    flat = gy.reshape(n, c, -1)
+    gx = np.empty(idx.shape, dtype=gy.dtype)
+    for b in range(n):
+        for ch in range(c):
+            gx[b, ch] = flat[b, ch][idx[b, ch]]
+    return gx
+
+
+# ---------------------------------------------------------------------- bilinear resize
+def bilinear_weights(n_in, n_out, align_corners):
+    """For each output coordinate along one axis: the two source indices and their weights.
+
+    PyTorch's rule (area_pixel_compute_source_index): with align_corners the corner pixels
+    of input and output line up, src = dst * (n_in - 1) / (n_out - 1); without it, pixel
+    *centres* line up, src = (dst + 0.5) * n_in / n_out - 0.5, clamped below at 0.
+    Returns i0, i1 (int64) and l0, l1 (float64) with value = l0 * in[i0] + l1 * in[i1].
+    """
+    dst = np.arange(n_out, dtype=np.float64)
+    if align_corners:
+        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        src = dst * scale
+    else:
+        src = np.maximum((dst + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    l1 = np.clip(src - i0, 0.0, 1.0)
+    return i0, i1, 1.0 - l1, l1
+
+
+def bilinear_forward(x, ho, wo, align_corners):
+    """Bilinear resize: x (N, C, h, w) -> y (N, C, ho, wo)."""
+    h, w = x.shape[2:]
+    y0, y1, a0, a1 = bilinear_weights(h, ho, align_corners)
+    x0, x1, b0, b1 = bilinear_weights(w, wo, align_corners)
+    a0, a1 = a0[:, None], a1[:, None]
+    top = x[:, :, y0][:, :, :, x0] * b0 + x[:, :, y0][:, :, :, x1] * b1
+    bottom = x[:, :, y1][:, :, :, x0] * b0 + x[:, :, y1][:, :, :, x1] * b1
+    return (a0 * top + a1 * bottom).astype(x.dtype)
+
+
+def bilinear_backward(gy, h, w, align_corners):
+    """Adjoint of bilinear_forward: gy (N, C, ho, wo) -> gx (N, C, h, w)."""
+    n, c, ho, wo = gy.shape
+    y0, y1, a0, a1 = bilinear_weights(h, ho, align_corners)
+    x0, x1, b0, b1 = bilinear_weights(w, wo, align_corners)
+    gx = np.zeros((n, c, h, w), dtype=np.float64)
+    for oy in range(ho):
+        for ox in range(wo):
+            g = gy[:, :, oy, ox]
+            gx[:, :, y0[oy], x0[ox]] += a0[oy] * b0[ox] * g
+            gx[:, :, y0[oy], x1[ox]] += a0[oy] * b1[ox] * g
+            gx[:, :, y1[oy], x0[ox]] += a1[oy] * b0[ox] * g
+            gx[:, :, y1[oy], x1[ox]] += a1[oy] * b1[ox] * g
+    return gx.astype(gy.dtype)

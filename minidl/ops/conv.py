@@ -1,0 +1,390 @@
+"""2-D convolution and transposed convolution, both built on one im2col / col2im pair.
+
+Convolution as a matrix product. im2col unfolds every receptive window of x (N, C, H, W)
+into a column: cols[n] is (K, L) with K = C*kh*kw rows ordered (c, i, j) and L = ho*wo
+columns. With W2 = weight.reshape(C_out, K):
+
+    conv forward              y[n]  = W2 @ cols[n]                  (C_out, L) = NCHW already
+    conv input gradient       gx[n] = col2im(W2.T @ gy[n])          col2im = adjoint of im2col
+    conv weight gradient      gW    = sum_n gy[n] @ cols[n].T       (cols recomputed, not kept)
+    transposed conv forward   = the conv input gradient             (it *is* conv's adjoint)
+    transposed conv backward  = conv forward (for x) and the conv weight gradient with the
+                                roles of input and output swapped (for the weight)
+
+so three array routines below (`conv_forward`, `conv_input_grad`, `conv_weight_grad`) serve
+both Functions. Groups split K and C_out into `groups` independent blocks; the (c, i, j)
+row order keeps each group's rows contiguous, so a group is just one more batch axis of
+the matmul: (G, C_out/G, K/G) @ (n, G, K/G, L).
+
+Memory. The column buffer is kh*kw times bigger than the input (a 3x3 conv on a
+64 x 572 x 572 U-Net map needs 750 MB), so it is never kept from forward to backward
+(recomputing it is cheap next to the GEMM) and it is built in chunks: whole samples while
+they fit in COLUMN_BUFFER_BYTES, otherwise bands of output rows of one sample. The bound
+applies to one column buffer (and the equally sized column gradient in backward); it is
+exceeded only when a single output row of one sample is larger than it.
+"""
+import operator
+
+from .. import backend
+from ..function import Function
+from ..tensor import Tensor
+import kernels
+
+# Upper bound on one layer's column buffer (im2col output, or its gradient), in bytes.
+COLUMN_BUFFER_BYTES = 64 * 2 ** 20
+
+
+# ---------------------------------------------------------------------- argument checking
+def _pair(value, name, op):
+    """An int or a pair of ints -> (int, int), with an error naming `op` and `name`."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{op}: {name} must be an int or a pair (h, w), got {value!r}.")
+        items = value
+    else:
+        items = (value, value)
+    try:
+        return tuple(operator.index(v) for v in items)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}.") from None
+
+
+class Geometry:
+    """Everything the kernels need about one convolution, height values first.
+
+    kh, kw kernel; sh, sw stride; ph, pw padding before; dh, dw dilation; ho, wo the conv's
+    output size (for a transposed conv: its input size); groups.
+    """
+    __slots__ = ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "ho", "wo", "groups")
+
+    def __init__(self, kernel, stride, padding, dilation, out, groups):
+        (self.kh, self.kw), (self.sh, self.sw) = kernel, stride
+        (self.ph, self.pw), (self.dh, self.dw) = padding, dilation
+        (self.ho, self.wo), self.groups = out, groups
+
+    def args(self):
+        return (self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw)
+
+    def __repr__(self):
+        return "Geometry(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
+
+
+def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
+    """torch.nn.Conv2d's formula along one axis: floor((size + 2p - d(k-1) - 1) / s) + 1."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_transpose_output_size(size, kernel, stride=1, padding=0, output_padding=0, dilation=1):
+    """torch.nn.ConvTranspose2d's formula: (size - 1)s - 2p + d(k-1) + output_padding + 1."""
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def _check_4d(x, name, op, layout):
+    if len(x.shape) != 4:
+        raise ValueError(f"{op}: {name} must be 4-D {layout}, got shape {tuple(x.shape)}; "
+                         "add a batch axis with x.reshape(1, *x.shape) for a single image.")
+
+
+def _check_common(op, x, weight, stride, dilation, groups):
+    _check_4d(x, "input", op, "(N, C, H, W)")
+    _check_4d(weight, "weight", op, "(C_out, C_in / groups, kh, kw)" if op == "conv2d"
+              else "(C_in, C_out / groups, kh, kw)")
+    stride = _pair(stride, "stride", op)
+    dilation = _pair(dilation, "dilation", op)
+    if min(stride) <= 0:
+        raise ValueError(f"{op}: stride must be positive, got {stride}.")
+    if min(dilation) <= 0:
+        raise ValueError(f"{op}: dilation must be positive, got {dilation}.")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}.")
+    return stride, dilation
+
+
+def conv2d_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1):
+    """Check conv2d's arguments against the shapes and return its Geometry."""
+    op = "conv2d"
+
+    class _S:  # shapes standing in for arrays in the shared checks
+        def __init__(self, s): self.shape = tuple(s)
+    stride, dilation = _check_common(op, _S(x_shape), _S(w_shape), stride, dilation, groups)
+    n, c, h, w = x_shape
+    c_out, c_in_g, kh, kw = w_shape
+    if c % groups or c_out % groups:
+        raise ValueError(f"{op}: groups={groups} must divide both the input channels ({c}) and "
+                         f"the output channels ({c_out}).")
+    if c != c_in_g * groups:
+        raise ValueError(f"{op}: input has {c} channels but the weight {tuple(w_shape)} expects "
+                         f"{c_in_g * groups} (weight.shape[1]={c_in_g} x groups={groups}).")
+    eff = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)   # dilated kernel extent
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding, out = (0, 0), None
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{op}: padding='same' needs stride 1 (as in PyTorch), got "
+                                 f"stride {stride}; give the padding as numbers instead.")
+            # Total padding eff-1 per axis; an odd total puts the extra row/column at the end,
+            # which the kernels get by being asked for ho = h rows (they pad with zeros).
+            padding, out = ((eff[0] - 1) // 2, (eff[1] - 1) // 2), (h, w)
+        else:
+            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', "
+                             f"got {padding!r}.")
+    else:
+        padding, out = _pair(padding, "padding", op), None
+        if min(padding) < 0:
+            raise ValueError(f"{op}: padding must be non-negative, got {padding}.")
+    if out is None:
+        if h + 2 * padding[0] < eff[0] or w + 2 * padding[1] < eff[1]:
+            raise ValueError(f"{op}: kernel {kh}x{kw} with dilation {dilation} spans "
+                             f"{eff[0]}x{eff[1]} pixels, more than the padded input "
+                             f"{h + 2 * padding[0]}x{w + 2 * padding[1]} (input {h}x{w}, "
+                             f"padding {padding}).")
+        out = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d in
+                    zip((h, w), (kh, kw), stride, padding, dilation))
+    return Geometry((kh, kw), stride, padding, dilation, out, groups)
+
+
+def conv_transpose2d_geometry(x_shape, w_shape, stride=1, padding=0, output_padding=0,
+                              groups=1, dilation=1):
+    """Check conv_transpose2d's arguments; returns (Geometry, output (H, W)).
+
+    The Geometry describes the *forward* convolution whose adjoint this is: its output size
+    (ho, wo) is the transposed conv's input size.
+    """
+    op = "conv_transpose2d"
+
+    class _S:
+        def __init__(self, s): self.shape = tuple(s)
+    stride, dilation = _check_common(op, _S(x_shape), _S(w_shape), stride, dilation, groups)
+    n, c, h, w = x_shape
+    c_in, c_out_g, kh, kw = w_shape
+    if isinstance(padding, str):
+        raise ValueError(f"{op}: padding must be an int or a pair (as in PyTorch), got {padding!r}.")
+    padding = _pair(padding, "padding", op)
+    output_padding = _pair(output_padding, "output_padding", op)
+    if min(padding) < 0 or min(output_padding) < 0:
+        raise ValueError(f"{op}: padding and output_padding must be non-negative, got "
+                         f"{padding} and {output_padding}.")
+    if c_in % groups:
+        raise ValueError(f"{op}: groups={groups} must divide the input channels ({c_in}).")
+    if c != c_in:
+        raise ValueError(f"{op}: input has {c} channels but the weight {tuple(w_shape)} "
+                         f"expects {c_in} (weight.shape[0]).")
+    for op_, s, d in zip(output_padding, stride, dilation):
+        if op_ >= s and op_ >= d:
+            raise ValueError(f"{op}: output_padding {output_padding} must be smaller than "
+                             f"either the stride {stride} or the dilation {dilation}.")
+    out = tuple(conv_transpose_output_size(s, k, st, p, o, d) for s, k, st, p, o, d in
+                zip((h, w), (kh, kw), stride, padding, output_padding, dilation))
+    if min(out) <= 0:
+        raise ValueError(f"{op}: the output size {out} is not positive (input {h}x{w}, kernel "
+                         f"{kh}x{kw}, stride {stride}, padding {padding}, dilation {dilation}); "
+                         "reduce the padding.")
+    return Geometry((kh, kw), stride, padding, dilation, (h, w), groups), out
+
+
+# ---------------------------------------------------------------------- the three routines
+def _chunks(n, ho, row_bytes):
+    """Split (samples, output rows) into pieces (n0, n1, r0, r1) whose columns fit the bound.
+
+    row_bytes: bytes of the column buffer for one output row of one sample.
+    """
+    sample_bytes = row_bytes * ho
+    if sample_bytes <= COLUMN_BUFFER_BYTES:
+        step = max(1, COLUMN_BUFFER_BYTES // max(sample_bytes, 1))
+        for n0 in range(0, n, step):
+            yield n0, min(n, n0 + step), 0, ho
+    else:
+        rows = max(1, COLUMN_BUFFER_BYTES // row_bytes)
+        for b in range(n):
+            for r0 in range(0, ho, rows):
+                yield b, b + 1, r0, min(ho, r0 + rows)
+
+
+def _band(g, h, r0, r1):
+    """Input rows [a, b) that output rows [r0, r1) read, and the padding left above row a."""
+    start = r0 * g.sh - g.ph
+    a = min(max(0, start), h)
+    b = max(a, min(h, (r1 - 1) * g.sh - g.ph + (g.kh - 1) * g.dh + 1))
+    return a, b, a - start
+
+
+def _columns(x, g, n0, n1, r0, r1):
+    """im2col of samples n0:n1 for output rows r0:r1 -> (n, K, (r1-r0)*wo)."""
+    xp, kern = backend.get_array_module(x), kernels.for_array(x)
+    h = x.shape[2]
+    if r0 == 0 and r1 == g.ho:
+        return kern.im2col(x[n0:n1], *g.args(), g.ho, g.wo)
+    a, b, top = _band(g, h, r0, r1)
+    if b == a:   # these rows read only padding
+        return xp.zeros((n1 - n0, x.shape[1] * g.kh * g.kw, (r1 - r0) * g.wo), dtype=x.dtype)
+    band = xp.ascontiguousarray(x[n0:n1, :, a:b])
+    return kern.im2col(band, g.kh, g.kw, g.sh, g.sw, top, g.pw, g.dh, g.dw, r1 - r0, g.wo)
+
+
+def _weight_blocks(weight, groups):
+    """weight (C_out, C_in/G, kh, kw) -> (G, C_out/G, K/G), a view."""
+    c_out = weight.shape[0]
+    return weight.reshape(groups, c_out // groups, -1)
+
+
+def conv_forward(x, weight, g):
+    """y = conv2d(x, weight) without bias, as arrays. x (N, C, H, W) -> (N, C_out, ho, wo)."""
+    xp = backend.get_array_module(x)
+    x, weight = xp.ascontiguousarray(x), xp.ascontiguousarray(weight)
+    n, c = x.shape[:2]
+    G, c_out = g.groups, weight.shape[0]
+    w_blocks = _weight_blocks(weight, G)
+    k, L = c * g.kh * g.kw, g.ho * g.wo
+    y = xp.empty((n, G, c_out // G, L), dtype=xp.result_type(x.dtype, weight.dtype))
+    if g.kh == g.kw == 1 and g.sh == g.sw == 1 and g.ph == g.pw == 0 and (g.ho, g.wo) == x.shape[2:]:
+        # A 1x1 conv needs no im2col: the input already is its column matrix.
+        xp.matmul(w_blocks, x.reshape(n, G, k // G, L), out=y)
+        return y.reshape(n, c_out, g.ho, g.wo)
+    for n0, n1, r0, r1 in _chunks(n, g.ho, k * g.wo * x.itemsize):
+        cols = _columns(x, g, n0, n1, r0, r1).reshape(n1 - n0, G, k // G, -1)
+        xp.matmul(w_blocks, cols, out=y[n0:n1, :, :, r0 * g.wo:r1 * g.wo])
+    return y.reshape(n, c_out, g.ho, g.wo)
+
+
+def conv_input_grad(gy, weight, g, in_shape):
+    """The adjoint of conv_forward in x: gy (N, C_out, ho, wo) -> gx of in_shape (N, C, H, W)."""
+    xp, kern = backend.get_array_module(gy), kernels.for_array(gy)
+    gy, weight = xp.ascontiguousarray(gy), xp.ascontiguousarray(weight)
+    n, c, h, w = in_shape
+    G, c_out = g.groups, weight.shape[0]
+    w_t = _weight_blocks(weight, G).transpose(0, 2, 1)           # (G, K/G, C_out/G), a view
+    k, L = c * g.kh * g.kw, g.ho * g.wo
+    gy_blocks = gy.reshape(n, G, c_out // G, L)
+    dtype = xp.result_type(gy.dtype, weight.dtype)
+    if g.kh == g.kw == 1 and g.sh == g.sw == 1 and g.ph == g.pw == 0 and (g.ho, g.wo) == (h, w):
+        return xp.matmul(w_t, gy_blocks).reshape(in_shape)
+    pieces = list(_chunks(n, g.ho, k * g.wo * xp.dtype(dtype).itemsize))
+    gx = None if len(pieces) == 1 else xp.zeros(in_shape, dtype=dtype)
+    for n0, n1, r0, r1 in pieces:
+        gcols = xp.matmul(w_t, gy_blocks[n0:n1, :, :, r0 * g.wo:r1 * g.wo])
+        gcols = gcols.reshape(n1 - n0, k, -1)
+        if r0 == 0 and r1 == g.ho:
+            part = kern.col2im(gcols, c, h, w, *g.args(), g.ho, g.wo)
+            if gx is None:
+                return part
+            gx[n0:n1] = part
+        else:
+            a, b, top = _band(g, h, r0, r1)
+            if b > a:    # bands overlap by the kernel's reach: add, do not assign
+                gx[n0:n1, :, a:b] += kern.col2im(gcols, c, b - a, w, g.kh, g.kw, g.sh, g.sw,
+                                                 top, g.pw, g.dh, g.dw, r1 - r0, g.wo)
+    return gx
+
+
+def conv_weight_grad(x, gy, g, w_shape):
+    """d<gy, conv2d(x, W)>/dW: x (N, C, H, W), gy (N, C_out, ho, wo) -> (C_out, C/G, kh, kw)."""
+    xp = backend.get_array_module(x)
+    x, gy = xp.ascontiguousarray(x), xp.ascontiguousarray(gy)
+    n, c = x.shape[:2]
+    G, c_out = g.groups, w_shape[0]
+    k, L = c * g.kh * g.kw, g.ho * g.wo
+    gy_blocks = gy.reshape(n, G, c_out // G, L)
+    gw = xp.zeros((G, c_out // G, k // G), dtype=xp.result_type(x.dtype, gy.dtype))
+    if (g.kh == g.kw == 1 and g.sh == g.sw == 1 and g.ph == g.pw == 0
+            and (g.ho, g.wo) == x.shape[2:]):      # 1x1: the input is its own column matrix
+        for s in range(n):
+            gw += xp.matmul(gy_blocks[s], x[s].reshape(G, k // G, L).transpose(0, 2, 1))
+        return gw.reshape(w_shape)
+    for n0, n1, r0, r1 in _chunks(n, g.ho, k * g.wo * x.itemsize):
+        cols = _columns(x, g, n0, n1, r0, r1).reshape(n1 - n0, G, k // G, -1)
+        for s in range(n1 - n0):  # one GEMM per sample keeps the temporary at (C_out, K)
+            gw += xp.matmul(gy_blocks[n0 + s, :, :, r0 * g.wo:r1 * g.wo],
+                            cols[s].transpose(0, 2, 1))
+    return gw.reshape(w_shape)
+
+
+# ---------------------------------------------------------------------- Functions
+def _bias_grad(gy):
+    return gy.sum(axis=(0, 2, 3))
+
+
+class Conv2d(Function):
+    """y = conv2d(x, weight) + bias. Params: geom (Geometry)."""
+
+    def forward(self, x, weight, bias=None):
+        need = self.needs_input_grad
+        # Keep only what backward uses: x for the weight gradient, weight for x's.
+        self.x = x if len(need) > 1 and need[1] else None
+        self.weight = weight if need and need[0] else None
+        self.x_shape, self.w_shape = x.shape, weight.shape
+        y = conv_forward(x, weight, self.geom)
+        if bias is not None:
+            y += bias.reshape(1, -1, 1, 1)
+        return y
+
+    def backward(self, gy):
+        need = self.needs_input_grad
+        gx = conv_input_grad(gy, self.weight, self.geom, self.x_shape) if need[0] else None
+        gw = conv_weight_grad(self.x, gy, self.geom, self.w_shape) if need[1] else None
+        gb = _bias_grad(gy) if len(need) > 2 and need[2] else None
+        return gx, gw, gb
+
+
+class ConvTranspose2d(Function):
+    """y = conv_transpose2d(x, weight) + bias. Params: geom (of the adjoint conv), out_shape."""
+
+    def forward(self, x, weight, bias=None):
+        need = self.needs_input_grad
+        self.x = x if len(need) > 1 and need[1] else None
+        self.weight = weight if need and need[0] else None
+        self.x_shape, self.w_shape = x.shape, weight.shape
+        y = conv_input_grad(x, weight, self.geom, self.out_shape)
+        if bias is not None:
+            y += bias.reshape(1, -1, 1, 1)
+        return y
+
+    def backward(self, gy):
+        need = self.needs_input_grad
+        gx = conv_forward(gy, self.weight, self.geom) if need[0] else None
+        # The weight is shared with the adjoint conv that maps y-space to x-space, so its
+        # gradient is that conv's weight gradient with input gy and output gradient x.
+        gw = conv_weight_grad(gy, self.x, self.geom, self.w_shape) if need[1] else None
+        gb = _bias_grad(gy) if len(need) > 2 and need[2] else None
+        return gx, gw, gb
+
+
+# ---------------------------------------------------------------------- public functions
+def _data(t):
+    return t.data if isinstance(t, Tensor) else t
+
+
+def _check_bias(op, bias, c_out):
+    if bias is not None and tuple(_data(bias).shape) != (c_out,):
+        raise ValueError(f"{op}: bias must have shape ({c_out},) (one value per output "
+                         f"channel), got {tuple(_data(bias).shape)}.")
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D cross-correlation, as torch.nn.functional.conv2d.
+
+    x: (N, C_in, H, W); weight: (C_out, C_in / groups, kh, kw); bias: (C_out,) or None.
+    stride, padding, dilation: int or (h, w); padding may also be "valid" or "same".
+    Returns (N, C_out, H_out, W_out) with H_out = floor((H + 2p - d(kh-1) - 1) / s) + 1.
+    """
+    geom = conv2d_geometry(tuple(_data(x).shape), tuple(_data(weight).shape), stride, padding,
+                           dilation, groups)
+    _check_bias("conv2d", bias, _data(weight).shape[0])
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return Conv2d.apply(*inputs, geom=geom)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """Transposed convolution (the adjoint of conv2d in its input), as torch's.
+
+    x: (N, C_in, H, W); weight: (C_in, C_out / groups, kh, kw); bias: (C_out,) or None.
+    Returns (N, C_out, H_out, W_out), H_out = (H - 1)s - 2p + d(kh-1) + output_padding + 1.
+    """
+    xs, ws = tuple(_data(x).shape), tuple(_data(weight).shape)
+    geom, out = conv_transpose2d_geometry(xs, ws, stride, padding, output_padding, groups,
+                                          dilation)
+    c_out = ws[1] * groups
+    _check_bias("conv_transpose2d", bias, c_out)
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return ConvTranspose2d.apply(*inputs, geom=geom, out_shape=(xs[0], c_out) + out)

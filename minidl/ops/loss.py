@@ -1,0 +1,260 @@
+"""Loss functions: cross_entropy, nll_loss, binary_cross_entropy_with_logits, mse_loss, kl_div.
+
+cross_entropy is one fused Function: it computes log_softmax once and its backward is
+the closed form softmax(x) - onehot(target), scaled by the weights. That is both cheaper
+and more stable than chaining log_softmax and a gather. The other losses are short
+compositions of differentiable ops, so they get their gradients from those ops.
+
+Shapes follow torch.nn.functional: logits (N, C) or (N, C, d1, ..., dk) with integer
+targets (N,) or (N, d1, ..., dk); the class axis is axis 1.
+"""
+from .. import backend
+from ..function import Function
+from ..tensor import Tensor
+from . import activation
+from .arithmetic import log, where
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(name, value, allowed=_REDUCTIONS):
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name}() got reduction={value!r}; use one of {choices}.")
+
+
+def _array(x):
+    return x.data if isinstance(x, Tensor) else x
+
+
+def _constant(x, xp, dtype=None):
+    """A non-differentiable input (target, weight) as an array on xp's device."""
+    if x is None:
+        return None
+    a = _array(x)
+    a = backend.to_numpy(a) if xp.__name__ == "numpy" else xp.asarray(a)
+    return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def _class_targets(name, logits, target, weight, ignore_index, pixel_weight=None):
+    """Validate an integer target against (N, C, ...) logits and build the per-element weights.
+
+    Returns (target_safe, loss_weight, denominator):
+      target_safe  target with ignored entries replaced by class 0 (any valid id works: their
+                   weight is 0), shape (N, ...)
+      loss_weight  per-element factor: 0 where ignored, else class weight * pixel weight
+      denominator  sum of the class weights of the non-ignored targets ("mean" divides by it)
+    """
+    x = _array(logits)
+    xp = backend.get_array_module(x)
+    if x.ndim < 2:
+        raise ValueError(f"{name}() needs logits of shape (N, C) or (N, C, H, W, ...), got shape "
+                         f"{tuple(x.shape)}; add a batch axis with .reshape(1, -1).")
+    n, c = x.shape[0], x.shape[1]
+    expected = (n,) + tuple(x.shape[2:])
+    t = _constant(target, xp)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{name}() needs integer class ids as target, got dtype {t.dtype}; convert "
+                        "it with .astype('int64') (for probability targets use kl_div or "
+                        "binary_cross_entropy_with_logits).")
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name}() got logits of shape {tuple(x.shape)} and target of shape "
+                         f"{tuple(t.shape)}; the target must have shape {expected} (the logits' "
+                         "shape without the class axis 1).")
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= c))
+    if bad.any():
+        value = int(t[bad].reshape(-1)[0])
+        raise ValueError(f"{name}() target holds class id {value}, outside [0, {c}) for logits "
+                         f"with {c} classes; fix the labels, or pass ignore_index={value} to skip "
+                         "those elements.")
+    t_safe = xp.where(valid, t, 0)
+    w = valid.astype(x.dtype)
+    if weight is not None:
+        wc = _constant(weight, xp, x.dtype)
+        if tuple(wc.shape) != (c,):
+            raise ValueError(f"{name}() got a class weight of shape {tuple(wc.shape)}; it must have "
+                             f"shape ({c},), one weight per class.")
+        w = w * wc[t_safe]
+    denominator = w.sum()
+    if pixel_weight is not None:
+        pw = _constant(pixel_weight, xp, x.dtype)
+        if tuple(pw.shape) != expected:
+            raise ValueError(f"{name}() got pixel_weight of shape {tuple(pw.shape)}; it must have "
+                             f"the target's shape {expected}.")
+        w = w * pw
+    return t_safe, w, denominator
+
+
+def _scale(gy, weight, denominator, reduction):
+    """d(loss)/d(per-element loss) times the per-element weight."""
+    if reduction == "mean":
+        return weight * (gy / denominator)
+    return weight * gy          # "sum": gy is a scalar; "none": gy has the loss map's shape
+
+
+class CrossEntropy(Function):
+    """Fused log_softmax + weighted negative log-likelihood over axis 1.
+
+    Params: target (N, ...) ints (ignored entries already replaced), weight (N, ...) per-element
+    factors, denominator (for "mean"), reduction.
+    """
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        z = x - x.max(axis=1, keepdims=True)
+        self.logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+        picked = xp.take_along_axis(self.logp, self.target[:, None], axis=1)[:, 0]
+        loss = -picked * self.weight
+        return _reduce_array(loss, self.reduction, self.denominator)
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        logp = self.logp
+        classes = xp.arange(logp.shape[1]).reshape((1, -1) + (1,) * (logp.ndim - 2))
+        onehot = classes == self.target[:, None]
+        coef = _scale(gy, self.weight, self.denominator, self.reduction)
+        return (xp.exp(logp) - onehot) * coef[:, None]
+
+
+class NLL(Function):
+    """Weighted negative log-likelihood of log-probabilities (N, C, ...) over axis 1."""
+    def forward(self, logp):
+        xp = backend.get_array_module(logp)
+        self.shape = logp.shape
+        picked = xp.take_along_axis(logp, self.target[:, None], axis=1)[:, 0]
+        return _reduce_array(-picked * self.weight, self.reduction, self.denominator)
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        classes = xp.arange(self.shape[1]).reshape((1, -1) + (1,) * (len(self.shape) - 2))
+        onehot = classes == self.target[:, None]
+        coef = _scale(gy, self.weight, self.denominator, self.reduction)
+        return -(onehot * coef[:, None])
+
+
+def _reduce_array(loss, reduction, denominator):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / denominator
+
+
+def _safe_denominator(denominator, xp):
+    # All targets ignored: the numerator is exactly 0, so dividing by 1 returns 0, not NaN.
+    return xp.where(denominator > 0, denominator, denominator.dtype.type(1))
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", pixel_weight=None):
+    """Softmax cross-entropy between logits and integer class ids.
+
+    input:        logits (N, C) or (N, C, H, W, ...), float
+    target:       class ids (N,) or (N, H, W, ...), integer; entries equal to ignore_index
+                  add nothing to the loss or its gradient
+    weight:       (C,) class weights, or None
+    pixel_weight: (N, H, W, ...) per-element factors (the U-Net weight map), or None
+    reduction:    "mean" (as PyTorch: the sum of weighted losses divided by the sum of the
+                  class weights of the non-ignored targets; pixel_weight multiplies each
+                  element's loss but does not enter the divisor, so with no class weights and
+                  nothing ignored it equals (loss_map * pixel_weight).mean()), "sum", or
+                  "none" (the (N, H, W, ...) map of weighted losses).
+
+    If every target is ignored, "mean" returns 0 with a zero gradient (PyTorch gives NaN).
+    """
+    _check_reduction("cross_entropy", reduction)
+    xp = backend.get_array_module(_array(input))
+    t, w, den = _class_targets("cross_entropy", input, target, weight, ignore_index, pixel_weight)
+    return CrossEntropy.apply(input, target=t, weight=w, denominator=_safe_denominator(den, xp),
+                              reduction=reduction)
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
+    """Negative log-likelihood of log-probabilities input (N, C, ...) at integer targets (N, ...).
+
+    cross_entropy(x, t) == nll_loss(log_softmax(x, dim=1), t). Weights, ignore_index and
+    reductions as in cross_entropy (all targets ignored -> 0 for "mean").
+    """
+    _check_reduction("nll_loss", reduction)
+    xp = backend.get_array_module(_array(input))
+    t, w, den = _class_targets("nll_loss", input, target, weight, ignore_index)
+    return NLL.apply(input, target=t, weight=w, denominator=_safe_denominator(den, xp),
+                     reduction=reduction)
+
+
+def _reduce(loss, reduction):
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _same_shape(name, input, target):
+    if tuple(input.shape) != tuple(target.shape):
+        raise ValueError(f"{name}() got input of shape {tuple(input.shape)} and target of shape "
+                         f"{tuple(target.shape)}; they must be equal.")
+
+
+def _float_target(target, like):
+    """A target that is not a Tensor becomes an array of the input's dtype and device."""
+    if isinstance(target, Tensor):
+        return target
+    xp = backend.get_array_module(like.data)
+    return _constant(target, xp, like.dtype)
+
+
+def _as_tensor(x):
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, *, reduction="mean", pos_weight=None):
+    """Sigmoid + binary cross-entropy in one stable formula.
+
+    input, target: same shape (target in [0, 1]); weight: broadcastable factor per element;
+    pos_weight: factor for the positive term, broadcast along the last axis (one per class).
+    loss = (1 - t) x + (1 + (pos_weight - 1) t) softplus(-x), which never overflows.
+    """
+    _check_reduction("binary_cross_entropy_with_logits", reduction)
+    x = _as_tensor(input)
+    _same_shape("binary_cross_entropy_with_logits", x, target)
+    t = _float_target(target, x)
+    log_weight = 1
+    if pos_weight is not None:
+        log_weight = 1 + (_float_target(pos_weight, x) - 1) * t
+    loss = (1 - t) * x + log_weight * activation.softplus(-x)
+    if weight is not None:
+        loss = loss * _float_target(weight, x)
+    return _reduce(loss, reduction)
+
+
+def mse_loss(input, target, reduction="mean"):
+    """Mean squared error: (input - target)^2, reduced. input, target: same shape."""
+    _check_reduction("mse_loss", reduction)
+    x = _as_tensor(input)
+    _same_shape("mse_loss", x, target)
+    diff = x - _float_target(target, x)
+    return _reduce(diff * diff, reduction)
+
+
+def kl_div(input, target, reduction="mean", log_target=False):
+    """Kullback-Leibler divergence KL(target || exp(input)), pointwise then reduced.
+
+    input: log-probabilities; target: probabilities (log-probabilities if log_target).
+    Pointwise: target * (log(target) - input), with 0 where target == 0.
+    reduction: "batchmean" (sum / N, the true KL per sample), "sum", "mean" (over all
+    elements, as torch's default), or "none".
+    """
+    _check_reduction("kl_div", reduction, _REDUCTIONS + ("batchmean",))
+    x = _as_tensor(input)
+    _same_shape("kl_div", x, target)
+    t = _float_target(target, x)
+    if log_target:
+        t = _as_tensor(t)
+        loss = t.exp() * (t - x)
+    else:
+        # log(1) = 0 where target is 0, so 0 * log 0 counts as 0 and its gradient stays finite.
+        loss = t * log(where(_array(t) > 0, t, 1)) - t * x
+    if reduction == "batchmean":
+        return loss.sum() / (x.shape[0] if x.ndim else 1)
+    return _reduce(loss, reduction)

@@ -1,0 +1,115 @@
+"""Batch normalisation (Ioffe & Szegedy 2015) as one fused op.
+
+Per channel c, over the batch and all spatial positions (M values):
+
+    training:  mu = mean(x),  var = mean((x - mu)^2)   (biased: what normalises)
+               running_mean <- (1 - m) running_mean + m mu
+               running_var  <- (1 - m) running_var  + m var * M / (M - 1)   (unbiased, as PyTorch)
+    eval:      mu, var = running_mean, running_var
+    y = (x - mu) / sqrt(var + eps) * weight + bias
+
+Fusing it into one Function gives the compact backward instead of a graph of ten small ops.
+With xhat = (x - mu) / sigma and g = gy * weight, in training (mu and var depend on x):
+
+    gx = (g - mean(g) - xhat * mean(g * xhat)) / sigma
+
+and in eval (statistics are constants) simply gx = g / sigma. In both, gweight = sum(gy *
+xhat) and gbias = sum(gy).
+"""
+from .. import backend
+from ..function import Function
+from ..tensor import Tensor
+
+
+class BatchNorm(Function):
+    """Params: running_mean, running_var (arrays or None), training, momentum, eps."""
+
+    def forward(self, x, weight=None, bias=None):
+        xp = backend.get_array_module(x)
+        c = x.shape[1]
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = (1, c) + (1,) * (x.ndim - 2)          # broadcasts a per-channel vector
+        if self.training:
+            m = x.size // c
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes)
+            if self.running_mean is not None:
+                mom = self.momentum
+                # In place, so the module's buffers see the update.
+                self.running_mean *= 1 - mom
+                self.running_mean += mom * mean.astype(self.running_mean.dtype, copy=False)
+                self.running_var *= 1 - mom
+                self.running_var += (mom * m / (m - 1)) * var.astype(self.running_var.dtype,
+                                                                     copy=False)
+        else:
+            mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
+        inv_std = (1 / xp.sqrt(var + x.dtype.type(self.eps))).astype(x.dtype)
+        xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+        self.axes, self.shape = axes, shape
+        need = self.needs_input_grad
+        if need and (need[0] or (len(need) > 1 and need[1])):
+            self.xhat, self.inv_std = xhat, inv_std
+            self.weight = weight
+        y = xhat
+        if weight is not None:
+            y = y * weight.reshape(shape)
+        if bias is not None:
+            y = y + bias.reshape(shape)
+        return y
+
+    def backward(self, gy):
+        need = self.needs_input_grad
+        axes, shape, xhat = self.axes, self.shape, self.xhat
+        g = gy if self.weight is None else gy * self.weight.reshape(shape)
+        gx = None
+        if need[0]:
+            if self.training:
+                gx = (g - g.mean(axis=axes, keepdims=True)
+                      - xhat * (g * xhat).mean(axis=axes, keepdims=True)) * self.inv_std.reshape(shape)
+            else:
+                gx = g * self.inv_std.reshape(shape)
+        gw = (gy * xhat).sum(axis=axes) if len(need) > 1 and need[1] else None
+        gb = gy.sum(axis=axes) if len(need) > 2 and need[2] else None
+        return gx, gw, gb
+
+
+def _data(t):
+    return t.data if isinstance(t, Tensor) else t
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalisation, as torch.nn.functional.batch_norm.
+
+    x: (N, C, *) (e.g. (N, C, H, W)); running_mean, running_var: (C,) arrays updated in place
+    when training (either may be None only when training); weight, bias: (C,) or None.
+    """
+    xa = _data(x)
+    if xa.ndim < 2:
+        raise ValueError(f"batch_norm: input must be (N, C, ...), got shape {tuple(xa.shape)}.")
+    c = xa.shape[1]
+    rm, rv = _data(running_mean), _data(running_var)
+    if not training and (rm is None or rv is None):
+        raise ValueError("batch_norm: evaluation (training=False) needs running_mean and "
+                         "running_var; pass them or use training=True.")
+    for name, v in (("running_mean", rm), ("running_var", rv), ("weight", _data(weight)),
+                    ("bias", _data(bias))):
+        if v is not None and tuple(v.shape) != (c,):
+            raise ValueError(f"batch_norm: {name} must have shape ({c},) for an input with {c} "
+                             f"channels, got {tuple(v.shape)}.")
+    if training and xa.size // max(c, 1) <= 1:
+        raise ValueError(f"batch_norm: training needs more than one value per channel, got "
+                         f"input shape {tuple(xa.shape)}; use a batch of more than one sample "
+                         "or evaluation mode.")
+    if training and momentum is None:
+        raise ValueError("batch_norm: momentum must be a number (BatchNorm2d turns "
+                         "momentum=None into the cumulative-average factor).")
+    track = training and rm is not None and rv is not None
+    inputs = [x]
+    if weight is not None or bias is not None:
+        inputs.append(weight)
+    if bias is not None:
+        inputs.append(bias)
+    return BatchNorm.apply(*inputs, running_mean=rm if track or not training else None,
+                           running_var=rv if track or not training else None,
+                           training=bool(training), momentum=momentum, eps=float(eps))

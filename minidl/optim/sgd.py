@@ -1,0 +1,36 @@
+"""Stochastic gradient descent with momentum, dampening, Nesterov and weight decay (torch semantics)."""
+from .optimizer import Optimizer
+
+
+class SGD(Optimizer):
+    """For each parameter p with gradient g:
+
+        g = g + weight_decay * p
+        buf = g                                     (first step)
+        buf = momentum * buf + (1 - dampening) * g  (later steps)
+        g = g + momentum * buf if nesterov else buf     (when momentum != 0)
+        p = p - lr * g
+    """
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"SGD needs lr, momentum and weight_decay >= 0, got lr={lr}, "
+                             f"momentum={momentum}, weight_decay={weight_decay}.")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD with nesterov=True needs momentum > 0 and dampening = 0.")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def update(self, p, g, state, group):
+        momentum, wd = group["momentum"], group["weight_decay"]
+        if wd != 0:
+            g = g + wd * p.data
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= momentum
+                buf += (1 - group["dampening"]) * g
+            g = g + momentum * buf if group["nesterov"] else buf
+        p.data -= group["lr"] * g

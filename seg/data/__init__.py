@@ -1,0 +1,57 @@
+"""seg.data: reading segmentation data sets, synthetic ultrasound data, augmentation, batching.
+
+Readers (return lists of ``Sample(image_path, mask_path, subject, n)``):
+    KaggleUltrasound, find_kaggle_samples, find_kaggle_test_samples, split_by_subject, load_sample
+    ImageMaskFolder, find_folder_samples, load_folder_sample      (users' images/ + masks/)
+    load_image (-> float32 (H, W) in [0, 1]), load_mask (-> integer class ids (H, W))
+Synthetic data (Kaggle layout on disk):
+    write_synthetic_dataset, synthetic_image
+Augmentation (image and mask together):
+    Augment, Resize, resize, hflip, vflip, random_flip, affine, random_affine,
+    elastic_deform, elastic_displacement, intensity_jitter
+Batching:
+    Dataset, DataLoader (images float32 (N, C, H, W), masks int64 (N, H, W)), collate
+"""
+
+from .augment import (
+    Augment,
+    Resize,
+    affine,
+    elastic_deform,
+    elastic_displacement,
+    hflip,
+    intensity_jitter,
+    random_affine,
+    random_flip,
+    resize,
+    vflip,
+)
+from .folder import (
+    IMAGE_SUFFIXES,
+    ImageMaskFolder,
+    Sample,
+    find_folder_samples,
+    load_folder_sample,
+    load_image,
+    load_mask,
+    read_array,
+)
+from .kaggle import (
+    KaggleUltrasound,
+    find_kaggle_samples,
+    find_kaggle_test_samples,
+    load_sample,
+    split_by_subject,
+)
+from .loader import DataLoader, Dataset, collate
+from .synthetic import DEFAULT_SIZE, synthetic_image, write_synthetic_dataset
+
+__all__ = [
+    "Sample", "read_array", "load_image", "load_mask", "IMAGE_SUFFIXES",
+    "KaggleUltrasound", "find_kaggle_samples", "find_kaggle_test_samples", "split_by_subject", "load_sample",
+    "ImageMaskFolder", "find_folder_samples", "load_folder_sample",
+    "synthetic_image", "write_synthetic_dataset", "DEFAULT_SIZE",
+    "Augment", "Resize", "resize", "hflip", "vflip", "random_flip", "affine", "random_affine",
+    "elastic_deform", "elastic_displacement", "intensity_jitter",
+    "Dataset", "DataLoader", "collate",
+]

@@ -1,0 +1,214 @@
+"""Reader for the Kaggle Ultrasound Nerve Segmentation layout.
+
+The competition's data (and the synthetic stand-in from ``seg.data.synthetic``) look like::
+
+    root/
+        train/  1_1.tif  1_1_mask.tif  1_2.tif  1_2_mask.tif ... 47_120.tif 47_120_mask.tif
+        test/   1.tif  2.tif ...
+
+``train/<subject>_<n>.tif`` is a 580 wide x 420 high grayscale uint8 ultrasound frame of
+patient ``<subject>``; ``train/<subject>_<n>_mask.tif`` marks the brachial plexus nerve with
+255 (background 0), and is all zero in about half the frames. Test images have no masks.
+
+Frames of one patient are near-duplicates, so a validation set must hold *other patients*
+(``split_by_subject``), or the validation score would measure memorisation.
+
+    data = KaggleUltrasound("data/ultrasound")       # the folder holding train/, or train/ itself
+    train, val = data.split(val_fraction=0.2, seed=0)
+    image, mask = load_sample(train[0])               # float32 (420, 580) in [0,1], uint8 {0,1}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .folder import Sample, check_same_size, load_image, load_mask
+
+__all__ = [
+    "Sample",
+    "find_kaggle_samples",
+    "find_kaggle_test_samples",
+    "split_by_subject",
+    "load_sample",
+    "KaggleUltrasound",
+]
+
+_TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
+_TEST_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
+
+
+def _train_dir(root):
+    """Accept the folder holding ``train/`` or ``train/`` itself; return the train folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder {root} does not exist.")
+    if (root / "train").is_dir():
+        return root / "train"
+    if root.name.lower() == "train" or any(_TRAIN_NAME.match(name) for name in os.listdir(root)):
+        return root
+    raise FileNotFoundError(
+        f"Data folder {root} has no train/ folder and no <subject>_<n>.tif images; "
+        "pass the Kaggle data folder (the one holding train/) or the train/ folder itself."
+    )
+
+
+def _tiff_shape(path):
+    """Height and width of a TIFF from its header alone (fast: no pixel data is read)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(tif.pages[0].shape[:2])
+    except Exception as exc:
+        raise ValueError(f"Could not read TIFF file {path} ({exc}); the file is damaged or not a TIFF.") from exc
+
+
+def find_kaggle_samples(root, verify=False):
+    """List the training pairs of a Kaggle-layout folder.
+
+    root: the folder holding ``train/``, or the ``train/`` folder itself.
+    verify: also open every file's TIFF header to catch unreadable files and image/mask size
+        mismatches now instead of at load time (about a millisecond per file).
+    Returns a list of Sample(image_path, mask_path, subject: int, n: int), sorted numerically
+    by (subject, n) so the order is the same on every machine.
+    """
+    train = _train_dir(root)
+    images, masks = {}, {}
+    for name in sorted(os.listdir(train)):
+        path = os.path.join(train, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        if not name.lower().endswith((".tif", ".tiff")):
+            continue  # e.g. train_masks.csv from the Kaggle download
+        m = _TRAIN_NAME.match(name)
+        if m is None:
+            raise ValueError(
+                f"File {path} does not follow the Kaggle naming <subject>_<n>.tif / <subject>_<n>_mask.tif."
+            )
+        key = (int(m.group(1)), int(m.group(2)))
+        table = masks if m.group(3) else images
+        if key in table:
+            raise ValueError(f"Files {table[key]} and {path} both stand for subject {key[0]} image {key[1]}.")
+        table[key] = path
+    if not images and not masks:
+        raise ValueError(f"Train folder {train} holds no .tif images.")
+    for key in sorted(masks):
+        if key not in images:
+            raise ValueError(f"Mask {masks[key]} has no image: expected {os.path.join(train, f'{key[0]}_{key[1]}.tif')}.")
+    samples = []
+    for key in sorted(images):
+        if key not in masks:
+            raise ValueError(
+                f"Image {images[key]} has no mask: expected {os.path.join(train, f'{key[0]}_{key[1]}_mask.tif')}."
+            )
+        samples.append(Sample(images[key], masks[key], key[0], key[1]))
+    if verify:
+        for s in samples:
+            image_shape, mask_shape = _tiff_shape(s.image_path), _tiff_shape(s.mask_path)
+            if image_shape != mask_shape:
+                check_same_size(np.empty(image_shape), np.empty(mask_shape), s.image_path, s.mask_path)
+    return samples
+
+
+def find_kaggle_test_samples(root):
+    """List the unlabelled test images ``test/<n>.tif`` beside ``train/``.
+
+    root: the folder holding ``test/`` (or ``train/`` itself, whose sibling ``test/`` is used).
+    Returns Sample(image_path, None, None, n) sorted by n; an empty list when there is no test/.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder {root} does not exist.")
+    test = root / "test"
+    if not test.is_dir() and root.name.lower() == "train":
+        test = root.parent / "test"
+    if not test.is_dir():
+        return []
+    samples = []
+    for name in os.listdir(test):
+        path = os.path.join(test, name)
+        if name.startswith(".") or not os.path.isfile(path) or not name.lower().endswith((".tif", ".tiff")):
+            continue
+        m = _TEST_NAME.match(name)
+        if m is None:
+            raise ValueError(f"File {path} does not follow the Kaggle test naming <n>.tif.")
+        samples.append(Sample(path, None, None, int(m.group(1))))
+    return sorted(samples, key=lambda s: s.n)
+
+
+def split_by_subject(samples, val_fraction=0.2, seed=0):
+    """Split samples into (train, validation) so that no subject is on both sides.
+
+    samples: list of Sample (any reader's).
+    val_fraction: share of *subjects* (not images) that go to validation, in [0, 1). At least
+        one subject goes to validation when val_fraction > 0 and there are two or more, and at
+        least one always stays in training.
+    seed: the same seed always gives the same split (independent of the input order).
+    Returns two lists of Sample, each in the input order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    # Sort subjects by their string form so mixed int/str ids still sort, and the split does not
+    # depend on the order the samples came in.
+    subjects = sorted({s.subject for s in samples}, key=lambda v: (str(type(v)), str(v).zfill(12)))
+    n_val = int(round(val_fraction * len(subjects)))
+    if val_fraction > 0 and len(subjects) >= 2:
+        n_val = min(max(n_val, 1), len(subjects) - 1)
+    else:
+        n_val = 0
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    val_subjects = {subjects[i] for i in order[:n_val]}
+    train = [s for s in samples if s.subject not in val_subjects]
+    val = [s for s in samples if s.subject in val_subjects]
+    return train, val
+
+
+def load_sample(sample):
+    """Load one Kaggle Sample.
+
+    Returns (image float32 (H, W) in [0, 1], mask uint8 (H, W) in {0, 1}), or
+    (image, None) for a test sample. Masks must hold only 0/255 (or 0/1).
+    """
+    image = load_image(sample.image_path)
+    if sample.mask_path is None:
+        return image, None
+    mask = load_mask(sample.mask_path, binary=True)
+    check_same_size(image, mask, sample.image_path, sample.mask_path)
+    return image, mask
+
+
+class KaggleUltrasound:
+    """The Kaggle ultrasound-nerve data set on disk.
+
+    data = KaggleUltrasound(root, verify=False)
+    data.samples          training Samples (subject, n), sorted
+    data.test_samples     test Samples (mask_path None), possibly empty
+    data.split(val_fraction=0.2, seed=0) -> (train, val) lists, disjoint in subjects
+    data.load(sample)     -> (image float32 (H, W) in [0, 1], mask uint8 (H, W) in {0, 1} or None)
+    """
+
+    num_classes = 2
+
+    def __init__(self, root, verify=False):
+        self.root = Path(root)
+        self.samples = find_kaggle_samples(root, verify=verify)
+        self.test_samples = find_kaggle_test_samples(root)
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def subjects(self):
+        """Sorted list of the subject ids present in the training set."""
+        return sorted({s.subject for s in self.samples})
+
+    def split(self, val_fraction=0.2, seed=0):
+        return split_by_subject(self.samples, val_fraction, seed)
+
+    @staticmethod
+    def load(sample):
+        return load_sample(sample)

@@ -1,0 +1,491 @@
+"""The training loop every example uses: train, validate, log, plot, checkpoint, resume.
+
+    from seg.train import train
+    result = train(model, train_loader, val_loader, loss_fn, optimizer, scheduler=None,
+                   epochs=20, out_dir="runs/unet", device="cpu")
+    result.best_score, result.history[-1]["val_dice"]
+
+What one epoch does:
+
+1. training: for every batch, forward (mirror-padding the input for valid-padding models, see
+   seg.tiling.forward_full), loss, backward, optimizer step; a tqdm bar shows the running loss
+   and images/s. Losses are kept as Python floats, and nothing of the graph survives a step,
+   so memory does not grow with the number of steps.
+2. validation: mean Dice with the Kaggle rule (an empty prediction on an empty mask scores 1),
+   mean IoU and pixel accuracy (seg.metrics), plus the validation loss.
+3. logging: one row appended to out_dir/metrics.csv; out_dir/curves.png redrawn; an
+   "X / Y / Pred" panel of a few validation images (out_dir/samples_epochNNN.png).
+4. checkpoints: out_dir/last.npz every epoch and out_dir/best.npz when the validation Dice
+   improves. A checkpoint holds the model, optimizer and scheduler state, the random states
+   (NumPy's and minidl's), the epoch, the best score, the history and the run's config, and is
+   written to a temporary file first and then renamed, so a crash mid-write never leaves a
+   broken file in place of the previous one.
+
+`resume="runs/unet/last.npz"` continues exactly where that checkpoint ended: the remaining
+epochs produce the same losses as an uninterrupted run (the data loader's order and
+augmentation depend only on (seed, epoch), which the loop sets each epoch).
+
+A NaN or infinite loss stops the run before the bad update is applied, with one message; the
+last good checkpoint stays. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
+"""
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import minidl
+import minidl.random
+from minidl import backend
+from minidl.tensor import Tensor
+
+from . import metrics as seg_metrics
+from .tiling import forward_full
+
+__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "save_checkpoint",
+           "load_checkpoint", "read_checkpoint_meta", "METRIC_FIELDS"]
+
+#: Columns of metrics.csv, in order.
+METRIC_FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy", "lr",
+                 "seconds", "images_per_s")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message says where and what to do."""
+
+
+@dataclass
+class TrainResult:
+    history: list = field(default_factory=list)   # one dict per epoch (METRIC_FIELDS)
+    best_score: float = float("-inf")             # best validation Dice (or -train loss)
+    best_epoch: int = 0
+    epochs_done: int = 0
+    interrupted: bool = False
+    out_dir: str = ""
+
+    @property
+    def last(self):
+        return self.history[-1] if self.history else {}
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def _pack(obj, prefix, arrays):
+    """Turn nested dicts/lists of arrays and scalars into JSON plus a flat {key: array} table."""
+    if isinstance(obj, dict):
+        return {"__dict__": [[str(k), isinstance(k, int), _pack(v, f"{prefix}/{k}", arrays)]
+                             for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_pack(v, f"{prefix}/{i}", arrays) for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if isinstance(obj, Tensor):
+        obj = obj.data
+    if hasattr(obj, "shape") and hasattr(obj, "dtype") and not isinstance(obj, np.generic):
+        arrays[prefix] = backend.to_numpy(obj)
+        return {"__array__": prefix}
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return {"__float__": repr(obj)}
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint; use arrays, numbers, "
+                    "strings, lists and dicts.")
+
+
+def _unpack(obj, arrays):
+    if isinstance(obj, dict):
+        if "__array__" in obj:
+            return arrays[obj["__array__"]]
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        if "__dict__" in obj:
+            return {(int(k) if is_int else k): _unpack(v, arrays) for k, is_int, v in obj["__dict__"]}
+        if "__list__" in obj:
+            items = [_unpack(v, arrays) for v in obj["__list__"]]
+            return tuple(items) if obj.get("tuple") else items
+    return obj
+
+
+def _json_array(obj):
+    """JSON text stored as a uint8 array: every .npz reader can load it without pickle."""
+    return np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8).copy()
+
+
+def _json_from_array(a):
+    return json.loads(bytes(np.asarray(a, dtype=np.uint8)).decode("utf-8"))
+
+
+def _rng_state():
+    """NumPy's global RNG state and minidl's CPU generator state, as JSON-able data."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"numpy_global": {"name": name, "keys": keys.tolist(), "pos": int(pos),
+                              "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    getter = getattr(minidl.random, "get_rng_state", None)
+    if getter is not None:
+        state["minidl"] = getter()
+    else:
+        gen = minidl.random.generator(np)
+        # PCG64's state holds 128-bit ints: JSON keeps them exactly (as Python ints).
+        state["minidl_cpu"] = gen.bit_generator.state
+    return state
+
+
+def _set_rng_state(state):
+    g = state.get("numpy_global")
+    if g:
+        np.random.set_state((g["name"], np.asarray(g["keys"], dtype=np.uint32), g["pos"],
+                             g["has_gauss"], g["cached_gaussian"]))
+    setter = getattr(minidl.random, "set_rng_state", None)
+    if "minidl" in state and setter is not None:
+        setter(state["minidl"])
+    elif "minidl_cpu" in state:
+        minidl.random.generator(np).bit_generator.state = state["minidl_cpu"]
+
+
+def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
+    """Write model/optimizer/scheduler state + meta (JSON-able dict) to `path` atomically.
+
+    The file is written as a temporary file in the same folder and renamed over `path`, so
+    `path` always holds either the previous complete checkpoint or the new one.
+    """
+    path = os.fspath(path)
+    arrays = {}
+    skeleton = {"model": _pack(dict(model.state_dict()), "model", arrays),
+                "optimizer": _pack(optimizer.state_dict(), "optimizer", arrays) if optimizer else None,
+                "scheduler": _pack(scheduler.state_dict(), "scheduler", arrays) if scheduler else None,
+                "meta": _pack(meta or {}, "meta", arrays)}
+    arrays["__checkpoint__"] = _json_array(skeleton)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # The temporary name ends in .npz so savers that append the suffix keep it as given.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.npz")
+    try:
+        minidl.save(arrays, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _read(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        arrays = dict(minidl.load(path))
+        skeleton = _json_from_array(arrays.pop("__checkpoint__"))
+    except (KeyError, ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"Checkpoint {path} is damaged or was not written by seg.train "
+                         f"({type(exc).__name__}: {exc}).") from None
+    return skeleton, arrays
+
+
+def read_checkpoint_meta(path):
+    """The meta dict of a checkpoint (epoch, best score, config, history) without a model."""
+    skeleton, arrays = _read(path)
+    return _unpack(skeleton["meta"], arrays)
+
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None):
+    """Load a checkpoint into model (and optimizer/scheduler when given); return its meta dict."""
+    skeleton, arrays = _read(path)
+    model.load_state_dict(_unpack(skeleton["model"], arrays))
+    if optimizer is not None and skeleton.get("optimizer") is not None:
+        optimizer.load_state_dict(_unpack(skeleton["optimizer"], arrays))
+    if scheduler is not None and skeleton.get("scheduler") is not None:
+        scheduler.load_state_dict(_unpack(skeleton["scheduler"], arrays))
+    return _unpack(skeleton["meta"], arrays)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _to_device(array, device):
+    return backend.to_device(np.ascontiguousarray(array) if isinstance(array, np.ndarray) else array,
+                             device)
+
+
+def _current_lr(optimizer):
+    groups = getattr(optimizer, "param_groups", None)
+    if groups:
+        return float(groups[0].get("lr", float("nan")))
+    return float(getattr(optimizer, "lr", float("nan")))
+
+
+class Trainer:
+    """Train `model` with `optimizer` on batches (images (N, C, H, W), masks (N, H, W)).
+
+    train_loader / val_loader: iterables of (images float32, masks int) NumPy batches, such
+        as seg.data.DataLoader (whose set_epoch is called every epoch for exact resumes).
+    loss_fn(logits, target) -> scalar Tensor (see seg.losses).
+    scheduler: stepped once per epoch (after the epoch), if given.
+    out_dir: where metrics.csv, curves.png, samples_*.png and the checkpoints go.
+    config: JSON-able dict stored in the checkpoints (model name and options, image size, ...)
+        so `python -m seg predict` can rebuild the model.
+    num_classes: for IoU (default: the model's num_classes attribute, else 2).
+    plot_every: draw the sample panel every that many epochs (and after the last one).
+    log: function for the one-line-per-epoch summaries (print; None to stay quiet).
+    """
+
+    def __init__(self, model, train_loader, val_loader, loss_fn, optimizer, scheduler=None,
+                 out_dir="runs/unet", device="cpu", config=None, num_classes=None, plot=True,
+                 plot_every=1, n_samples=4, progress=True, log=print):
+        self.model, self.loss_fn = model, loss_fn
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.out_dir = os.fspath(out_dir)
+        self.device = backend.normalize_device(device)
+        if self.device == "gpu":
+            backend.require_cupy()
+        self.config = dict(config or {})
+        self.num_classes = int(num_classes or getattr(model, "num_classes", 2))
+        self.plot, self.plot_every, self.n_samples = plot, max(1, int(plot_every)), int(n_samples)
+        self.progress = progress
+        self.log = log or (lambda *a, **k: None)
+        self.history = []
+        self.best_score, self.best_epoch = float("-inf"), 0
+        self.epoch = 0                   # completed epochs
+        self._plot_warned = False
+        os.makedirs(self.out_dir, exist_ok=True)
+        model.to(self.device)
+
+    # -------------------------------------------------------------- paths and checkpoints
+    def path(self, name):
+        return os.path.join(self.out_dir, name)
+
+    def _meta(self, **extra):
+        return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "history": self.history, "config": self.config, "rng": _rng_state(), **extra}
+
+    def save(self, name, **extra):
+        return save_checkpoint(self.path(name), self.model, self.optimizer, self.scheduler,
+                               self._meta(**extra))
+
+    def resume(self, path):
+        """Restore everything from checkpoint `path`; training continues after its epoch."""
+        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.model.to(self.device)
+        self.epoch = int(meta["epoch"])
+        self.best_score = float(meta["best_score"])
+        self.best_epoch = int(meta.get("best_epoch", 0))
+        self.history = [dict(row) for row in meta.get("history", [])]
+        _set_rng_state(meta.get("rng", {}))
+        # metrics.csv must match the restored history (a crashed run may have written more).
+        self._write_metrics_csv()
+        return meta
+
+    def _write_metrics_csv(self):
+        tmp = self.path("metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(tmp, self.path("metrics.csv"))
+
+    def _append_metrics_csv(self, row):
+        path = self.path("metrics.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    # -------------------------------------------------------------- one epoch
+    def train_epoch(self, epoch, epochs):
+        """Run one epoch of training; return (mean loss, images per second)."""
+        from tqdm.auto import tqdm
+
+        if hasattr(self.train_loader, "set_epoch"):
+            # Order and augmentation depend on the epoch number only: resumes are exact.
+            self.train_loader.set_epoch(epoch - 1)
+        self.model.train()
+        total_loss, n_images, compute_time = 0.0, 0, 0.0
+        try:
+            n_batches = len(self.train_loader)
+        except TypeError:
+            n_batches = None
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            for step, (images, masks) in enumerate(self.train_loader, 1):
+                t0 = time.perf_counter()
+                x = Tensor(_to_device(images, self.device))
+                y = _to_device(masks, self.device)
+                logits = forward_full(self.model, x)
+                loss = self.loss_fn(logits, y)
+                value = float(loss.item())
+                if not math.isfinite(value):
+                    self._stop_non_finite(value, epoch, step)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                del x, logits, loss           # the graph is freed here, not kept to the next step
+                compute_time += time.perf_counter() - t0
+                n = len(images)
+                total_loss += value * n
+                n_images += n
+                bar.update(1)
+                bar.set_postfix(loss=f"{total_loss / n_images:.4f}",
+                                img_s=f"{n_images / max(compute_time, 1e-9):.1f}")
+        finally:
+            bar.close()
+        if n_images == 0:
+            raise ValueError("the training loader gave no batches; check the data folder and the split.")
+        return total_loss / n_images, n_images / max(compute_time, 1e-9)
+
+    def _stop_non_finite(self, value, epoch, step):
+        if os.path.exists(self.path("last.npz")):
+            kept = (f"the last good checkpoint {self.path('last.npz')} (epoch {self.epoch}) is kept; "
+                    f"resume from it with a lower learning rate")
+        else:
+            kept = "no checkpoint was written yet; restart with a lower learning rate"
+        raise NonFiniteLossError(
+            f"Training stopped: the loss became {value} at epoch {epoch}, step {step} "
+            f"(learning rate {_current_lr(self.optimizer):g}); {kept}, or check the data for "
+            "bad values.")
+
+    def evaluate(self, loader, keep_samples=0):
+        """Validation metrics on `loader`: loss, Kaggle mean Dice, mean IoU, pixel accuracy.
+
+        Returns (metrics dict, samples) where samples = (images, masks, preds) NumPy arrays of
+        the first `keep_samples` images (for the X / Y / Pred panel).
+        """
+        self.model.eval()
+        total_loss, n_images = 0.0, 0
+        dice_scores = []
+        confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        kept = ([], [], [])
+        with minidl.no_grad():
+            for images, masks in loader:
+                x = Tensor(_to_device(images, self.device))
+                logits = forward_full(self.model, x)
+                value = float(self.loss_fn(logits, _to_device(masks, self.device)).item())
+                pred = backend.to_numpy(logits.data.argmax(axis=1))
+                masks = np.asarray(backend.to_numpy(masks))
+                total_loss += value * len(images)
+                n_images += len(images)
+                dice_scores.extend(np.atleast_1d(seg_metrics.dice_score(pred, masks)).tolist())
+                confusion += seg_metrics.confusion_matrix(pred, masks, self.num_classes)
+                have = len(kept[0])
+                if have < keep_samples:
+                    take = keep_samples - have
+                    kept[0].extend(np.asarray(backend.to_numpy(images))[:take])
+                    kept[1].extend(masks[:take])
+                    kept[2].extend(pred[:take])
+        self.model.train()
+        if n_images == 0:
+            raise ValueError("the validation loader gave no batches; check the split.")
+        iou = seg_metrics.iou_from_confusion(confusion)
+        present = ~np.isnan(iou)
+        result = {"val_loss": total_loss / n_images,
+                  "val_dice": float(np.mean(dice_scores)),
+                  "val_iou": float(iou[present].mean()) if present.any() else float("nan"),
+                  "val_accuracy": seg_metrics.accuracy_from_confusion(confusion)}
+        samples = tuple(np.stack(k) for k in kept) if kept[0] else None
+        return result, samples
+
+    # -------------------------------------------------------------- the run
+    def fit(self, epochs, resume=None):
+        """Train until `epochs` epochs are complete (counting those of a resumed checkpoint)."""
+        if resume is not None:
+            meta = self.resume(resume)
+            self.log(f"Resumed from {resume} after epoch {meta['epoch']} "
+                     f"(best validation Dice {self.best_score:.4f}).")
+        result = TrainResult(out_dir=self.out_dir)
+        epoch = self.epoch + 1
+        try:
+            for epoch in range(self.epoch + 1, int(epochs) + 1):
+                self._run_epoch(epoch, int(epochs))
+        except KeyboardInterrupt:
+            # Keep the partial epoch's work. Resuming from interrupted.npz repeats the rest of
+            # epoch `epoch`; last.npz is the exact end of the previous epoch.
+            path = self.save("interrupted.npz", interrupted_in_epoch=epoch)
+            self.log(f"\nInterrupted in epoch {epoch}: saved {path}. Resume with --resume {path} "
+                     f"(or --resume {self.path('last.npz')} to continue exactly after epoch "
+                     f"{self.epoch}).")
+            result.interrupted = True
+        if self.plot and self.history:
+            self._plot_samples()
+        result.history = list(self.history)
+        result.best_score, result.best_epoch = self.best_score, self.best_epoch
+        result.epochs_done = self.epoch
+        return result
+
+    def _run_epoch(self, epoch, epochs):
+        start = time.perf_counter()
+        train_loss, images_per_s = self.train_epoch(epoch, epochs)
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": _current_lr(self.optimizer),
+               "images_per_s": images_per_s}
+        samples = None
+        if self.val_loader is not None:
+            plot_now = self.plot and (epoch % self.plot_every == 0 or epoch == epochs)
+            scores, samples = self.evaluate(self.val_loader, self.n_samples if plot_now else 0)
+            row.update(scores)
+            score = scores["val_dice"]
+        else:
+            row.update(val_loss=float("nan"), val_dice=float("nan"), val_iou=float("nan"),
+                       val_accuracy=float("nan"))
+            score = -train_loss
+        if self.scheduler is not None:
+            self.scheduler.step()
+        row["seconds"] = time.perf_counter() - start
+        self.history.append(row)
+        self.epoch = epoch
+        improved = score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = score, epoch
+        # last.npz first: if best.npz's write is interrupted, last.npz is already complete.
+        self.save("last.npz")
+        if improved:
+            self.save("best.npz")
+        self._append_metrics_csv(row)
+        if self.plot:
+            self._plot_epoch(epoch, samples)
+        self.log(f"epoch {epoch}/{epochs}  loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
+                 f"val Dice {row['val_dice']:.4f}  IoU {row['val_iou']:.4f}  "
+                 f"acc {row['val_accuracy']:.4f}  {images_per_s:.1f} img/s  {row['seconds']:.1f}s"
+                 + ("  *" if improved else ""))
+
+    # -------------------------------------------------------------- plots
+    def _plot_epoch(self, epoch, samples):
+        from . import plots
+        try:
+            plots.plot_curves(self.history, self.path("curves.png"))
+            if samples is not None:
+                self._last_samples = (epoch, samples)
+                plots.plot_samples(*samples, self.path(f"samples_epoch{epoch:03d}.png"),
+                                   title=f"epoch {epoch}: X / Y / Pred")
+        except Exception as exc:   # a plotting problem must not end a long training run
+            if not self._plot_warned:
+                self.log(f"warning: could not draw the plots ({type(exc).__name__}: {exc}); "
+                         "training continues.")
+                self._plot_warned = True
+
+    def _plot_samples(self):
+        """samples_last.png: the panel for the model as it is now (end of the run)."""
+        from . import plots
+        if self.val_loader is None:
+            return
+        try:
+            epoch, samples = getattr(self, "_last_samples", (None, None))
+            if epoch != self.epoch or samples is None:
+                _, samples = self.evaluate(self.val_loader, self.n_samples)
+            plots.plot_samples(*samples, self.path("samples_last.png"),
+                               title=f"after epoch {self.epoch}: X / Y / Pred")
+        except Exception as exc:
+            if not self._plot_warned:
+                self.log(f"warning: could not draw the sample panel ({type(exc).__name__}: {exc}).")
+                self._plot_warned = True
+
+
+def train(model, train_loader, val_loader, loss_fn, optimizer, scheduler=None, epochs=10,
+          out_dir="runs/unet", device="cpu", resume=None, **options):
+    """Train and validate for `epochs` epochs; see Trainer for the options. Returns TrainResult."""
+    trainer = Trainer(model, train_loader, val_loader, loss_fn, optimizer, scheduler,
+                      out_dir=out_dir, device=device, **options)
+    return trainer.fit(epochs, resume=resume)

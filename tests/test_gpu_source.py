@@ -1,0 +1,309 @@
+"""Checks of the GPU kernel bundle (kernels/gpu.py) that need no GPU.
+
+1. NVRTC compiles the CUDA source for float32 and float64 and every kernel is in the PTX
+   (runs where CuPy's NVRTC binding loads; NVRTC itself needs no GPU).
+2. Host emulation: the *same* CUDA source is compiled as plain C++ with a tiny shim
+   (threadIdx/blockIdx as globals, integer atomics as plain read-modify-writes) and the
+   Python wrappers of kernels/gpu.py run on NumPy arrays through it. Each kernel launch
+   is executed as several emulated threads in a random order, so a result that depended
+   on thread order would show up. Every launch's arguments are checked against the
+   kernel's C signature (pointer element types, scalar types), the mistakes a GPU would
+   not report. Results are compared with kernels/reference.py.
+"""
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import kernels.gpu as gpu
+import kernels.reference as ref
+
+FLOATS = [np.float32, np.float64]
+
+# ---------------------------------------------------------------------------- 1. NVRTC
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+        return nvrtc
+    except Exception as exc:  # no CuPy, or no NVRTC library next to it
+        pytest.skip(f"CuPy's NVRTC binding is not available here ({type(exc).__name__}: {exc}); "
+                    "`pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12` enables this check")
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
+def test_cuda_source_compiles_with_nvrtc(dtype):
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram(gpu.cuda_source(dtype), "kernels_gpu.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, ["-arch=compute_80"])
+    except Exception as exc:
+        pytest.fail(f"NVRTC rejected kernels/gpu.py source for {np.dtype(dtype)}: {exc}\n"
+                    f"{nvrtc.getProgramLog(prog)}")
+    log = nvrtc.getProgramLog(prog)
+    assert "warning" not in str(log).lower(), f"NVRTC warnings:\n{log}"
+    ptx = nvrtc.getPTX(prog)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    missing = [n for n in gpu.KERNEL_NAMES if f".entry {n}(" not in ptx]
+    assert not missing, f"kernels missing from the PTX: {missing}"
+
+
+# ---------------------------------------------------------------------------- 2. host emulation
+_SHIM = r"""
+#include <cstddef>
+#define __global__
+struct emu_uint3 { unsigned int x, y, z; };
+static emu_uint3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
+static emu_uint3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+static int atomicExch(int* a, int v) { int old = *a; *a = v; return old; }
+static int atomicMax(int* a, int v) { int old = *a; if (v > old) *a = v; return old; }
+extern "C" void emu_set_thread(unsigned int tid, unsigned int nthreads) {
+    threadIdx.x = tid; blockDim.x = nthreads; blockIdx.x = 0; gridDim.x = 1;
+}
+"""
+
+_C_TYPES = {"float": np.float32, "double": np.float64, "long long": np.int64, "int": np.int32}
+
+
+def _signatures(source, dtype):
+    """{kernel name: [(is_pointer, element dtype), ...]} parsed from the CUDA source (T = dtype)."""
+    types = dict(_C_TYPES, T=dtype)
+    sigs = {}
+    for name, params in re.findall(r'__global__ void (\w+)\((.*?)\)\s*\{', source, re.S):
+        args = []
+        for p in params.split(","):
+            p = " ".join(p.replace("const", " ").split())
+            is_ptr = "*" in p
+            ctype = p.replace("*", " ").rsplit(" ", 1)[0].strip()
+            args.append((is_ptr, np.dtype(types[ctype])))
+        sigs[name] = args
+    return sigs
+
+
+class _HostLib:
+    """The CUDA source compiled for the host, one shared library per dtype."""
+
+    def __init__(self, tmpdir):
+        cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        if cxx is None:
+            pytest.skip("no C++ compiler (g++/clang++) to build the host emulation of the CUDA source")
+        self.libs, self.sigs = {}, {}
+        for dtype in FLOATS:
+            dtype = np.dtype(dtype)
+            source = gpu.cuda_source(dtype)
+            path = os.path.join(tmpdir, f"emu_{dtype.name}")
+            with open(path + ".cpp", "w") as f:
+                f.write(_SHIM + source)
+            proc = subprocess.run([cxx, "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unused-function",
+                                   "-o", path + ".so", path + ".cpp"], capture_output=True, text=True)
+            assert proc.returncode == 0, f"host compile of the CUDA source failed:\n{proc.stderr}"
+            assert "warning" not in proc.stderr, f"host compile warnings:\n{proc.stderr}"
+            self.libs[dtype] = ctypes.CDLL(path + ".so")
+            self.sigs[dtype] = _signatures(source, dtype)
+        self.rng = np.random.default_rng(0)
+        self.launches = []
+
+    def launch(self, name, dtype, total, args):
+        """Stand-in for gpu._launch: check the arguments, run as shuffled emulated threads."""
+        self.launches.append(name)
+        if total == 0:
+            return
+        dtype = np.dtype(dtype)
+        sig = self.sigs[dtype][name]
+        assert len(args) == len(sig), f"{name}: {len(args)} arguments for {len(sig)} parameters"
+        c_args = []
+        for k, (a, (is_ptr, want)) in enumerate(zip(args, sig)):
+            if is_ptr:
+                assert isinstance(a, np.ndarray), f"{name} argument {k}: expected an array, got {type(a)}"
+                assert a.dtype == want, f"{name} argument {k}: array dtype {a.dtype}, kernel wants {want}"
+                assert a.flags.c_contiguous, f"{name} argument {k}: array is not C-contiguous"
+                c_args.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                assert isinstance(a, np.generic) and a.dtype == want, \
+                    f"{name} argument {k}: scalar {a!r} of type {type(a).__name__}, kernel wants {want}"
+                c_args.append({np.dtype(np.int64): ctypes.c_longlong, np.dtype(np.int32): ctypes.c_int,
+                               np.dtype(np.float32): ctypes.c_float,
+                               np.dtype(np.float64): ctypes.c_double}[want](a.item()))
+        lib = self.libs[dtype]
+        kernel = getattr(lib, name)
+        nthreads = 5
+        for tid in self.rng.permutation(nthreads):
+            lib.emu_set_thread(ctypes.c_uint(int(tid)), ctypes.c_uint(nthreads))
+            kernel(*c_args)
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    return _HostLib(str(tmp_path_factory.mktemp("gpu_emulation")))
+
+
+@pytest.fixture
+def emu(host_lib, monkeypatch):
+    """kernels.gpu running on the host: NumPy arrays, kernels compiled by the C++ compiler."""
+    monkeypatch.setattr(gpu, "_xp", lambda: np)
+    monkeypatch.setattr(gpu, "_launch", host_lib.launch)
+    gpu._bilinear_tables.cache_clear()
+    host_lib.launches.clear()
+    yield host_lib
+    gpu._bilinear_tables.cache_clear()
+
+
+def _close(name, actual, expected, dtype):
+    tol = dict(rtol=1e-5, atol=1e-5) if np.dtype(dtype) == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != reference {expected.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != reference {expected.shape}"
+    np.testing.assert_allclose(actual, expected, err_msg=name, **tol)
+
+
+def _out(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# (kh, kw, sh, sw, ph, pw, dh, dw, extra rows/cols asked beyond symmetric padding)
+GEOMETRIES = [
+    (3, 3, 1, 1, 1, 1, 1, 1, 0),     # "same" 3x3 conv
+    (3, 3, 1, 1, 0, 0, 1, 1, 0),     # "valid" 3x3 conv (U-Net)
+    (2, 2, 2, 2, 0, 0, 1, 1, 0),     # 2x2 pool / stride-2
+    (3, 2, 2, 3, 1, 0, 2, 1, 0),     # asymmetric everything, dilation
+    (3, 3, 2, 2, 1, 1, 1, 1, 1),     # ceil_mode-like extra window
+    (1, 1, 1, 1, 0, 0, 1, 1, 0),     # 1x1
+    (4, 3, 3, 1, 2, 1, 1, 3, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_im2col_col2im_match_reference(emu, geom, dtype):
+    kh, kw, sh, sw, ph, pw, dh, dw, extra = geom
+    rng = np.random.default_rng(1)
+    n, c, h, w = 2, 3, 7, 9
+    ho, wo = _out(h, kh, sh, ph, dh) + extra, _out(w, kw, sw, pw, dw) + extra
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    args = (kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    _close("im2col", gpu.im2col(x, *args), ref.im2col(x, *args), dtype)
+    cols = rng.standard_normal((n, c * kh * kw, ho * wo)).astype(dtype)
+    _close("col2im", gpu.col2im(cols, c, h, w, *args), ref.col2im(cols, c, h, w, *args), dtype)
+
+
+def test_im2col_accepts_non_contiguous_input(emu):
+    x = np.random.default_rng(2).standard_normal((2, 5, 6, 3)).astype(np.float32).transpose(0, 3, 1, 2)
+    assert not x.flags.c_contiguous
+    args = (3, 3, 1, 1, 1, 1, 1, 1, 5, 6)
+    _close("im2col(non-contiguous)", gpu.im2col(x, *args), ref.im2col(np.ascontiguousarray(x), *args),
+           np.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_maxpool_matches_reference_with_ties(emu, geom, dtype):
+    kh, kw, sh, sw, ph, pw, dh, dw, extra = geom
+    rng = np.random.default_rng(3)
+    n, c, h, w = 2, 3, 8, 7
+    ho, wo = _out(h, kh, sh, ph, dh) + extra, _out(w, kw, sw, pw, dw) + extra
+    # Few distinct values: many ties, and overlapping windows pick one pixel several times.
+    x = rng.integers(-2, 3, size=(n, c, h, w)).astype(dtype)
+    args = (kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    y, idx = gpu.maxpool2d_forward(x, *args)
+    y_ref, idx_ref = ref.maxpool2d_forward(x, *args)
+    _close("maxpool y", y, y_ref, dtype)
+    assert idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, idx_ref, err_msg="maxpool indices (first max must win ties)")
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    # A window lying wholly in the padding has idx -1 and no input to send its gradient
+    # to (the GPU kernel drops it; NumPy's add.at in the reference would wrap -1 to the
+    # last pixel), so compare with such windows' gradients zeroed.
+    empty = idx_ref < 0
+    assert np.all(y[empty] == -np.inf), "a window without input pixels must give -inf"
+    gy_ref = np.where(empty, 0, gy).astype(dtype)
+    _close("maxpool backward", gpu.maxpool2d_backward(gy, idx, h, w),
+           ref.maxpool2d_backward(gy_ref, np.where(empty, 0, idx_ref), h, w), dtype)
+
+
+def test_maxpool_nan_wins_and_backward_is_exactly_the_cpu_order(emu):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    x[0, 0, 2, 3] = np.nan
+    args = (3, 3, 1, 1, 1, 1, 1, 1, 6, 6)
+    y, idx = gpu.maxpool2d_forward(x, *args)
+    y_ref, idx_ref = ref.maxpool2d_forward(x, *args)
+    np.testing.assert_array_equal(idx, idx_ref)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
+    # Constant input: every window picks its first pixel; sums of up to 4 values per pixel
+    # must be bit-identical to adding them in output order (what the CPU kernel does).
+    gy = rng.standard_normal((1, 2, 6, 6)).astype(np.float32) * 1e3
+    _, idx0 = ref.maxpool2d_forward(np.zeros_like(x), *args)
+    expected = np.zeros((1, 2, 36), np.float32)
+    for ch in range(2):
+        for o in range(36):
+            expected[0, ch, idx0[0, ch].ravel()[o]] += gy[0, ch].ravel()[o]
+    np.testing.assert_array_equal(gpu.maxpool2d_backward(gy, idx0, 6, 6), expected.reshape(1, 2, 6, 6))
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
+def test_maxunpool_matches_reference(emu, dtype):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 8, 10)).astype(dtype)
+    y, idx = ref.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, 1, 1, 4, 5)
+    _close("maxunpool forward", gpu.maxunpool2d_forward(y, idx, 8, 10),
+           ref.maxunpool2d_forward(y, idx, 8, 10), dtype)
+    gy = rng.standard_normal((2, 3, 8, 10)).astype(dtype)
+    _close("maxunpool backward", gpu.maxunpool2d_backward(gy, idx), ref.maxunpool2d_backward(gy, idx),
+           dtype)
+    # Repeated indices (overlapping pooling windows): the last one in plane order wins, as in NumPy.
+    dup = rng.integers(0, 6, size=(2, 3, 4, 5)).astype(np.int64)
+    vals = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+    _close("maxunpool forward (repeats)", gpu.maxunpool2d_forward(vals, dup, 8, 10),
+           ref.maxunpool2d_forward(vals, dup, 8, 10), dtype)
+
+
+SIZES = [((5, 7), (11, 3)), ((4, 4), (8, 8)), ((9, 6), (4, 5)), ((1, 3), (4, 1)), ((6, 6), (6, 6)),
+         ((3, 8), (1, 16))]
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("sizes", SIZES, ids=[str(s) for s in SIZES])
+@pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
+def test_bilinear_matches_reference(emu, sizes, align_corners, dtype):
+    (h, w), (ho, wo) = sizes
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, h, w)).astype(dtype)
+    _close("bilinear forward", gpu.bilinear_forward(x, ho, wo, align_corners),
+           ref.bilinear_forward(x, ho, wo, align_corners), dtype)
+    gy = rng.standard_normal((2, 3, ho, wo)).astype(dtype)
+    _close("bilinear backward", gpu.bilinear_backward(gy, h, w, align_corners),
+           ref.bilinear_backward(gy, h, w, align_corners), dtype)
+
+
+def test_bilinear_backward_is_the_adjoint_of_forward(emu):
+    # <forward(x), g> == <x, backward(g)> for any x, g: the gather visits every tap once.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 2, 13, 5))
+    g = rng.standard_normal((1, 2, 4, 17))
+    for ac in (False, True):
+        lhs = np.sum(gpu.bilinear_forward(x, 4, 17, ac) * g)
+        rhs = np.sum(x * gpu.bilinear_backward(g, 13, 5, ac))
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
+
+
+def test_empty_inputs_launch_nothing(emu):
+    x = np.zeros((0, 3, 4, 4), np.float32)
+    assert gpu.im2col(x, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4).shape == (0, 27, 16)
+    assert gpu.bilinear_forward(x, 8, 8, False).shape == (0, 3, 8, 8)
+    y, idx = gpu.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, 1, 1, 2, 2)
+    assert y.shape == idx.shape == (0, 3, 2, 2)
+
+
+def test_unsupported_dtype_is_a_clear_error(emu):
+    with pytest.raises(TypeError, match="supports float32 and float64.*astype"):
+        gpu.im2col(np.zeros((1, 1, 3, 3), np.int32), 1, 1, 1, 1, 0, 0, 1, 1, 3, 3)
+
+
+def test_kernel_signatures_cover_every_kernel():
+    sigs = _signatures(gpu.cuda_source(np.float32), np.float32)
+    assert sorted(sigs) == sorted(gpu.KERNEL_NAMES)
