@@ -22,7 +22,8 @@ FULL_LIMIT = 256
 
 
 def _host(a):
-    return numpy.asarray(backend.to_numpy(a), dtype=numpy.float64)
+    # A copy: fn may return a view of an input, which the next perturbation would change.
+    return numpy.array(backend.to_numpy(a), dtype=numpy.float64, copy=True)
 
 
 def _evaluate(fn, inputs):

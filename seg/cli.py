@@ -52,7 +52,6 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-sentence errors (no usage dump) and exit code 2."""
 
     def error(self, message):
-        message = message[0].upper() + message[1:] if message else message
         self.exit(2, f"{self.prog}: error: {message.rstrip('.')}; see {self.prog} --help.\n")
 
 
@@ -447,11 +446,18 @@ def cmd_evaluate(args, log=print):
 
 
 def cmd_models(args, log=print):
-    """`python -m seg models`: every registered model name, one per line."""
+    """`python -m seg models`: every model with its parameter count at the reference
+    configuration and output stride; `--explain NAME` lists NAME's layers (seg.models.summary)."""
     from . import models
+    from .models import summary
 
-    for name in models.available():
-        log(name)
+    if getattr(args, "explain", None):
+        if args.explain not in models.available():
+            raise UsageError(f"--explain: unknown model {args.explain!r}; choose one of: "
+                             f"{', '.join(models.available())}.")
+        log(summary.explain(args.explain, input_size=getattr(args, "input_size", None)))
+        return 0
+    log(summary.format_table(summary.models_table()))
     return 0
 
 
@@ -488,7 +494,11 @@ def build_parser():
         p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
         p.add_argument("--crf", action="store_true", help="refine with the dense CRF")
         p.add_argument("--no-progress", dest="progress", action="store_false")
-    sub.add_parser("models", help="list the model names")
+    models_p = sub.add_parser("models", help="list the models with parameter counts and strides")
+    models_p.add_argument("--explain", metavar="NAME", default=None,
+                          help="list NAME's conv layers: parameters, output sizes, receptive field")
+    models_p.add_argument("--input-size", dest="input_size", type=_size, default=None, metavar="HxW",
+                          help="input size for --explain; default: the paper's")
     return parser
 
 

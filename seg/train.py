@@ -73,43 +73,6 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- checkpoint files
 
-def _pack(obj, prefix, arrays):
-    """Turn nested dicts/lists of arrays and scalars into JSON plus a flat {key: array} table."""
-    if isinstance(obj, dict):
-        return {"__dict__": [[str(k), isinstance(k, int), _pack(v, f"{prefix}/{k}", arrays)]
-                             for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return {"__list__": [_pack(v, f"{prefix}/{i}", arrays) for i, v in enumerate(obj)],
-                "tuple": isinstance(obj, tuple)}
-    if isinstance(obj, Tensor):
-        obj = obj.data
-    if hasattr(obj, "shape") and hasattr(obj, "dtype") and not isinstance(obj, np.generic):
-        arrays[prefix] = backend.to_numpy(obj)
-        return {"__array__": prefix}
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        if isinstance(obj, float) and not math.isfinite(obj):
-            return {"__float__": repr(obj)}
-        return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint; use arrays, numbers, "
-                    "strings, lists and dicts.")
-
-
-def _unpack(obj, arrays):
-    if isinstance(obj, dict):
-        if "__array__" in obj:
-            return arrays[obj["__array__"]]
-        if "__float__" in obj:
-            return float(obj["__float__"])
-        if "__dict__" in obj:
-            return {(int(k) if is_int else k): _unpack(v, arrays) for k, is_int, v in obj["__dict__"]}
-        if "__list__" in obj:
-            items = [_unpack(v, arrays) for v in obj["__list__"]]
-            return tuple(items) if obj.get("tuple") else items
-    return obj
-
-
 def _json_array(obj):
     """JSON text stored as a uint8 array: every .npz reader can load it without pickle."""
     return np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8).copy()
@@ -149,22 +112,22 @@ def _set_rng_state(state):
 def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
     """Write model/optimizer/scheduler state + meta (JSON-able dict) to `path` atomically.
 
-    The file is written as a temporary file in the same folder and renamed over `path`, so
-    `path` always holds either the previous complete checkpoint or the new one.
+    The file is written under a temporary name in the same folder and renamed over `path`,
+    so `path` always holds either the previous complete checkpoint or the new one.
     """
     path = os.fspath(path)
-    arrays = {}
-    skeleton = {"model": _pack(dict(model.state_dict()), "model", arrays),
-                "optimizer": _pack(optimizer.state_dict(), "optimizer", arrays) if optimizer else None,
-                "scheduler": _pack(scheduler.state_dict(), "scheduler", arrays) if scheduler else None,
-                "meta": _pack(meta or {}, "meta", arrays)}
-    arrays["__checkpoint__"] = _json_array(skeleton)
+    state = {"model": dict(model.state_dict()),
+             # meta (history, config, random states with 128-bit ints) travels as JSON text.
+             "meta": _json_array(meta or {})}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # The temporary name ends in .npz so savers that append the suffix keep it as given.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.npz")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        minidl.save(arrays, tmp)
+        minidl.save(state, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -177,29 +140,29 @@ def _read(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
-        arrays = dict(minidl.load(path))
-        skeleton = _json_from_array(arrays.pop("__checkpoint__"))
-    except (KeyError, ValueError, OSError, EOFError) as exc:
+        state = minidl.load(path)
+        state["meta"] = _json_from_array(state["meta"])
+        state["model"]
+    except (KeyError, ValueError, OSError, EOFError, TypeError) as exc:
         raise ValueError(f"Checkpoint {path} is damaged or was not written by seg.train "
                          f"({type(exc).__name__}: {exc}).") from None
-    return skeleton, arrays
+    return state
 
 
 def read_checkpoint_meta(path):
     """The meta dict of a checkpoint (epoch, best score, config, history) without a model."""
-    skeleton, arrays = _read(path)
-    return _unpack(skeleton["meta"], arrays)
+    return _read(path)["meta"]
 
 
 def load_checkpoint(path, model, optimizer=None, scheduler=None):
     """Load a checkpoint into model (and optimizer/scheduler when given); return its meta dict."""
-    skeleton, arrays = _read(path)
-    model.load_state_dict(_unpack(skeleton["model"], arrays))
-    if optimizer is not None and skeleton.get("optimizer") is not None:
-        optimizer.load_state_dict(_unpack(skeleton["optimizer"], arrays))
-    if scheduler is not None and skeleton.get("scheduler") is not None:
-        scheduler.load_state_dict(_unpack(skeleton["scheduler"], arrays))
-    return _unpack(skeleton["meta"], arrays)
+    state = _read(path)
+    model.load_state_dict(state["model"])
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return state["meta"]
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -22,25 +22,6 @@ from seg.crf import PRESETS, DenseCRF, dense_crf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _gpu_available():
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-try:  # the project's shared cpu/gpu parametrisation, when tests/conftest.py provides it
-    from conftest import devices as DEVICES
-except ImportError:
-    DEVICES = [
-        "cpu",
-        pytest.param("gpu", marks=pytest.mark.skipif(
-            not _gpu_available(), reason="needs CuPy and a CUDA GPU")),
-    ]
-
-
 # ----------------------------------------------------------------------------- helpers
 def _positions(h, w):
     yy, xx = np.mgrid[0:h, 0:w]
@@ -342,8 +323,9 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # -------------------------------------------------------------------------- GPU
-@pytest.mark.parametrize("device", DEVICES)
 def test_devices_agree_with_cpu(device):
+    # `device` is the fixture of tests/conftest.py: "cpu", and "gpu" (skipped with the reason
+    # when CuPy or a CUDA device is missing).
     mask, image, probs = _ellipse_case(h=30, w=36, seed=4)
     colour = np.stack([image, 255 - image, image // 2], axis=-1)
     cpu = dense_crf(probs, colour, preset="default")

@@ -40,7 +40,7 @@ def make(out_dir, seed=0, dropout=0.2, lr=1e-2, scheduler=True, **kw):
     minidl.manual_seed(seed)
     model = UNet(2, 1, depth=2, features_root=4, padding="same", batch_norm=True, dropout=dropout)
     opt = optim.Adam(model.parameters(), lr=lr)
-    sched = optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
+    sched = optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7) if scheduler else None
     train_loader, val_loader = loaders()
     kw.setdefault("plot", False)
     return Trainer(model, train_loader, val_loader, losses.get_loss("ce_dice"), opt, sched,
@@ -48,30 +48,30 @@ def make(out_dir, seed=0, dropout=0.2, lr=1e-2, scheduler=True, **kw):
 
 
 def test_training_lowers_the_loss_and_writes_files(tmp_path):
-    trainer = make(tmp_path, dropout=0.0, plot=True, plot_every=2)
-    result = trainer.fit(4)
+    trainer = make(tmp_path, dropout=0.0, plot=True, plot_every=3)
+    result = trainer.fit(3)
     losses_ = [row["train_loss"] for row in result.history]
     assert losses_[-1] < 0.8 * losses_[0]
-    assert result.epochs_done == 4 and not result.interrupted
-    for name in ("last.npz", "best.npz", "metrics.csv", "curves.png", "samples_epoch002.png",
+    assert result.epochs_done == 3 and not result.interrupted
+    for name in ("last.npz", "best.npz", "metrics.csv", "curves.png", "samples_epoch003.png",
                  "samples_last.png"):
         assert (tmp_path / name).exists(), name
     rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("epoch,train_loss,val_loss,val_dice") and len(rows) == 5
+    assert rows[0].startswith("epoch,train_loss,val_loss,val_dice") and len(rows) == 4
     assert 0 <= result.last["val_dice"] <= 1 and result.best_score == max(r["val_dice"] for r in result.history)
     assert read_checkpoint_meta(tmp_path / "best.npz")["epoch"] == result.best_epoch
 
 
 def test_resume_continues_exactly(tmp_path):
-    full = make(tmp_path / "full").fit(4)
-    make(tmp_path / "part").fit(2)
+    full = make(tmp_path / "full").fit(3)
+    make(tmp_path / "part").fit(1)
     # A new model with other initial weights: everything must come from the checkpoint.
-    resumed = make(tmp_path / "part", seed=99).fit(4, resume=tmp_path / "part" / "last.npz")
-    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    resumed = make(tmp_path / "part", seed=99).fit(3, resume=tmp_path / "part" / "last.npz")
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     for key in ("train_loss", "val_loss", "val_dice", "lr"):
         np.testing.assert_allclose([r[key] for r in resumed.history], [r[key] for r in full.history],
                                    rtol=1e-6, err_msg=key)
-    assert len((tmp_path / "part" / "metrics.csv").read_text().strip().splitlines()) == 5
+    assert len((tmp_path / "part" / "metrics.csv").read_text().strip().splitlines()) == 4
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -175,14 +175,14 @@ def models_table(names=None):
 
 def format_table(rows):
     """models_table() rows as aligned text."""
-    head = f"{'model':<17} {'configuration':<44} {'params':>13} {'reference':>13} {'stride':>6}"
+    head = f"{'model':<17} {'configuration':<52} {'params':>13} {'reference':>13} {'stride':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         config = ", ".join(f"{k}={v}" for k, v in r["config"].items())
         config = f"{r['classes']} cls" + (f", {config}" if config else "")
         ref = "-" if r["reference"] is None else f"{r['reference']:,}"
         mark = "" if r["reference"] is None else (" ok" if r["reference"] == r["params"] else " !!")
-        lines.append(f"{r['name']:<17} {config:<44} {r['params']:>13,} {ref:>13} "
+        lines.append(f"{r['name']:<17} {config:<52} {r['params']:>13,} {ref:>13} "
                      f"{r['output_stride']:>6}{mark}")
     return "\n".join(lines)
 

@@ -1,0 +1,312 @@
+"""GPU benchmark: how fast does minidl train a U-Net on CuPy, and how close to the hardware is it?
+
+    PYTHONPATH=. python3 examples/benchmark_gpu.py                 # U-Net depth 5, 64 features
+    PYTHONPATH=. python3 examples/benchmark_gpu.py --size 128 --batch 4 --json out.json
+
+Measures, on one GPU:
+
+1. A full training step (forward, cross-entropy, backward, Adam) of
+   seg.models.build("unet", 2, 1, depth=5, features_root=64, padding="same") on a batch of
+   8 images of 256x256: images per second and the achieved TFLOP/s. FLOPs are counted from
+   the convolution shapes seen in one forward pass: 2 * multiply-adds per conv, times 3 for
+   forward + the two backward products (input and weight gradient). Everything that is not
+   a convolution (ReLU, pooling, BN, the loss, Adam) is not counted: it is cheap in FLOPs but
+   not in time, which is part of what the gap to the GEMM rate shows.
+2. For every distinct convolution of that network: the forward + backward FLOP rate of
+   F.conv2d / F.conv_transpose2d, next to the rate of plain CuPy float32 matmuls of the
+   same GEMM shapes (what im2col + GEMM would reach if im2col and col2im were free).
+3. The GPU's float32 matmul rate on a large square product, measured in the same run, as the
+   ceiling for everything above.
+4. Peak GPU memory of one training step: the CuPy memory pool's high-water mark of bytes in
+   use (tracked with a memory hook) and the bytes the pool holds from the driver.
+
+Timing uses CUDA events recorded on the stream (kernels run asynchronously; a host clock
+would measure launches, not work), after warm-up steps that also compile every kernel.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import minidl  # noqa: E402
+from minidl import backend, optim  # noqa: E402
+from minidl import functional as F  # noqa: E402
+from minidl.ops import conv as conv_ops  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- timing helpers
+class Clock:
+    """Times work on one device: CUDA events on the GPU, the host clock on the CPU.
+
+    On the GPU kernels run asynchronously, so a host clock would measure launches, not work;
+    events recorded on the stream before and after, then synchronised, measure the work.
+    (--device cpu exists only to smoke-test this script on a machine without a GPU.)
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.xp = backend.array_module(device)
+        self.cp = self.xp if device == "gpu" else None
+
+    def sync(self):
+        if self.cp is not None:
+            self.cp.cuda.Stream.null.synchronize()
+
+    def time(self, fn, warmup=1, iters=3):
+        """Median seconds of fn() and the list of all timings."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            if self.cp is None:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+                continue
+            start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(self.cp.cuda.get_elapsed_time(start, end) / 1e3)
+        return statistics.median(times), times
+
+    def randn(self, *shape):
+        return self.xp.asarray(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+
+
+def matmul_rate(clock, n):
+    """float32 TFLOP/s of an n x n x n matmul (on the GPU CuPy's default math mode: no TF32)."""
+    a, b = clock.randn(n, n), clock.randn(n, n)
+    t, _ = clock.time(lambda: a @ b, warmup=2, iters=5)
+    return 2 * n ** 3 / t / 1e12
+
+
+# ---------------------------------------------------------------------------- FLOP counting
+class ConvRecorder:
+    """Wraps the Conv2d / ConvTranspose2d Functions to record each call's shapes and geometry."""
+
+    def __init__(self):
+        self.layers = []
+
+    def __enter__(self):
+        self._saved = conv_ops.Conv2d.forward, conv_ops.ConvTranspose2d.forward
+        recorder = self
+
+        def record(kind, original):
+            def forward(fn, x, weight, bias=None):
+                recorder.layers.append(dict(kind=kind, x=tuple(x.shape), w=tuple(weight.shape),
+                                            geom=fn.geom, bias=bias is not None,
+                                            out=getattr(fn, "out_shape", None)))
+                return original(fn, x, weight, bias)
+            return forward
+        conv_ops.Conv2d.forward = record("conv", self._saved[0])
+        conv_ops.ConvTranspose2d.forward = record("convT", self._saved[1])
+        return self
+
+    def __exit__(self, *exc):
+        conv_ops.Conv2d.forward, conv_ops.ConvTranspose2d.forward = self._saved
+
+
+def conv_macs(layer):
+    """Multiply-adds of one forward convolution (a transposed conv: of its adjoint conv)."""
+    g = layer["geom"]
+    if layer["kind"] == "conv":
+        n, c_in = layer["x"][:2]
+        c_out, c_in_g, kh, kw = layer["w"]
+        return n * c_out * g.ho * g.wo * c_in_g * kh * kw
+    # conv_transpose2d with weight (C_in, C_out/G, kh, kw) on x (N, C_in, h, w): every input
+    # pixel scatters a (C_out/G, kh, kw) patch, so MACs = N * h * w * C_in * C_out/G * kh * kw.
+    n, c_in, h, w = layer["x"]
+    _, c_out_g, kh, kw = layer["w"]
+    return n * h * w * c_in * c_out_g * kh * kw
+
+
+def gemm_shapes(layer):
+    """(groups, M, K, L) of the GEMMs of im2col + GEMM for this layer's (adjoint) convolution:
+    forward (M x K) @ (K x L), input gradient (K x M) @ (M x L), weight gradient (M x L) @ (L x K),
+    each once per group."""
+    g = layer["geom"]
+    n = layer["x"][0]
+    if layer["kind"] == "conv":
+        c_in, c_out = layer["x"][1], layer["w"][0]
+    else:   # conv_transpose2d is the adjoint of a conv from its output (C_out) to its input (C_in)
+        c_in, c_out = layer["w"][1] * g.groups, layer["x"][1]
+    k = c_in // g.groups * g.kh * g.kw
+    return g.groups, c_out // g.groups, k, n * g.ho * g.wo
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def training_step_benchmark(clock, args):
+    import seg.models
+    dev = clock.device
+    minidl.manual_seed(0)
+    model = seg.models.build("unet", 2, 1, depth=args.depth, features_root=args.features,
+                             padding="same")
+    model.to(dev).train()
+    opt = optim.Adam(model.parameters(), lr=1e-4)
+    x = minidl.randn(args.batch, 1, args.size, args.size, device=dev)
+    target = minidl.randint(0, 2, (args.batch, args.size, args.size), device=dev)
+
+    def step():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        return loss
+
+    with ConvRecorder() as rec:          # one forward to see every convolution's shapes
+        with minidl.no_grad():
+            model(x)
+    layers = rec.layers
+    train_flops = 3 * sum(2 * conv_macs(layer) for layer in layers)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    clock.sync()
+    warmup_s = time.perf_counter() - t0
+
+    peak_used = pool_total = None
+    if clock.cp is not None:
+        # Peak memory of one step: the high-water mark of bytes in use in CuPy's pool,
+        # sampled after every allocation by a memory hook.
+        cp = clock.cp
+        pool = cp.get_default_memory_pool()
+
+        class PeakHook(cp.cuda.MemoryHook):
+            name = "minidl_peak"
+
+            def __init__(self):
+                self.peak = pool.used_bytes()
+
+            def malloc_postprocess(self, **kwargs):
+                self.peak = max(self.peak, pool.used_bytes())
+
+        hook = PeakHook()
+        with hook:
+            step()
+        clock.sync()
+        peak_used, pool_total = hook.peak, pool.total_bytes()
+
+    median, times = clock.time(step, warmup=0, iters=args.iters)
+    loss = float(step().item())
+    return dict(
+        model=f"unet depth={args.depth} features_root={args.features} padding=same",
+        device=dev, batch=args.batch, size=args.size, conv_layers=len(layers),
+        train_step_s=median, train_step_all_s=times, warmup_s=warmup_s,
+        images_per_s=args.batch / median,
+        conv_gflop_per_step=train_flops / 1e9,
+        achieved_tflops=train_flops / median / 1e12,
+        peak_used_bytes=peak_used, pool_total_bytes=pool_total, final_loss=loss,
+    ), layers
+
+
+def per_layer_benchmark(clock, layers, iters):
+    """Forward + backward of each distinct convolution, and the same GEMMs as plain matmuls."""
+    dev, xp = clock.device, clock.xp
+    seen, rows = set(), []
+    for layer in layers:
+        g = layer["geom"]
+        key = (layer["kind"], layer["x"], layer["w"], g.args(), g.ho, g.wo, g.groups)
+        if key in seen:
+            continue
+        seen.add(key)
+        x = minidl.tensor(clock.randn(*layer["x"]), requires_grad=True)
+        w = minidl.tensor(clock.randn(*layer["w"]), requires_grad=True)
+        if layer["kind"] == "conv":
+            op, params = conv_ops.Conv2d, dict(geom=g)
+            out_shape = (layer["x"][0], layer["w"][0], g.ho, g.wo)
+        else:
+            op, params = conv_ops.ConvTranspose2d, dict(geom=g, out_shape=layer["out"])
+            out_shape = layer["out"]
+        gy = xp.ones(out_shape, dtype=np.float32)
+
+        def run():
+            x.grad = w.grad = None
+            op.apply(x, w, **params).backward(gy)
+        t_conv, _ = clock.time(run, warmup=1, iters=iters)
+        flops = 3 * 2 * conv_macs(layer)
+
+        groups, m, k, length = gemm_shapes(layer)
+        a, cols, gout = clock.randn(groups, m, k), clock.randn(groups, k, length), clock.randn(groups, m, length)
+
+        def gemms():
+            a @ cols                                  # forward
+            a.transpose(0, 2, 1) @ gout               # input gradient (before col2im)
+            gout @ cols.transpose(0, 2, 1)            # weight gradient
+        t_gemm, _ = clock.time(gemms, warmup=1, iters=iters)
+        rows.append(dict(kind=layer["kind"], x=layer["x"], w=layer["w"], stride=(g.sh, g.sw),
+                         conv_ms=t_conv * 1e3, conv_tflops=flops / t_conv / 1e12,
+                         gemm_ms=t_gemm * 1e3, gemm_tflops=flops / t_gemm / 1e12))
+        del x, w, gy, a, cols, gout
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--layer-iters", type=int, default=3)
+    parser.add_argument("--matmul-size", type=int, default=8192)
+    parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer table")
+    parser.add_argument("--device", default="gpu", choices=["gpu", "cpu"],
+                        help="cpu only to smoke-test the script on a machine without a GPU")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    clock = Clock(args.device)
+    if clock.cp is not None:
+        cp = clock.cp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        print(f"GPU: {name}, CuPy {cp.__version__}, CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}")
+    else:
+        name = "cpu"
+    peak = matmul_rate(clock, args.matmul_size)
+    print(f"float32 matmul {args.matmul_size}^3 on {args.device}: {peak:.3f} TFLOP/s")
+
+    result, layers = training_step_benchmark(clock, args)
+    result["gpu"] = name
+    result["matmul_fp32_tflops"] = peak
+    print(f"\n{result['model']}, batch {args.batch} x {args.size}x{args.size}, Adam, on {args.device}:")
+    print(f"  training step      {result['train_step_s'] * 1e3:8.1f} ms   "
+          f"({result['images_per_s']:.1f} images/s; warm-up incl. compiling {result['warmup_s']:.1f} s)")
+    print(f"  conv FLOPs/step    {result['conv_gflop_per_step']:8.1f} GFLOP  ->  "
+          f"{result['achieved_tflops']:.3f} TFLOP/s = {100 * result['achieved_tflops'] / peak:.0f}% "
+          "of the matmul rate")
+    if result["peak_used_bytes"] is not None:
+        print(f"  peak GPU memory    {result['peak_used_bytes'] / 2**30:8.2f} GiB in use "
+              f"(pool holds {result['pool_total_bytes'] / 2**30:.2f} GiB)")
+
+    if not args.skip_layers:
+        rows = per_layer_benchmark(clock, layers, args.layer_iters)
+        result["layers"] = rows
+        print("\n  per distinct conv, forward + backward:            minidl             same GEMMs")
+        for r in rows:
+            print(f"  {r['kind']:5s} x{str(r['x']):22s} w{str(r['w']):20s} "
+                  f"{r['conv_ms']:8.2f} ms {r['conv_tflops']:6.2f} TF/s  "
+                  f"{r['gemm_ms']:8.2f} ms {r['gemm_tflops']:6.2f} TF/s  "
+                  f"({100 * r['conv_tflops'] / max(r['gemm_tflops'], 1e-12):.0f}%)")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(tmp, args.json)
+    print("\nRESULT " + json.dumps({k: v for k, v in result.items() if k != "layers"}, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU check: run once on a machine with an NVIDIA GPU and CuPy, from the repository root.
+#
+#     OUT=/some/folder bash scripts/gpu_check.sh        # OUT defaults to ./gpu_check_out
+#
+# Needs python3 with numpy, cupy (cupy-cuda12x or -cuda13x), numba, scipy, pytest, hypothesis,
+# tifffile, tqdm, matplotlib; no network; the package need not be installed (PYTHONPATH=repo).
+# Every step writes its full log to $OUT/<step>.log and gets its own time limit, so one hang
+# cannot eat the whole lease; a step that fails does not stop the later ones. The whole run
+# stays within GPU_CHECK_BUDGET seconds (default 420 = 7 minutes): each step's limit is cut to
+# the time that is left. The last lines printed (and $OUT/summary.txt) say ok / FAILED /
+# TIMEOUT and the seconds of every step.
+#
+# Order: cheapest and most informative first. (1) versions; (2) the GPU test files, stopping
+# at the first failure; (3) the GPU benchmark, whose figures the performance work needs;
+# (4) two epochs of examples/train_unet.py on the GPU; (5) the whole test suite, whose
+# GPU-relevant part already ran in (2), with the time that is left.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export HYPOTHESIS_EXAMPLES=${HYPOTHESIS_EXAMPLES:-25}
+BUDGET=${GPU_CHECK_BUDGET:-420}
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+# run_step NAME MAX_SECONDS COMMAND...: log to $OUT/NAME.log, time-limit, record the outcome.
+run_step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    local limit=$(( cap < left ? cap : left ))
+    if (( limit < 10 )); then
+        printf '%-14s SKIPPED (no time left in the %ss budget)\n' "$name" "$BUDGET" | tee -a "$SUMMARY"
+        return
+    fi
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$(date +%s) rc
+    # SIGINT first so pytest prints what it has (its summary of failures); KILL 15 s later.
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    local secs=$(( $(date +%s) - t0 ))
+    tail -n 25 "$OUT/$name.log"
+    local status="ok"
+    if (( rc == 124 || rc == 137 )); then status="TIMEOUT"; elif (( rc != 0 )); then status="FAILED(rc=$rc)"; fi
+    printf '%-14s %-14s %4ss  log: %s\n' "$name" "$status" "$secs" "$OUT/$name.log" | tee -a "$SUMMARY"
+}
+
+# ---- 1. versions
+run_step versions 60 python3 - <<'EOF'
+import platform, sys
+print("python", sys.version.split()[0], platform.platform())
+import numpy; print("numpy", numpy.__version__)
+try:
+    import numba; print("numba", numba.__version__)
+except Exception as e: print("numba: not importable:", e)
+import cupy
+rt = cupy.cuda.runtime
+print("cupy", cupy.__version__)
+print("CUDA runtime", rt.runtimeGetVersion(), "driver", rt.driverGetVersion())
+for i in range(rt.getDeviceCount()):
+    p = rt.getDeviceProperties(i)
+    name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
+    print(f"GPU {i}: {name}, compute capability {p['major']}.{p['minor']}, "
+          f"{p['totalGlobalMem'] / 2**30:.1f} GiB, {p['multiProcessorCount']} SMs")
+from cupy_backends.cuda.libs import nvrtc
+print("NVRTC", nvrtc.getVersion())
+from minidl import backend
+print("minidl sees a GPU:", backend.gpu_available())
+x = cupy.arange(10, dtype=cupy.float32); assert float((x * 2).sum()) == 90.0
+print("cupy smoke test ok")
+EOF
+
+# ---- 2. GPU tests first, stopping at the first failure
+run_step gpu_tests 170 python3 -m pytest -q -x -p no:cacheprovider -rs \
+    tests/test_gpu.py tests/test_kernels.py tests/test_gpu_source.py tests/test_devices.py
+
+# ---- 3. benchmark: ours always; examples/benchmark.py too if it has a GPU mode
+run_step benchmark_gpu 150 python3 examples/benchmark_gpu.py --json "$OUT/benchmark_gpu.json"
+if [[ -f examples/benchmark.py ]] && grep -q -- "--device" examples/benchmark.py; then
+    run_step benchmark 120 python3 examples/benchmark.py --device gpu
+else
+    printf '%-14s SKIPPED (examples/benchmark.py has no --device option)\n' benchmark | tee -a "$SUMMARY"
+fi
+
+# ---- 4. a short training run on the GPU
+if [[ -f examples/train_unet.py ]]; then
+    run_step train_unet 100 python3 examples/train_unet.py --device gpu --epochs 2
+else
+    printf '%-14s SKIPPED (no examples/train_unet.py)\n' train_unet | tee -a "$SUMMARY"
+fi
+
+# ---- 5. everything else with the time left
+run_step full_suite 300 python3 -m pytest -q -p no:cacheprovider -rfE
+
+echo
+echo "=== summary ($(( $(date +%s) - START ))s of ${BUDGET}s; logs in $OUT)"
+cat "$SUMMARY"
