@@ -88,11 +88,15 @@ def kl_curve(out):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/autoencoders", help="folder for the PNGs")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per model (default 150 for the two conv models, "
+                             "500 for the two fully connected ones)")
     parser.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    steps = 20 if args.quick else args.steps
+    conv_steps, fc_steps = (150, 500) if args.steps is None else (args.steps, args.steps)
+    if args.quick:
+        conv_steps, fc_steps = 10, 20
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     minidl.manual_seed(args.seed)
@@ -108,14 +112,14 @@ def main(argv=None):
     t = time.perf_counter()
     print(f"\n1. convolutional autoencoder: {size}x{size} -> 32 x {size // 4}x{size // 4} code -> {size}x{size}")
     conv = ae.ConvAutoencoder(in_channels=1, features=(16, 32))
-    ae.train_autoencoder(conv, train, steps=steps, batch_size=32, lr=3e-3, log_every=max(1, steps // 4))
+    ae.train_autoencoder(conv, train, steps=conv_steps, batch_size=32, lr=3e-3, log_every=max(1, conv_steps // 4))
     image_rows([show, predict(conv, show)], ["input", "output"], out / "conv_autoencoder.png", size)
     times["convolutional"] = time.perf_counter() - t
 
     t = time.perf_counter()
     print("\n2. denoising autoencoder: input + N(0, 0.3^2) noise, target the clean image")
     den = ae.DenoisingAutoencoder(in_channels=1, features=(16, 32), noise_std=0.3)
-    ae.train_autoencoder(den, train, steps=steps, batch_size=32, lr=3e-3, log_every=max(1, steps // 4))
+    ae.train_autoencoder(den, train, steps=conv_steps, batch_size=32, lr=3e-3, log_every=max(1, conv_steps // 4))
     noisy = den.corrupt(show).numpy()
     image_rows([show, noisy, predict(den, noisy)], ["clean", "noisy", "denoised"],
                out / "denoising_autoencoder.png", size)
@@ -124,7 +128,7 @@ def main(argv=None):
     t = time.perf_counter()
     print("\n3. sparse autoencoder: 576 -> 100 sigmoid units -> 576, rho = 0.05, beta = 3, lambda = 1e-4")
     sparse = ae.SparseAutoencoder(size * size, n_hidden=100, rho=0.05, beta=3.0, lam=1e-4)
-    ae.train_autoencoder(sparse, train, steps=steps, batch_size=64, lr=1e-2, log_every=max(1, steps // 4))
+    ae.train_autoencoder(sparse, train, steps=fc_steps, batch_size=64, lr=1e-2, log_every=max(1, fc_steps // 4))
     _, parts = sparse.loss(minidl.tensor(test))
     print(f"  mean activation rho_hat on test images: {parts['rho_hat'].mean():.3f} (target 0.05)")
     image_rows([show, predict(sparse, show)], ["input", "output"], out / "sparse_autoencoder.png", size)
@@ -137,7 +141,7 @@ def main(argv=None):
     t = time.perf_counter()
     print("\n4. variational autoencoder: 576 -> 256 -> (mu, log sigma^2) in 8-D -> 256 -> 576")
     vae = ae.VAE(size * size, n_hidden=256, n_latent=8)
-    ae.train_autoencoder(vae, train, steps=steps, batch_size=64, lr=2e-3, log_every=max(1, steps // 4))
+    ae.train_autoencoder(vae, train, steps=fc_steps, batch_size=64, lr=2e-3, log_every=max(1, fc_steps // 4))
     image_rows([show, vae.reconstruct(show)], ["input", "output (z = mu)"], out / "vae_reconstructions.png", size)
     samples = vae.sample(20)
     image_rows([samples[:10], samples[10:]], ["samples", "z ~ N(0, I)"], out / "vae_samples.png", size)

@@ -10,13 +10,37 @@ Read reference.py first for *what* each kernel computes; this file is about doin
 * im2col writes straight into the layout the GEMM wants, (N, C*kh*kw, ho*wo), so
   `weight2d @ cols[n]` produces NCHW output with no transpose or copy.
 * 2x2 / stride-2 max pooling (every pooling layer of U-Net, SegNet, VGG) has its own loop.
+* Small jobs run on one thread (see _threads_for): waking the thread team costs more than
+  a few thousand elements of work, and much more on a machine shared with other jobs.
+  The public functions at the end are thin wrappers that make that choice.
 
 Everything is `@njit(cache=True)`: compiled once per dtype, then loaded from kernels/__pycache__.
 With NUMBA_DISABLE_JIT=1 the same code runs as plain Python (prange becomes range), which is
 slow but lets you step through it in a debugger.
 """
+import contextlib
+
+import numba
 import numpy as np
 from numba import njit, prange
+
+# Below this many output elements a kernel runs on one thread: starting the thread team
+# costs tens of microseconds (milliseconds on a busy machine), more than the work itself.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+
+@contextlib.contextmanager
+def _threads_for(n_elements):
+    """Run the enclosed kernel call on one thread when the job is small."""
+    if n_elements >= PARALLEL_MIN_ELEMENTS or numba.config.DISABLE_JIT:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 @njit(cache=True)
@@ -31,7 +55,7 @@ def _valid_range(off, stride, size, n_out):
 
 # ---------------------------------------------------------------------- im2col / col2im
 @njit(cache=True, parallel=True)
-def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+def _im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """x (N, C, H, W) -> cols (N, C*kh*kw, ho*wo); see reference.im2col."""
     n, c, h, w = x.shape
     k = c * kh * kw
@@ -67,7 +91,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
 
 
 @njit(cache=True, parallel=True)
-def col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+def _col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """cols (N, C*kh*kw, ho*wo) -> x (N, C, h, w), summing overlaps; see reference.col2im.
 
     One thread owns one (sample, channel) plane and visits all kh*kw rows that write into
@@ -163,14 +187,15 @@ def _maxpool_general(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
 def maxpool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """x (N, C, H, W) -> (y, idx int64), both (N, C, ho, wo); see reference.maxpool2d_forward."""
     h, w = x.shape[2], x.shape[3]
-    if (kh == kw == 2 and sh == sw == 2 and ph == pw == 0 and dh == dw == 1
-            and 2 * ho <= h and 2 * wo <= w):
-        return _maxpool2x2(x, ho, wo)
-    return _maxpool_general(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    with _threads_for(x.size):
+        if (kh == kw == 2 and sh == sw == 2 and ph == pw == 0 and dh == dw == 1
+                and 2 * ho <= h and 2 * wo <= w):
+            return _maxpool2x2(x, ho, wo)
+        return _maxpool_general(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
 
 
 @njit(cache=True, parallel=True)
-def maxpool2d_backward(gy, idx, h, w):
+def _maxpool2d_backward(gy, idx, h, w):
     """gy, idx (N, C, ho, wo) -> gx (N, C, h, w); one thread per plane, so repeats add safely."""
     n, c, ho, wo = gy.shape
     gx = np.zeros((n, c, h * w), dtype=gy.dtype)
@@ -187,7 +212,7 @@ def maxpool2d_backward(gy, idx, h, w):
 
 
 @njit(cache=True, parallel=True)
-def maxunpool2d_forward(x, idx, ho, wo):
+def _maxunpool2d_forward(x, idx, ho, wo):
     """x, idx (N, C, h, w) -> y (N, C, ho, wo): a scatter per plane, zeros elsewhere.
 
     Unpooling is already a single pass over the input, so the 2x2 case needs no special loop.
@@ -207,7 +232,7 @@ def maxunpool2d_forward(x, idx, ho, wo):
 
 
 @njit(cache=True, parallel=True)
-def maxunpool2d_backward(gy, idx):
+def _maxunpool2d_backward(gy, idx):
     """gy (N, C, ho, wo), idx (N, C, h, w) -> gx (N, C, h, w): a gather per plane."""
     n, c, ho, wo = gy.shape
     h, w = idx.shape[2], idx.shape[3]
@@ -250,7 +275,7 @@ def _bilinear_weights(n_in, n_out, align_corners):
 
 
 @njit(cache=True, parallel=True)
-def bilinear_forward(x, ho, wo, align_corners):
+def _bilinear_forward(x, ho, wo, align_corners):
     """x (N, C, h, w) -> y (N, C, ho, wo)."""
     n, c, h, w = x.shape
     y0, y1, a0, a1 = _bilinear_weights(h, ho, align_corners)
@@ -271,7 +296,7 @@ def bilinear_forward(x, ho, wo, align_corners):
 
 
 @njit(cache=True, parallel=True)
-def bilinear_backward(gy, h, w, align_corners):
+def _bilinear_backward(gy, h, w, align_corners):
     """gy (N, C, ho, wo) -> gx (N, C, h, w), the adjoint of bilinear_forward."""
     n, c, ho, wo = gy.shape
     y0, y1, a0, a1 = _bilinear_weights(h, ho, align_corners)
@@ -291,3 +316,47 @@ def bilinear_backward(gy, h, w, align_corners):
                 dst[r1, x0[ox]] += a1[oy] * b0[ox] * g
                 dst[r1, x1[ox]] += a1[oy] * b1[ox] * g
     return gx
+
+
+# ---------------------------------------------------------------------- the public entry points
+# Thin wrappers with reference.py's signatures: they pick the thread count for the job size.
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> cols (N, C*kh*kw, ho*wo); see reference.im2col."""
+    with _threads_for(x.shape[0] * x.shape[1] * kh * kw * ho * wo):
+        return _im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+
+
+def col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """cols (N, C*kh*kw, ho*wo) -> x (N, C, h, w), summing overlaps; see reference.col2im."""
+    with _threads_for(cols.size):
+        return _col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+
+
+def maxpool2d_backward(gy, idx, h, w):
+    """gy, idx (N, C, ho, wo) -> gx (N, C, h, w); see reference.maxpool2d_backward."""
+    with _threads_for(gy.shape[0] * gy.shape[1] * h * w):
+        return _maxpool2d_backward(gy, idx, h, w)
+
+
+def maxunpool2d_forward(x, idx, ho, wo):
+    """x, idx (N, C, h, w) -> y (N, C, ho, wo); see reference.maxunpool2d_forward."""
+    with _threads_for(x.shape[0] * x.shape[1] * ho * wo):
+        return _maxunpool2d_forward(x, idx, ho, wo)
+
+
+def maxunpool2d_backward(gy, idx):
+    """gy (N, C, ho, wo), idx (N, C, h, w) -> gx (N, C, h, w); see reference."""
+    with _threads_for(idx.size):
+        return _maxunpool2d_backward(gy, idx)
+
+
+def bilinear_forward(x, ho, wo, align_corners):
+    """x (N, C, h, w) -> y (N, C, ho, wo); see reference.bilinear_forward."""
+    with _threads_for(x.shape[0] * x.shape[1] * ho * wo):
+        return _bilinear_forward(x, ho, wo, bool(align_corners))
+
+
+def bilinear_backward(gy, h, w, align_corners):
+    """gy (N, C, ho, wo) -> gx (N, C, h, w); see reference.bilinear_backward."""
+    with _threads_for(gy.size):
+        return _bilinear_backward(gy, h, w, bool(align_corners))

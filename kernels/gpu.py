@@ -12,18 +12,21 @@ Read reference.py first for *what* each kernel computes; this file is about doin
   Where the reverse map is not known in closed form (max-pool indices, unpooling), a first
   kernel builds it with *integer* atomics, whose result does not depend on thread order
   once it is read back in sorted order.
-* Indices are `long long`: im2col's column matrix passes 2^31 elements easily
-  (8 x 64*9 x 256*256 is 302 million; one more factor of 8 and int32 would overflow).
-* float32 and float64 each get their own compiled copy of the source: the source starts
-  with `typedef float T;` or `typedef double T;`. Compiled once per dtype (CuPy also keeps
-  the binary in ~/.cupy/kernel_cache, so later runs skip NVRTC).
+* Index arithmetic uses the type `I`: `long long` when an array of the launch has 2^31
+  elements or more (im2col's column matrix gets there easily: 8 x 64*9 x 256*256 is 302
+  million, one more factor of 8 passes 2^31), `int` otherwise, because 64-bit integer
+  division is emulated on GPUs and several times slower than 32-bit.
+* float32 and float64 (and each index type) get their own compiled copy of the source: it
+  starts with `typedef float T;` or `typedef double T;` and `typedef int I;` or
+  `typedef long long I;`. Compiled once each (CuPy also keeps the binaries in
+  ~/.cupy/kernel_cache, so later runs skip NVRTC).
 
 CuPy is imported lazily (through minidl.backend.require_cupy), so `import kernels.gpu`
 works on a machine without CuPy; calling a kernel there raises the clear "install CuPy" error.
 
 Glue seams used by tests/test_gpu_source.py, which compiles this same CUDA source as plain
 C++ on the host and runs it through the Python wrappers below with NumPy arrays:
-`_xp()` (the array module) and `_launch(name, dtype, total, args)` (run one kernel).
+`_xp()` (the array module) and `_run_kernel(name, dtype, itype, total, args)` (run one kernel).
 """
 import functools
 
@@ -35,28 +38,31 @@ from minidl import backend
 # The whole bundle is one source string, compiled into one RawModule per dtype. `T` is the
 # floating type (float or double). Loops are grid-stride loops over `total` elements.
 
-_GRID_STRIDE = "for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total; " \
-               "t += (long long)blockDim.x * gridDim.x)"
+# The loop index and all index arithmetic use the type I: int when every array of the launch
+# has fewer than _INT32_LIMIT elements (32-bit division is several times cheaper on a GPU),
+# long long otherwise.
+_GRID_STRIDE = ("for (I t = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; t < total; "
+                "t += (I)blockDim.x * (I)gridDim.x)")
 
 IM2COL_SRC = r"""
 // cols (N, C*kh*kw, ho*wo) from x (N, C, H, W): one thread per element of cols.
 // Row (c, i, j) of cols is channel c seen through kernel tap (i, j); padding reads 0.
 extern "C" __global__ void im2col_kernel(
-        const T* x, T* cols, const long long total,
-        const long long C, const long long H, const long long W,
-        const long long kh, const long long kw, const long long sh, const long long sw,
-        const long long ph, const long long pw, const long long dh, const long long dw,
-        const long long ho, const long long wo) {
+        const T* x, T* cols, const I total,
+        const I C, const I H, const I W,
+        const I kh, const I kw, const I sh, const I sw,
+        const I ph, const I pw, const I dh, const I dw,
+        const I ho, const I wo) {
     GRID_STRIDE {
-        long long r = t;
-        const long long ox = r % wo; r /= wo;
-        const long long oy = r % ho; r /= ho;
-        const long long j = r % kw;  r /= kw;
-        const long long i = r % kh;  r /= kh;
-        const long long c = r % C;
-        const long long n = r / C;
-        const long long iy = oy * sh - ph + i * dh;
-        const long long ix = ox * sw - pw + j * dw;
+        I r = t;
+        const I ox = r % wo; r /= wo;
+        const I oy = r % ho; r /= ho;
+        const I j = r % kw;  r /= kw;
+        const I i = r % kh;  r /= kh;
+        const I c = r % C;
+        const I n = r / C;
+        const I iy = oy * sh - ph + i * dh;
+        const I ix = ox * sw - pw + j * dw;
         T v = (T)0;
         if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
             v = x[((n * C + c) * H + iy) * W + ix];
@@ -71,28 +77,28 @@ COL2IM_SRC = r"""
 // A gather: one thread per pixel visits the kh*kw taps; tap (i, j) was read by output
 // position (oy, ox) only if iy + ph - i*dh is a non-negative multiple of sh (same for x).
 extern "C" __global__ void col2im_kernel(
-        const T* cols, T* x, const long long total,
-        const long long C, const long long H, const long long W,
-        const long long kh, const long long kw, const long long sh, const long long sw,
-        const long long ph, const long long pw, const long long dh, const long long dw,
-        const long long ho, const long long wo) {
+        const T* cols, T* x, const I total,
+        const I C, const I H, const I W,
+        const I kh, const I kw, const I sh, const I sw,
+        const I ph, const I pw, const I dh, const I dw,
+        const I ho, const I wo) {
     GRID_STRIDE {
-        long long r = t;
-        const long long ix = r % W; r /= W;
-        const long long iy = r % H; r /= H;
-        const long long c = r % C;
-        const long long n = r / C;
-        const long long L = ho * wo;
+        I r = t;
+        const I ix = r % W; r /= W;
+        const I iy = r % H; r /= H;
+        const I c = r % C;
+        const I n = r / C;
+        const I L = ho * wo;
         T s = (T)0;
-        for (long long i = 0; i < kh; ++i) {
-            const long long ty = iy + ph - i * dh;      // = oy * sh
+        for (I i = 0; i < kh; ++i) {
+            const I ty = iy + ph - i * dh;      // = oy * sh
             if (ty < 0 || ty % sh != 0) continue;
-            const long long oy = ty / sh;
+            const I oy = ty / sh;
             if (oy >= ho) continue;
-            for (long long j = 0; j < kw; ++j) {
-                const long long tx = ix + pw - j * dw;  // = ox * sw
+            for (I j = 0; j < kw; ++j) {
+                const I tx = ix + pw - j * dw;  // = ox * sw
                 if (tx < 0 || tx % sw != 0) continue;
-                const long long ox = tx / sw;
+                const I ox = tx / sw;
                 if (ox >= wo) continue;
                 s += cols[(((n * C + c) * kh + i) * kw + j) * L + oy * wo + ox];
             }
@@ -107,24 +113,24 @@ MAXPOOL_SRC = r"""
 // strictly larger value (or a NaN) replaces the best, so the first maximum wins ties.
 // Padding is never a candidate; a window with no pixel inside gives (lowest, -1).
 extern "C" __global__ void maxpool_forward_kernel(
-        const T* x, T* y, long long* idx, const long long total,
-        const long long H, const long long W,
-        const long long kh, const long long kw, const long long sh, const long long sw,
-        const long long ph, const long long pw, const long long dh, const long long dw,
-        const long long ho, const long long wo, const T lowest) {
+        const T* x, T* y, long long* idx, const I total,
+        const I H, const I W,
+        const I kh, const I kw, const I sh, const I sw,
+        const I ph, const I pw, const I dh, const I dw,
+        const I ho, const I wo, const T lowest) {
     GRID_STRIDE {
-        long long r = t;
-        const long long ox = r % wo; r /= wo;
-        const long long oy = r % ho;
-        const long long plane = r / ho;               // n * C + c
+        I r = t;
+        const I ox = r % wo; r /= wo;
+        const I oy = r % ho;
+        const I plane = r / ho;               // n * C + c
         const T* src = x + plane * H * W;
         T best = lowest;
-        long long where = -1;
-        for (long long i = 0; i < kh; ++i) {
-            const long long iy = oy * sh - ph + i * dh;
+        I where = -1;
+        for (I i = 0; i < kh; ++i) {
+            const I iy = oy * sh - ph + i * dh;
             if (iy < 0 || iy >= H) continue;
-            for (long long j = 0; j < kw; ++j) {
-                const long long ix = ox * sw - pw + j * dw;
+            for (I j = 0; j < kw; ++j) {
+                const I ix = ox * sw - pw + j * dw;
                 if (ix < 0 || ix >= W) continue;
                 const T v = src[iy * W + ix];
                 if (where < 0 || v > best || v != v) {  // v != v: NaN wins, as in PyTorch
@@ -143,10 +149,10 @@ extern "C" __global__ void maxpool_forward_kernel(
 // Only integer atomics; the list order varies from run to run, step 2 does not depend on it.
 // Indices inside a plane are int (the wrapper checks that a plane has < 2^31 elements).
 extern "C" __global__ void maxpool_link_kernel(
-        const long long* idx, int* head, int* next, const long long total,
-        const long long plane_in, const long long plane_out) {
+        const long long* idx, int* head, int* next, const I total,
+        const I plane_in, const I plane_out) {
     GRID_STRIDE {
-        const long long plane = t / plane_out;
+        const I plane = t / plane_out;
         const int local = (int)(t - plane * plane_out);
         const long long p = idx[t];
         if (p < 0 || p >= plane_in) { next[t] = -1; continue; }   // no valid pixel: skip
@@ -159,10 +165,10 @@ extern "C" __global__ void maxpool_link_kernel(
 // deterministic. A list is short (at most kh*kw entries), so picking the next-smallest
 // by rescanning it is cheap.
 extern "C" __global__ void maxpool_gather_kernel(
-        const T* gy, const int* head, const int* next, T* gx, const long long total,
-        const long long plane_in, const long long plane_out) {
+        const T* gy, const int* head, const int* next, T* gx, const I total,
+        const I plane_in, const I plane_out) {
     GRID_STRIDE {
-        const long long base = (t / plane_in) * plane_out;   // this plane's first output
+        const I base = (t / plane_in) * plane_out;   // this plane's first output
         T s = (T)0;
         int last = -1;
         while (true) {
@@ -183,10 +189,10 @@ MAXUNPOOL_SRC = r"""
 // Unpooling forward, step 1 of 2: for every output pixel, the last input (in plane order)
 // that points at it, as in NumPy's y[idx] = x where the last repeated index wins.
 extern "C" __global__ void maxunpool_claim_kernel(
-        const long long* idx, int* winner, const long long total,
-        const long long plane_in, const long long plane_out) {
+        const long long* idx, int* winner, const I total,
+        const I plane_in, const I plane_out) {
     GRID_STRIDE {
-        const long long plane = t / plane_in;
+        const I plane = t / plane_in;
         const long long p = idx[t];
         if (p < 0 || p >= plane_out) continue;          // out of range: dropped
         atomicMax(&winner[plane * plane_out + p], (int)(t - plane * plane_in));
@@ -195,8 +201,8 @@ extern "C" __global__ void maxunpool_claim_kernel(
 
 // Unpooling forward, step 2 of 2: one thread per output pixel copies its winner (or 0).
 extern "C" __global__ void maxunpool_fill_kernel(
-        const T* x, const int* winner, T* y, const long long total,
-        const long long plane_in, const long long plane_out) {
+        const T* x, const int* winner, T* y, const I total,
+        const I plane_in, const I plane_out) {
     GRID_STRIDE {
         const int w = winner[t];
         y[t] = w >= 0 ? x[(t / plane_out) * plane_in + w] : (T)0;
@@ -205,8 +211,8 @@ extern "C" __global__ void maxunpool_fill_kernel(
 
 // Unpooling backward: a plain gather, gx[n, c, k] = gy[n, c, idx[n, c, k]].
 extern "C" __global__ void maxunpool_backward_kernel(
-        const T* gy, const long long* idx, T* gx, const long long total,
-        const long long plane_in, const long long plane_out) {
+        const T* gy, const long long* idx, T* gx, const I total,
+        const I plane_in, const I plane_out) {
     GRID_STRIDE {
         const long long p = idx[t];
         gx[t] = (p >= 0 && p < plane_out) ? gy[(t / plane_in) * plane_out + p] : (T)0;
@@ -219,15 +225,15 @@ BILINEAR_SRC = r"""
 // source rows and their weights (PyTorch's source-coordinate rule), likewise per column.
 // y = a0 * (b0 * x[y0, x0] + b1 * x[y0, x1]) + a1 * (b0 * x[y1, x0] + b1 * x[y1, x1])
 extern "C" __global__ void bilinear_forward_kernel(
-        const T* x, T* y, const long long total,
-        const long long H, const long long W, const long long ho, const long long wo,
+        const T* x, T* y, const I total,
+        const I H, const I W, const I ho, const I wo,
         const long long* y0, const long long* y1, const T* a0, const T* a1,
         const long long* x0, const long long* x1, const T* b0, const T* b1) {
     GRID_STRIDE {
-        long long r = t;
-        const long long ox = r % wo; r /= wo;
-        const long long oy = r % ho;
-        const long long plane = r / ho;
+        I r = t;
+        const I ox = r % wo; r /= wo;
+        const I oy = r % ho;
+        const I plane = r / ho;
         const T* src = x + plane * H * W;
         const T top = b0[ox] * src[y0[oy] * W + x0[ox]] + b1[ox] * src[y0[oy] * W + x1[ox]];
         const T bottom = b0[ox] * src[y1[oy] * W + x0[ox]] + b1[ox] * src[y1[oy] * W + x1[ox]];
@@ -239,21 +245,21 @@ extern "C" __global__ void bilinear_forward_kernel(
 // read row iy are exactly those whose y0 is iy - 1 or iy (y1 = min(y0 + 1, H - 1)), a
 // contiguous range [ylo[iy], yhi[iy]) because y0 never decreases; likewise for columns.
 extern "C" __global__ void bilinear_backward_kernel(
-        const T* gy, T* gx, const long long total,
-        const long long H, const long long W, const long long ho, const long long wo,
+        const T* gy, T* gx, const I total,
+        const I H, const I W, const I ho, const I wo,
         const long long* y0, const long long* y1, const T* a0, const T* a1,
         const long long* x0, const long long* x1, const T* b0, const T* b1,
         const long long* ylo, const long long* yhi,
         const long long* xlo, const long long* xhi) {
     GRID_STRIDE {
-        long long r = t;
-        const long long ix = r % W; r /= W;
-        const long long iy = r % H;
-        const long long plane = r / H;
+        I r = t;
+        const I ix = r % W; r /= W;
+        const I iy = r % H;
+        const I plane = r / H;
         const T* g = gy + plane * ho * wo;
         T s = (T)0;
-        for (long long oy = ylo[iy]; oy < yhi[iy]; ++oy) {
-            for (long long ox = xlo[ix]; ox < xhi[ix]; ++ox) {
+        for (I oy = ylo[iy]; oy < yhi[iy]; ++oy) {
+            for (I ox = xlo[ix]; ox < xhi[ix]; ++ox) {
                 const T go = g[oy * wo + ox];
                 // The same four products as the forward; a tap counts when it lands on (iy, ix).
                 if (y0[oy] == iy && x0[ox] == ix) s += a0[oy] * b0[ox] * go;
@@ -275,18 +281,32 @@ KERNEL_NAMES = (
     "bilinear_forward_kernel", "bilinear_backward_kernel",
 )
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_ITYPES = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
 
 
-def cuda_source(dtype):
-    """The complete CUDA source for one floating dtype (float32 or float64)."""
+def cuda_source(dtype, itype=np.int64):
+    """The complete CUDA source for one floating dtype (float32 or float64) and one index
+    type (int32 or int64)."""
     body = "\n".join(SOURCES).replace("GRID_STRIDE", _GRID_STRIDE)
-    return f"typedef {_CTYPES[np.dtype(dtype)]} T;\n{body}"
+    return (f"typedef {_CTYPES[np.dtype(dtype)]} T;\n"
+            f"typedef {_ITYPES[np.dtype(itype)]} I;\n{body}")
 
 
 # ---------------------------------------------------------------------------- launching
 _BLOCK = 256          # threads per block
 _MAX_BLOCKS = 65535   # more work than this many blocks is covered by the grid-stride loop
-_modules = {}         # dtype -> cupy.RawModule (compiled on first use, per dtype)
+# 32-bit indexing when every array of a launch is smaller than this. The margin below 2^31
+# keeps `t + threads in the grid` (at most 65535 * 256 < 2^24) from overflowing an int.
+_INT32_LIMIT = 2 ** 31 - 2 ** 26
+_modules = {}         # (dtype, index dtype) -> cupy.RawModule, compiled on first use
+
+
+class _Index(int):
+    """A scalar kernel argument of the index type I (int or long long, chosen per launch)."""
+
+
+def _i(*values):
+    return tuple(_Index(v) for v in values)
 
 
 def _xp():
@@ -294,27 +314,32 @@ def _xp():
     return backend.require_cupy()
 
 
-def _module(dtype):
-    mod = _modules.get(dtype)
+def _module(dtype, itype):
+    key = (np.dtype(dtype), np.dtype(itype))
+    mod = _modules.get(key)
     if mod is None:
         cp = backend.require_cupy()
-        mod = cp.RawModule(code=cuda_source(dtype))
-        _modules[dtype] = mod
+        mod = cp.RawModule(code=cuda_source(dtype, itype))
+        _modules[key] = mod
     return mod
 
 
 def _launch(name, dtype, total, args):
-    """Run kernel `name` of dtype's module over `total` elements (nothing when total == 0)."""
+    """Run kernel `name` over `total` elements: pick the index type from the sizes of the
+    array arguments, turn the _Index scalars into it, and launch (nothing when total == 0)."""
     if total == 0:
         return
-    kernel = _module(dtype).get_function(name)
+    biggest = max([total] + [a.size for a in args if hasattr(a, "size") and hasattr(a, "shape")])
+    itype = np.dtype(np.int32 if biggest < _INT32_LIMIT else np.int64)
+    args = tuple(itype.type(a) if isinstance(a, _Index) else a for a in args)
+    _run_kernel(name, dtype, itype, total, args)
+
+
+def _run_kernel(name, dtype, itype, total, args):
+    """Launch one compiled kernel with a fixed-size grid (the loops are grid-stride)."""
+    kernel = _module(dtype, itype).get_function(name)
     blocks = min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
     kernel((blocks,), (_BLOCK,), args)
-
-
-def _i(*values):
-    """Kernel scalar arguments as int64 (they are `long long` in the source)."""
-    return tuple(np.int64(v) for v in values)
 
 
 def _float_input(a, what):

@@ -37,29 +37,24 @@ class Function:
         return cls(**params)(*inputs)
 
     def __call__(self, *inputs):
-        # This runs once per op, so it is written for speed: one pass over the inputs,
-        # and the device check only when there are several arrays to compare.
-        arrays = []
-        needs = []
-        for x in inputs:
-            if isinstance(x, Tensor):
-                arrays.append(x.data)
-                needs.append(x.requires_grad)
-            else:
-                arrays.append(x)
-                needs.append(False)
+        # This runs once per op, so it is written for speed: the device check only when
+        # there are several inputs, the graph bookkeeping only when a gradient is wanted.
+        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
         if len(arrays) > 1:
             _check_one_device(self, arrays)
-        requires_grad = True in needs and is_grad_enabled()
-        if requires_grad:
-            self.needs_input_grad = tuple(needs)
+        needs = None
+        if is_grad_enabled():
+            needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+            if True in needs:
+                self.needs_input_grad = needs
+            else:
+                needs = None
         out = Tensor._wrap(self.forward(*arrays))
-        if requires_grad:
+        if needs is not None:
             # Parents: the leaf tensor itself (its .grad is filled), the node that made a
             # non-leaf tensor, or None for inputs that need no gradient.
-            self.parents = tuple(
-                (x if x._node is None else x._node) if need else None
-                for x, need in zip(inputs, needs))
+            self.parents = tuple((x if x._node is None else x._node) if need else None
+                                 for x, need in zip(inputs, needs))
             out.requires_grad = True
             out._node = self
         return out

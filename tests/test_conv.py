@@ -186,7 +186,7 @@ def test_output_sizes_follow_torch_formulas(h, k, s, p, d, op):
         assert z.shape[2] == expected_t
 
 
-@pytest.mark.parametrize("k,d", [(3, 1), (4, 1), (2, 3), (5, 2), ((2, 3), (1, 2))])
+@pytest.mark.parametrize("k,d", [(3, 1), (4, 1), (2, 3), (3, 2), ((2, 3), (1, 2))])
 def test_padding_same_and_valid(device, k, d):
     """'same' keeps H x W; an odd total padding puts the extra row/column at the end (torch)."""
     rng = np.random.default_rng(0)

@@ -6,11 +6,12 @@ within float32 tolerance. A failure names the op, the output or gradient, the la
 difference and where it is.
 
 Without CuPy and a CUDA device the whole module is skipped (reason printed by pytest -rs).
-For checking this file's own logic on a CPU-only machine, MINIDL_GPU_TEST_DRYRUN=1 runs
-every comparison with "cpu" standing in for "gpu" (the device-type assertions are skipped).
-"""
-import os
+To check this file and the GPU code paths on a machine without a GPU, run it under the fake
+CuPy of tests/fake_cupy.py (host arrays with CuPy's rules, the CUDA kernels compiled for
+the host):
 
+    PYTHONPATH=tests python3 -m pytest -p fake_cupy tests/test_gpu.py tests/test_kernels.py
+"""
 import numpy as np
 import pytest
 
@@ -21,9 +22,8 @@ from minidl import nn, optim
 
 from conftest import GPU_PRESENT, GPU_SKIP_REASON
 
-DRYRUN = os.environ.get("MINIDL_GPU_TEST_DRYRUN") == "1"
-GPU = "cpu" if DRYRUN else "gpu"
-pytestmark = pytest.mark.skipif(not (GPU_PRESENT or DRYRUN), reason=GPU_SKIP_REASON)
+GPU = "gpu"
+pytestmark = pytest.mark.skipif(not GPU_PRESENT, reason=GPU_SKIP_REASON)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -41,8 +41,6 @@ def _host(a):
 
 def assert_on_gpu(what, a):
     """`a` (Tensor or array) lives on the GPU: a CuPy array, not a silent host fallback."""
-    if DRYRUN:
-        return
     data = a.data if isinstance(a, minidl.Tensor) else a
     assert backend.is_gpu_array(data), (f"{what}: expected a CuPy array on the GPU, got "
                                         f"{type(data).__module__}.{type(data).__name__}")
@@ -379,7 +377,7 @@ def test_elementwise_ops_and_broadcasting():
         ("exp", F.exp, a), ("log", F.log, pos), ("sqrt", F.sqrt, pos), ("abs", F.abs, a),
         ("clip", lambda a: F.clip(a, -0.5, 0.7), a),
         ("maximum", F.maximum, a, b), ("minimum", F.minimum, a, b),
-        ("where", lambda a, b: F.where(_host(a) > 0 if DRYRUN else a.data > 0, a, b), a, b),
+        ("where", lambda a, b: F.where(a.data > 0, a, b), a, b),
         ("matmul 2d", lambda x, y: x @ y, randn(5, 7), randn(7, 3, seed=2)),
         ("matmul batched", lambda x, y: x @ y, randn(2, 5, 7), randn(7, 3, seed=2)),
         ("matmul vector", lambda x, y: x @ y, randn(5, 7), randn(7, seed=2)),
@@ -420,8 +418,8 @@ def test_shape_ops_and_indexing():
     compare("flatten", lambda x: F.flatten(x, 1), x)
     compare("basic indexing", lambda x: x[1:, ::2, -1], x)
     rows = np.array([0, 2, 2, 1, 0])          # repeated rows: gradients must add up
-    compare("integer-array indexing with repeats", lambda x: x[rows if DRYRUN else
-                                                               backend.to_device(rows, GPU)], x)
+    compare("integer-array indexing with repeats",
+            lambda x: x[backend.to_device(rows, x.device)], x)
     compare("cat", lambda a, b: minidl.cat([a, b], axis=1), x, randn(3, 2, 5, seed=2))
     compare("stack", lambda a, b: minidl.stack([a, b], axis=-1), x, randn(3, 4, 5, seed=2))
 

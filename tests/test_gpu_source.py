@@ -10,19 +10,15 @@
    kernel's C signature (pointer element types, scalar types), the mistakes a GPU would
    not report. Results are compared with kernels/reference.py.
 """
-import ctypes
-import os
-import re
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
+import gpu_emulation
 import kernels.gpu as gpu
 import kernels.reference as ref
 
 FLOATS = [np.float32, np.float64]
+INDEX_TYPES = [np.int32, np.int64]
 
 # ---------------------------------------------------------------------------- 1. NVRTC
 
@@ -37,10 +33,11 @@ def _nvrtc():
                     "`pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12` enables this check")
 
 
+@pytest.mark.parametrize("itype", INDEX_TYPES, ids=["int32", "int64"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
-def test_cuda_source_compiles_with_nvrtc(dtype):
+def test_cuda_source_compiles_with_nvrtc(dtype, itype):
     nvrtc = _nvrtc()
-    prog = nvrtc.createProgram(gpu.cuda_source(dtype), "kernels_gpu.cu", [], [])
+    prog = nvrtc.createProgram(gpu.cuda_source(dtype, itype), "kernels_gpu.cu", [], [])
     try:
         nvrtc.compileProgram(prog, ["-arch=compute_80"])
     except Exception as exc:
@@ -55,87 +52,23 @@ def test_cuda_source_compiles_with_nvrtc(dtype):
 
 
 # ---------------------------------------------------------------------------- 2. host emulation
-_SHIM = r"""
-#include <cstddef>
-#define __global__
-struct emu_uint3 { unsigned int x, y, z; };
-static emu_uint3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
-static emu_uint3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
-static int atomicExch(int* a, int v) { int old = *a; *a = v; return old; }
-static int atomicMax(int* a, int v) { int old = *a; if (v > old) *a = v; return old; }
-extern "C" void emu_set_thread(unsigned int tid, unsigned int nthreads) {
-    threadIdx.x = tid; blockDim.x = nthreads; blockIdx.x = 0; gridDim.x = 1;
-}
-"""
-
-_C_TYPES = {"float": np.float32, "double": np.float64, "long long": np.int64, "int": np.int32}
-
-
-def _signatures(source, dtype):
-    """{kernel name: [(is_pointer, element dtype), ...]} parsed from the CUDA source (T = dtype)."""
-    types = dict(_C_TYPES, T=dtype)
-    sigs = {}
-    for name, params in re.findall(r'__global__ void (\w+)\((.*?)\)\s*\{', source, re.S):
-        args = []
-        for p in params.split(","):
-            p = " ".join(p.replace("const", " ").split())
-            is_ptr = "*" in p
-            ctype = p.replace("*", " ").rsplit(" ", 1)[0].strip()
-            args.append((is_ptr, np.dtype(types[ctype])))
-        sigs[name] = args
-    return sigs
-
-
 class _HostLib:
-    """The CUDA source compiled for the host, one shared library per dtype."""
+    """The CUDA source compiled for the host, one library per (dtype, index type)."""
 
     def __init__(self, tmpdir):
-        cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-        if cxx is None:
+        if gpu_emulation.compiler() is None:
             pytest.skip("no C++ compiler (g++/clang++) to build the host emulation of the CUDA source")
-        self.libs, self.sigs = {}, {}
-        for dtype in FLOATS:
-            dtype = np.dtype(dtype)
-            source = gpu.cuda_source(dtype)
-            path = os.path.join(tmpdir, f"emu_{dtype.name}")
-            with open(path + ".cpp", "w") as f:
-                f.write(_SHIM + source)
-            proc = subprocess.run([cxx, "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unused-function",
-                                   "-o", path + ".so", path + ".cpp"], capture_output=True, text=True)
-            assert proc.returncode == 0, f"host compile of the CUDA source failed:\n{proc.stderr}"
-            assert "warning" not in proc.stderr, f"host compile warnings:\n{proc.stderr}"
-            self.libs[dtype] = ctypes.CDLL(path + ".so")
-            self.sigs[dtype] = _signatures(source, dtype)
+        self.modules = {(np.dtype(d), np.dtype(i)): gpu_emulation.HostModule(gpu.cuda_source(d, i), tmpdir)
+                        for d in FLOATS for i in INDEX_TYPES}
         self.rng = np.random.default_rng(0)
         self.launches = []
 
-    def launch(self, name, dtype, total, args):
-        """Stand-in for gpu._launch: check the arguments, run as shuffled emulated threads."""
-        self.launches.append(name)
-        if total == 0:
-            return
-        dtype = np.dtype(dtype)
-        sig = self.sigs[dtype][name]
-        assert len(args) == len(sig), f"{name}: {len(args)} arguments for {len(sig)} parameters"
-        c_args = []
-        for k, (a, (is_ptr, want)) in enumerate(zip(args, sig)):
-            if is_ptr:
-                assert isinstance(a, np.ndarray), f"{name} argument {k}: expected an array, got {type(a)}"
-                assert a.dtype == want, f"{name} argument {k}: array dtype {a.dtype}, kernel wants {want}"
-                assert a.flags.c_contiguous, f"{name} argument {k}: array is not C-contiguous"
-                c_args.append(ctypes.c_void_p(a.ctypes.data))
-            else:
-                assert isinstance(a, np.generic) and a.dtype == want, \
-                    f"{name} argument {k}: scalar {a!r} of type {type(a).__name__}, kernel wants {want}"
-                c_args.append({np.dtype(np.int64): ctypes.c_longlong, np.dtype(np.int32): ctypes.c_int,
-                               np.dtype(np.float32): ctypes.c_float,
-                               np.dtype(np.float64): ctypes.c_double}[want](a.item()))
-        lib = self.libs[dtype]
-        kernel = getattr(lib, name)
+    def launch(self, name, dtype, itype, total, args):
+        """Stand-in for gpu._run_kernel: check the arguments, run as shuffled emulated threads."""
+        self.launches.append((name, np.dtype(itype).name))
         nthreads = 5
-        for tid in self.rng.permutation(nthreads):
-            lib.emu_set_thread(ctypes.c_uint(int(tid)), ctypes.c_uint(nthreads))
-            kernel(*c_args)
+        self.modules[(np.dtype(dtype), np.dtype(itype))].run(
+            name, args, nthreads=nthreads, order=self.rng.permutation(nthreads))
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +76,15 @@ def host_lib(tmp_path_factory):
     return _HostLib(str(tmp_path_factory.mktemp("gpu_emulation")))
 
 
-@pytest.fixture
-def emu(host_lib, monkeypatch):
-    """kernels.gpu running on the host: NumPy arrays, kernels compiled by the C++ compiler."""
+@pytest.fixture(params=["int32", "int64"], ids=["idx32", "idx64"])
+def emu(host_lib, monkeypatch, request):
+    """kernels.gpu running on the host: NumPy arrays, kernels compiled by the C++ compiler.
+    Runs each test twice: with 32-bit index arithmetic (what small arrays get) and with
+    64-bit forced (what arrays of 2^31 elements and more get)."""
     monkeypatch.setattr(gpu, "_xp", lambda: np)
-    monkeypatch.setattr(gpu, "_launch", host_lib.launch)
+    monkeypatch.setattr(gpu, "_run_kernel", host_lib.launch)
+    if request.param == "int64":
+        monkeypatch.setattr(gpu, "_INT32_LIMIT", 0)
     gpu._bilinear_tables.cache_clear()
     host_lib.launches.clear()
     yield host_lib
@@ -291,12 +228,20 @@ def test_bilinear_backward_is_the_adjoint_of_forward(emu):
         np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
 
 
+def test_index_type_follows_array_size(emu):
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    gpu.im2col(x, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4)
+    expected = "int64" if gpu._INT32_LIMIT == 0 else "int32"
+    assert emu.launches == [("im2col_kernel", expected)]
+
+
 def test_empty_inputs_launch_nothing(emu):
     x = np.zeros((0, 3, 4, 4), np.float32)
     assert gpu.im2col(x, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4).shape == (0, 27, 16)
     assert gpu.bilinear_forward(x, 8, 8, False).shape == (0, 3, 8, 8)
     y, idx = gpu.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, 1, 1, 2, 2)
     assert y.shape == idx.shape == (0, 3, 2, 2)
+    assert emu.launches == [], f"empty inputs launched {emu.launches}"
 
 
 def test_unsupported_dtype_is_a_clear_error(emu):
@@ -305,5 +250,7 @@ def test_unsupported_dtype_is_a_clear_error(emu):
 
 
 def test_kernel_signatures_cover_every_kernel():
-    sigs = _signatures(gpu.cuda_source(np.float32), np.float32)
+    source = gpu.cuda_source(np.float32, np.int32)
+    assert gpu_emulation.typedefs(source) == {"T": np.dtype(np.float32), "I": np.dtype(np.int32)}
+    sigs = gpu_emulation.signatures(source)
     assert sorted(sigs) == sorted(gpu.KERNEL_NAMES)

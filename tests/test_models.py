@@ -30,14 +30,14 @@ CASES = [
     ("segnet", {}, (37, 50)),
     ("deconvnet", {"fc_kernel": 1}, (37, 50)),
     ("fcdensenet56", {}, (37, 50)),
-    ("fcdensenet67", {}, (21, 30)),
-    ("fcdensenet103", {}, (37, 50)),
+    ("fcdensenet67", {}, (33, 35)),
+    ("fcdensenet103", {}, (32, 37)),
     ("dilation8", {"context": "basic"}, (37, 50)),
     ("deeplab_largefov", {}, (37, 50)),
     ("deeplabv2", {}, (37, 50)),
     ("deeplabv2", {"backbone": "resnet101"}, (37, 50)),
     ("deeplabv3", {}, (37, 50)),
-    ("deeplabv3", {"output_stride": 8}, (37, 50)),
+    ("deeplabv3", {"output_stride": 8}, (33, 35)),
     ("refinenet", {}, (37, 50)),
 ]
 CASE_IDS = [n + "".join(f"-{v}" for v in o.values()) for n, o, _ in CASES]
@@ -65,14 +65,15 @@ def test_context_module_counts_and_resnet_trunk():
 
 @pytest.mark.slow
 def test_fast_init_builds_the_same_model_as_default_init():
-    """The counting shortcut must not change the architecture (full-size build, ~1 GB)."""
+    """The counting shortcut must not change the architecture (two full-size builds)."""
     with summary.fast_init():
-        fast = models.build("fcn32s", 21)
-    real = models.build("fcn32s", 21)
+        fast = models.build("segnet", 11)
+    real = models.build("segnet", 11)
     assert [(k, p.shape) for k, p in fast.named_parameters()] == \
            [(k, p.shape) for k, p in real.named_parameters()]
-    assert float(np.abs(real.fc6.weight.data[:4]).sum()) > 0      # really drawn
-    assert summary.count_parameters(real) == 136_152_917
+    assert not fast.encoder.conv5_3.weight.data.any()                # nothing drawn
+    assert float(np.abs(real.encoder.conv5_3.weight.data).sum()) > 0   # really drawn
+    assert summary.count_parameters(real) == 29_449_355
 
 
 def test_fcdensenet103_channel_stack():
@@ -102,7 +103,7 @@ def test_every_model_has_output_stride_and_is_registered():
 @pytest.mark.parametrize("name,options,size", CASES, ids=CASE_IDS)
 def test_output_shapes_for_several_sizes(name, options, size):
     model = models.build(name, 3, in_channels=2, width=TINY, **options).eval()
-    sizes = [size, (size[0] + 8, size[1] - 5)]
+    sizes = [size, (size[0] + 8, size[1] + 3)]
     with minidl.no_grad():
         for s in sizes:
             y = model(_input(1, 2, s))
@@ -113,14 +114,14 @@ def test_output_shapes_for_several_sizes(name, options, size):
         with minidl.no_grad():
             y = coarse(_input(1, 2, size))
         assert y.shape[2:] == coarse.output_size(*size)
-        assert y.shape[2] == -(-size[0] // coarse.output_stride) or \
-            abs(y.shape[2] - size[0] / coarse.output_stride) <= 1
+        # about H / output_stride (Caffe-style rounding may add one or two pixels)
+        assert abs(y.shape[2] - size[0] / coarse.output_stride) < 2
 
 
 def test_fcn_output_matches_any_input_size():
     """pad 100 + Caffe rounding + the reference offsets fit every size, down to 1 pixel."""
     for stride in (32, 16, 8):
-        model = models.build(f"fcn{stride}s", 2, width=TINY).eval()
+        model = models.build(f"fcn{stride}s", 2, width=TINY / 4).eval()
         with minidl.no_grad():
             for size in [(1, 1), (2, 63), (64, 33)]:
                 assert model(_input(1, 3, size)).shape == (1, 2) + size
@@ -163,14 +164,16 @@ def test_forward_backward_and_loss_falls(name, options, size):
     """One step checks every parameter gets a finite gradient; a few more must lower the loss
     on a fixed tiny batch."""
     minidl.manual_seed(0)
-    model = models.build(name, 2, in_channels=1, width=TINY, **options)
+    # FCN's pad-100 input makes every map ~200 px larger: a narrower copy keeps it quick.
+    width = TINY / 2 if name.startswith("fcn") else TINY
+    model = models.build(name, 2, in_channels=1, width=width, **options)
     batch = 1 if name.startswith("fcn") and options.get("fusion") != "tensorflow" else 2
     x = _input(batch, 1, size, seed=1)
     yy, xx = np.mgrid[:size[0], :size[1]]
     target = np.broadcast_to((xx > size[1] // 2).astype(np.int64), (batch,) + tuple(size)).copy()
     opt = optim.Adam(model.parameters(), lr=2e-3)
     losses = []
-    for step in range(5):
+    for step in range(3):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), target)
         loss.backward()
@@ -274,6 +277,8 @@ def test_bad_options_raise_one_clear_sentence():
         models.build("refinenet", 2, width=TINY)(_input(1, 1, (32, 32)))
     with pytest.raises(ValueError, match="length must be odd"):
         FCDenseNet(2, layers=(4, 4))
+    with pytest.raises(ValueError, match="needs inputs of at least 32x32"):
+        models.build("fcdensenet56", 2, width=TINY)(_input(1, 3, (31, 64)))
 
 
 # ----------------------------------------------------------------------------- pretrained

@@ -36,9 +36,10 @@ class _ConvNd(Module):
         """torch's default: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
         with fan_in = weight.shape[1] * kh * kw; the bias uses the same bound."""
         fan_in, _ = init.calculate_fan_in_and_fan_out(self.weight)
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        # kaiming_uniform_ with leaky-ReLU gain sqrt(2 / (1 + 5)): bound sqrt(1/3) sqrt(3/fan_in).
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             init.uniform_(self.bias, -bound, bound)
 
     def extra_repr(self):

@@ -48,6 +48,14 @@ def _pool_geometry(op, x_shape, kernel_size, stride, padding, dilation, ceil_mod
         raise ValueError(f"{op}: input {h}x{w} is too small for kernel {kernel} with padding "
                          f"{padding} and dilation {dilation}: the output would be "
                          f"{out[0]}x{out[1]}.")
+    for axis, (size, k, st, p, d, n) in enumerate(zip((h, w), kernel, stride, padding,
+                                                       dilation, out)):
+        for o in range(n):   # with dilation a window can fall between the pixels entirely
+            if not any(0 <= o * st - p + i * d < size for i in range(k)):
+                raise ValueError(f"{op}: output {'row' if axis == 0 else 'column'} {o} would "
+                                 f"pool over padding only (input {h}x{w}, kernel {kernel}, "
+                                 f"padding {padding}, dilation {dilation}); reduce the padding "
+                                 "or the dilation.")
     return kernel + stride + padding + dilation + out
 
 

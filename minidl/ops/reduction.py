@@ -15,38 +15,41 @@ def _normalize_axis(axis, ndim):
     return tuple(sorted(a % builtins.max(ndim, 1) for a in axes))
 
 
-def _expand(g, shape, axes, keepdims):
-    """Re-insert the reduced axes so g broadcasts against the input."""
-    if not keepdims:
-        for a in axes:
-            g = backend.get_array_module(g).expand_dims(g, a)
-    return g
+def _kept_shape(shape, axes):
+    """The reduced shape with the reduced axes kept as length 1 (what keepdims=True gives)."""
+    return tuple(1 if i in axes else n for i, n in enumerate(shape))
 
 
 class Sum(Function):
     def forward(self, x):
         self.shape = x.shape
-        self.axes = _normalize_axis(self.axis, x.ndim)
-        return x.sum(axis=self.axes, keepdims=self.keepdims)
+        axes = _normalize_axis(self.axis, x.ndim)
+        self.kept = _kept_shape(x.shape, axes)
+        return x.sum(axis=axes, keepdims=self.keepdims)
 
     def backward(self, gy):
+        # Every input element contributed once: broadcast gy back (a view, no copy).
         xp = backend.get_array_module(gy)
-        return xp.broadcast_to(_expand(gy, self.shape, self.axes, self.keepdims), self.shape)
+        return xp.broadcast_to(gy.reshape(self.kept), self.shape)
 
 
 class Mean(Function):
     def forward(self, x):
         self.shape = x.shape
-        self.axes = _normalize_axis(self.axis, x.ndim)
+        axes = _normalize_axis(self.axis, x.ndim)
+        self.kept = _kept_shape(x.shape, axes)
         self.count = 1
-        for a in self.axes:
+        for a in axes:
             self.count *= x.shape[a]
-        return x.mean(axis=self.axes, keepdims=self.keepdims)
+        if x.dtype.kind != "f":
+            return x.mean(axis=axes, keepdims=self.keepdims)
+        # sum / count: the same value as x.mean (both sum pairwise), without mean's Python overhead
+        total = x.sum(axis=axes, keepdims=self.keepdims)
+        return total / total.dtype.type(self.count)
 
     def backward(self, gy):
         xp = backend.get_array_module(gy)
-        g = _expand(gy, self.shape, self.axes, self.keepdims) / gy.dtype.type(self.count)
-        return xp.broadcast_to(g, self.shape)
+        return xp.broadcast_to(gy.reshape(self.kept) / gy.dtype.type(self.count), self.shape)
 
 
 class Max(Function):
@@ -59,13 +62,16 @@ class Max(Function):
             raise ValueError("max()/min() of an empty tensor is undefined.")
         y = x.max(axis=self.axes, keepdims=True) if self.take_max else x.min(axis=self.axes, keepdims=True)
         self.hits = x == y
-        return y if self.keepdims else y.squeeze(axis=self.axes)
+        return y if self.keepdims else y.reshape(_squeezed(y.shape, self.axes))
 
     def backward(self, gy):
         hits = self.hits
-        g = _expand(gy, hits.shape, self.axes, self.keepdims)
         count = hits.sum(axis=self.axes, keepdims=True)
-        return hits * (g / count.astype(gy.dtype))
+        return hits * (gy.reshape(count.shape) / count.astype(gy.dtype))
+
+
+def _squeezed(shape, axes):
+    return tuple(n for i, n in enumerate(shape) if i not in axes)
 
 
 class Min(Max):

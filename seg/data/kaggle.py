@@ -98,7 +98,9 @@ def find_kaggle_samples(root, verify=False):
         raise ValueError(f"Train folder {train} holds no .tif images.")
     for key in sorted(masks):
         if key not in images:
-            raise ValueError(f"Mask {masks[key]} has no image: expected {os.path.join(train, f'{key[0]}_{key[1]}.tif')}.")
+            raise ValueError(
+                f"Mask {masks[key]} has no image: expected {os.path.join(train, f'{key[0]}_{key[1]}.tif')}."
+            )
     samples = []
     for key in sorted(images):
         if key not in masks:

@@ -153,7 +153,10 @@ class DataLoader:
     def _make_batch(self, indices, epoch):
         items = [self.dataset.get(int(i), np.random.default_rng([self.seed, epoch, int(i)])) for i in indices]
         samples = getattr(self.dataset, "samples", None)
-        names = None if samples is None else [samples[int(i)] for i in indices]
+        # Names for error messages: the image path of a Sample, else the sample itself.
+        names = None
+        if samples is not None:
+            names = [getattr(samples[int(i)], "image_path", samples[int(i)]) for i in indices]
         return collate(items, names)
 
     def __iter__(self):

@@ -143,6 +143,10 @@ class FCDenseNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"FC-DenseNet expects input of shape (N, {self.in_channels}, H, W), "
                              f"got {tuple(x.shape)}.")
+        smallest = 2 ** len(self.down_blocks)
+        if min(x.shape[2], x.shape[3]) < smallest:
+            raise ValueError(f"FC-DenseNet with {len(self.down_blocks)} pools needs inputs of at least "
+                             f"{smallest}x{smallest}, got {x.shape[2]}x{x.shape[3]}; pad or resize it.")
         x = self.first_conv(x)
         skips = []
         for block, down in zip(self.down_blocks, self.transitions_down):

@@ -1,0 +1,288 @@
+"""A stand-in for CuPy on machines without a GPU, for dry-running the GPU tests and benchmark.
+
+    PYTHONPATH=tests python3 -m pytest -p fake_cupy tests/test_gpu.py tests/test_kernels.py -q
+    PYTHONPATH=tests python3 -c "import fake_cupy; fake_cupy.install(); ..."
+
+As a pytest plugin (`-p fake_cupy`) it installs itself before conftest.py asks whether a GPU
+is present, so every "gpu" test case runs. It is a debugging aid, not part of the test suite:
+passing under it is no substitute for the real GPU run (scripts/gpu_check.sh), but a test or
+an op that fails under it would fail on the GPU too, and it costs no GPU time to find out.
+
+What it imitates:
+
+* `cupy.ndarray` is a NumPy subclass whose type lives in a module named "cupy", which is how
+  minidl.backend recognises device arrays; `.get()` copies to a plain numpy.ndarray.
+* Like CuPy, it refuses plain NumPy arrays mixed into its ufuncs and functions (a host array
+  reaching GPU code is a bug: real CuPy raises TypeError), turns reductions into 0-d arrays
+  instead of NumPy scalars, and has no attribute that CuPy 14 lacks (names listed below).
+* `cupy.RawModule` compiles the CUDA source for the host (tests/gpu_emulation.py) and runs
+  every thread of each launch (grid x block, one after another), checking the arguments
+  against the kernel's C signature.
+* `cupy.random.RandomState`, `cupyx.scatter_add`, events, streams, the memory pool and
+  `cuda.runtime` have small host versions.
+
+What it cannot imitate: CUDA itself (races, memory limits, NVRTC's dialect), numerical
+differences of cuBLAS, and the exact set of keyword arguments each CuPy function accepts.
+"""
+import sys
+import time
+import types
+
+import numpy as np
+
+import gpu_emulation
+
+# NumPy names CuPy 14.2 does not have (dir(numpy) minus dir(cupy)), and ndarray attributes
+# cupy.ndarray does not have. Code that reaches them through `xp.` would fail on the GPU.
+MISSING_NAMES = set("""
+False_ ScalarType True_ asmatrix block bmat busday_count busday_offset busdaycalendar bytes_
+char character clongdouble complex256 core ctypeslib datetime64 datetime_as_string datetime_data
+dtypes einsum_path emath errstate f2py flexible float128 frompyfunc fromregex geomspace get_include
+getbufsize geterr geterrcall histogram_bin_edges info insert is_busday isnat little_endian
+longdouble ma matrix matvec memmap nanpercentile nanquantile ndenumerate nditer nested_iters
+object_ polyder polydiv polyint rec recarray record sctypeDict setbufsize seterr seterrcall
+show_runtime spacing str_ strings test timedelta64 typecodes unstack vecdot vecmat void
+""".split())
+MISSING_METHODS = {"ctypes", "getfield", "resize", "setfield", "setflags", "to_device"}
+# Module functions that accept host data (they are how data gets to the device).
+_CONVERTERS = {"asarray", "array", "asanyarray"}
+
+
+class ndarray(np.ndarray):
+    """Fake cupy.ndarray: NumPy storage, CuPy's type name and rules."""
+
+    def get(self, stream=None, order="C", out=None):
+        return np.array(self.view(np.ndarray), copy=True, order=order)
+
+    def __getattribute__(self, name):
+        if name in MISSING_METHODS:
+            raise AttributeError(f"cupy.ndarray has no attribute {name!r} (fake CuPy)")
+        return super().__getattribute__(name)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _refuse_host(inputs, f"cupy ufunc {ufunc.__name__}.{method}")
+        out = kwargs.get("out")
+        if out is not None:
+            _refuse_host(out, f"cupy ufunc {ufunc.__name__} out=")
+            kwargs["out"] = tuple(_unwrap(o) for o in out)
+        result = getattr(ufunc, method)(*(_unwrap(x) for x in inputs), **kwargs)
+        if method == "at":
+            return None
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(result)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        _refuse_host(args, f"numpy.{func.__name__} on cupy arrays")
+        return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+
+ndarray.__module__ = "cupy._core.core"
+ndarray.__qualname__ = ndarray.__name__ = "ndarray"
+
+
+def _refuse_host(objs, what):
+    for o in objs:
+        if isinstance(o, (list, tuple)):
+            _refuse_host(o, what)
+        elif type(o) is np.ndarray:
+            raise TypeError(f"{what}: got a host numpy.ndarray of shape {o.shape} next to GPU "
+                            "arrays; CuPy refuses implicit host arrays (move it with cupy.asarray).")
+
+
+def _unwrap(o):
+    if isinstance(o, ndarray):
+        return o.view(np.ndarray)
+    if isinstance(o, (list, tuple)):
+        return type(o)(_unwrap(x) for x in o)
+    if isinstance(o, dict):
+        return {k: _unwrap(v) for k, v in o.items()}
+    return o
+
+
+def _wrap(o):
+    """Results on the device: arrays become fake cupy arrays, NumPy scalars 0-d arrays."""
+    if isinstance(o, np.ndarray):
+        return o if isinstance(o, ndarray) else o.view(ndarray)
+    if isinstance(o, np.generic):
+        return np.asarray(o).view(ndarray)
+    if isinstance(o, tuple):
+        return tuple(_wrap(x) for x in o)
+    if isinstance(o, list):
+        return [_wrap(x) for x in o]
+    return o
+
+
+def _function(name, fn):
+    def call(*args, **kwargs):
+        if name not in _CONVERTERS:
+            _refuse_host(args, f"cupy.{name}")
+        if name in _CONVERTERS or name == "ascontiguousarray":
+            dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+            order = "C" if name == "ascontiguousarray" else "K"
+            return np.array(_unwrap(args[0]), dtype=dtype, copy=True, order=order).view(ndarray)
+        return _wrap(fn(*_unwrap(args), **_unwrap(kwargs)))
+    call.__name__ = name
+    return call
+
+
+class _UFunc:
+    """cupy.<ufunc>: refuses host arrays, returns device arrays; .reduce/.at etc. delegate."""
+
+    def __init__(self, ufunc):
+        self._u = ufunc
+
+    def __call__(self, *args, **kwargs):
+        _refuse_host(args, f"cupy.{self._u.__name__}")
+        return _wrap(self._u(*_unwrap(args), **_unwrap(kwargs)))
+
+    def __getattr__(self, name):
+        return getattr(self._u, name)
+
+
+# ---------------------------------------------------------------------------- cupy.cuda & co
+class _Event:
+    def __init__(self, *args, **kwargs):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+class _Stream:
+    def synchronize(self):
+        pass
+
+
+class _Pool:
+    def used_bytes(self):
+        return 0
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+class _MemoryHook:
+    name = "fake"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Device:
+    def __init__(self, device=0):
+        self.id = int(device)
+
+    def synchronize(self):
+        pass
+
+
+_runtime = types.SimpleNamespace(
+    getDeviceCount=lambda: 1,
+    runtimeGetVersion=lambda: 0,
+    driverGetVersion=lambda: 0,
+    getDeviceProperties=lambda i: {"name": b"fake GPU (host emulation)", "major": 0, "minor": 0,
+                                   "totalGlobalMem": 0, "multiProcessorCount": 1},
+)
+
+
+class _RawKernel:
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    def __call__(self, grid, block, args, **kwargs):
+        grid, block = tuple(grid), tuple(block)
+        if any(g != 1 for g in grid[1:]) or any(b != 1 for b in block[1:]):
+            raise NotImplementedError("fake CuPy: only 1-D grids and blocks are emulated")
+        host = gpu_emulation.HostModule(self.module.code)
+        host.launch(self.name, grid[0], block[0], tuple(_unwrap(a) for a in args))
+
+
+class RawModule:
+    """Compiles nothing until a kernel is fetched; then g++ builds the source for the host."""
+
+    def __init__(self, code=None, *, path=None, options=(), backend="nvrtc", **kwargs):
+        if code is None:
+            raise NotImplementedError("fake CuPy: RawModule needs code=")
+        self.code = code
+
+    def get_function(self, name):
+        if name not in gpu_emulation.signatures(self.code):
+            raise AttributeError(f"RawModule has no kernel {name!r}")
+        return _RawKernel(self, name)
+
+
+class _RandomState:
+    """cupy.random.RandomState's signatures (dtype= on the samplers) over NumPy's generator."""
+
+    def __init__(self, seed=None):
+        self._rs = np.random.RandomState(seed)
+
+    def random_sample(self, size=None, dtype=float):
+        return _wrap(self._rs.random_sample(size).astype(dtype))
+
+    def standard_normal(self, size=None, dtype=float):
+        return _wrap(self._rs.standard_normal(size).astype(dtype))
+
+    def randint(self, low, high=None, size=None, dtype=int):
+        return _wrap(self._rs.randint(low, high, size=size, dtype=dtype))
+
+    def permutation(self, num):
+        return _wrap(self._rs.permutation(num))
+
+
+def _make_modules():
+    cp = types.ModuleType("cupy")
+    cp.__version__ = "fake (tests/fake_cupy.py)"
+    cp.ndarray = ndarray
+    cp.RawModule = RawModule
+    cp.get_default_memory_pool = lambda: _Pool()
+    cp.get_default_pinned_memory_pool = lambda: _Pool()
+    cp.cuda = types.SimpleNamespace(
+        runtime=_runtime, Device=_Device, Event=_Event, Stream=types.SimpleNamespace(null=_Stream()),
+        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, MemoryHook=_MemoryHook)
+    cp.random = types.SimpleNamespace(RandomState=_RandomState,
+                                      standard_normal=lambda size=None, dtype=float:
+                                      _RandomState().standard_normal(size, dtype))
+
+    def __getattr__(name):
+        if name.startswith("__") or name in MISSING_NAMES or not hasattr(np, name):
+            raise AttributeError(f"module 'cupy' has no attribute {name!r} (fake CuPy)")
+        value = getattr(np, name)
+        if isinstance(value, np.ufunc):
+            return _UFunc(value)
+        if callable(value) and not isinstance(value, type):
+            return _function(name, value)
+        return value
+    cp.__getattr__ = __getattr__
+
+    cupyx = types.ModuleType("cupyx")
+
+    def scatter_add(a, slices, value):
+        _refuse_host([value], "cupyx.scatter_add value")
+        np.add.at(_unwrap(a), _unwrap(slices), _unwrap(value))
+    cupyx.scatter_add = scatter_add
+    return cp, cupyx
+
+
+def install():
+    """Put the fake into sys.modules (as `cupy` and `cupyx`) and into minidl.backend's cache."""
+    cp, cupyx = _make_modules()
+    sys.modules["cupy"], sys.modules["cupyx"] = cp, cupyx
+    from minidl import backend
+    backend._cupy, backend._cupy_error = cp, None
+    return cp
+
+
+# As a pytest plugin: install at import, before conftest.py checks for a GPU.
+if "pytest" in sys.modules:
+    install()
