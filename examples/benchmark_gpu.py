@@ -211,43 +211,45 @@ def training_step_benchmark(clock, args):
 
 def per_layer_benchmark(clock, layers, iters):
     """Forward + backward of each distinct convolution, and the same GEMMs as plain matmuls."""
-    dev, xp = clock.device, clock.xp
     seen, rows = set(), []
     for layer in layers:
         g = layer["geom"]
         key = (layer["kind"], layer["x"], layer["w"], g.args(), g.ho, g.wo, g.groups)
-        if key in seen:
-            continue
-        seen.add(key)
-        x = minidl.tensor(clock.randn(*layer["x"]), requires_grad=True)
-        w = minidl.tensor(clock.randn(*layer["w"]), requires_grad=True)
-        if layer["kind"] == "conv":
-            op, params = conv_ops.Conv2d, dict(geom=g)
-            out_shape = (layer["x"][0], layer["w"][0], g.ho, g.wo)
-        else:
-            op, params = conv_ops.ConvTranspose2d, dict(geom=g, out_shape=layer["out"])
-            out_shape = layer["out"]
-        gy = xp.ones(out_shape, dtype=np.float32)
-
-        def run():
-            x.grad = w.grad = None
-            op.apply(x, w, **params).backward(gy)
-        t_conv, _ = clock.time(run, warmup=1, iters=iters)
-        flops = 3 * 2 * conv_macs(layer)
-
-        groups, m, k, length = gemm_shapes(layer)
-        a, cols, gout = clock.randn(groups, m, k), clock.randn(groups, k, length), clock.randn(groups, m, length)
-
-        def gemms():
-            a @ cols                                  # forward
-            a.transpose(0, 2, 1) @ gout               # input gradient (before col2im)
-            gout @ cols.transpose(0, 2, 1)            # weight gradient
-        t_gemm, _ = clock.time(gemms, warmup=1, iters=iters)
-        rows.append(dict(kind=layer["kind"], x=layer["x"], w=layer["w"], stride=(g.sh, g.sw),
-                         conv_ms=t_conv * 1e3, conv_tflops=flops / t_conv / 1e12,
-                         gemm_ms=t_gemm * 1e3, gemm_tflops=flops / t_gemm / 1e12))
-        del x, w, gy, a, cols, gout
+        if key not in seen:
+            seen.add(key)
+            rows.append(_measure_layer(clock, layer, iters))
     return rows
+
+
+def _measure_layer(clock, layer, iters):
+    g = layer["geom"]
+    x = minidl.tensor(clock.randn(*layer["x"]), requires_grad=True)
+    w = minidl.tensor(clock.randn(*layer["w"]), requires_grad=True)
+    if layer["kind"] == "conv":
+        op, params = conv_ops.Conv2d, dict(geom=g)
+        out_shape = (layer["x"][0], layer["w"][0], g.ho, g.wo)
+    else:
+        op, params = conv_ops.ConvTranspose2d, dict(geom=g, out_shape=layer["out"])
+        out_shape = layer["out"]
+    gy = clock.xp.ones(out_shape, dtype=np.float32)
+
+    def run():
+        x.grad = w.grad = None
+        op.apply(x, w, **params).backward(gy)
+    t_conv, _ = clock.time(run, warmup=1, iters=iters)
+    flops = 3 * 2 * conv_macs(layer)
+
+    groups, m, k, length = gemm_shapes(layer)
+    a, cols, gout = clock.randn(groups, m, k), clock.randn(groups, k, length), clock.randn(groups, m, length)
+
+    def gemms():
+        a @ cols                                  # forward
+        a.transpose(0, 2, 1) @ gout               # input gradient (before col2im)
+        gout @ cols.transpose(0, 2, 1)            # weight gradient
+    t_gemm, _ = clock.time(gemms, warmup=1, iters=iters)
+    return dict(kind=layer["kind"], x=layer["x"], w=layer["w"], stride=(g.sh, g.sw),
+                conv_ms=t_conv * 1e3, conv_tflops=flops / t_conv / 1e12,
+                gemm_ms=t_gemm * 1e3, gemm_tflops=flops / t_gemm / 1e12)
 
 
 def main(argv=None):

@@ -126,6 +126,15 @@ def train_unet(size, n_subjects, epochs, out_dir, seed=0):
     return model.eval()
 
 
+def describe(config):
+    """'unet depth 3, 8 features' from a checkpoint's config."""
+    options = config.get("model_options", {})
+    name = config.get("model", "model")
+    if "depth" in options:
+        name += f" depth {options['depth']}, {options.get('features_root', '?')} features"
+    return name
+
+
 def unet_predict(model, config, image):
     """Label map (H, W) for one image, resized to the size the model was trained at and back."""
     from seg.cli import predict_image
@@ -209,7 +218,8 @@ def main(argv=None):
     tune = [frame(s, 1, size, nerve=True) for s in range(1, 7)]
 
     print("1. hand-made filters")
-    filter_gallery(test[0][0], out / "filters.png")
+    # The gallery uses the first test frame drawn three times larger, so the filters show detail.
+    filter_gallery(frame(1, 1, (3 * size[0], 3 * size[1]), test=True, nerve=True)[0], out / "filters.png")
 
     print("\n2. classical segmentation")
     _, sigma, k = tune_region_growing(tune)
@@ -235,6 +245,7 @@ def main(argv=None):
     model, config, path = load_unet(candidates)
     if model is not None:
         print(f"  loaded {path} (trained at {config.get('size')})")
+        source = path
     else:
         epochs = 1 if args.quick else args.epochs
         n_subjects = 2 if args.quick else 8
@@ -243,6 +254,7 @@ def main(argv=None):
         model = train_unet(size, n_subjects, epochs, str(out / "unet"))
         config = unet_config(size)
         print(f"  trained in {time.perf_counter() - t:.0f} s")
+        source = f"trained here, {epochs} epochs"
     for row in rows:
         row["unet"] = unet_predict(model, config, row["image"])
         row["unet_dice"] = metrics.dice_score(row["unet"], row["mask"])
@@ -250,12 +262,13 @@ def main(argv=None):
     table = [("LoG blob detection (strongest bright blob as a disc)", "blob_dice"),
              ("region growing, seed = strongest LoG blob", "rg_blob_dice"),
              ("region growing, seed = a click on the nerve", "rg_dice"),
-             ("U-Net (depth 3, 8 features)", "unet_dice")]
+             (f"{describe(config)} ({source})", "unet_dice")]
     print(f"\nDice on {len(rows)} test frames with a nerve ({size[0]}x{size[1]} pixels):")
-    print(f"  {'method':<55} {'mean':>6} {'min':>6} {'max':>6}")
+    width = max(len(name) for name, _ in table)
+    print(f"  {'method':<{width}} {'mean':>6} {'min':>6} {'max':>6}")
     for name, key in table:
         d = np.array([row[key] for row in rows])
-        print(f"  {name:<55} {d.mean():6.3f} {d.min():6.3f} {d.max():6.3f}")
+        print(f"  {name:<{width}} {d.mean():6.3f} {d.min():6.3f} {d.max():6.3f}")
     comparison(rows[:4], out / "classical_vs_unet.png")
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return {name: float(np.mean([row[key] for row in rows])) for name, key in table}

@@ -35,32 +35,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minidl import functional as F  # noqa: E402
+from seg import classical  # noqa: E402  (the one home of the talk's kernels: seg/classical.py)
 
 
 def vertical_edge_example():
     """The talk's numbers: returns (image 6x6, kernel 3x3, edges 4x4) as numpy arrays."""
     image = np.zeros((6, 6), dtype=np.float32)
     image[:, :3] = 10
-    kernel = np.array([[1, 0, -1]] * 3, dtype=np.float32)
+    kernel = classical.VERTICAL_EDGE.copy()     # 1 0 -1 on every row
     edges = F.conv2d(image[None, None], kernel[None, None])     # (1, 1, 4, 4), no padding
     return image, kernel, edges.numpy()[0, 0]
 
 
-def gaussian(size, sigma):
-    r = np.arange(size) - (size - 1) / 2
-    g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def laplacian_of_gaussian(size, sigma):
-    r = np.arange(size) - (size - 1) / 2
-    rr = (r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2)
-    k = -(1 - rr) * np.exp(-rr)
-    return k - k.mean()             # zero sum: flat regions give exactly 0
-
-
 def filter_bank(size=9):
-    """name -> kernel, every kernel centred in a size x size array."""
+    """name -> kernel, every kernel centred in a size x size array (kernels from seg.classical)."""
     def centred(k):
         k = np.asarray(k, dtype=np.float64)
         out = np.zeros((size, size))
@@ -68,12 +56,13 @@ def filter_bank(size=9):
         out[o:o + k.shape[0], o:o + k.shape[1]] = k
         return out
     return {
-        "Sobel x": centred([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]),
-        "Sobel y": centred([[1, 2, 1], [0, 0, 0], [-1, -2, -1]]),
-        "Laplacian (4)": centred([[0, -1, 0], [-1, 4, -1], [0, -1, 0]]),
-        "Laplacian (8)": centred([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]]),
-        "LoG": laplacian_of_gaussian(size, 1.4),
-        "DoG": gaussian(size, 1.0) - gaussian(size, 1.6),
+        "Sobel x": centred(classical.SOBEL_X),
+        "Sobel y": centred(classical.SOBEL_Y),
+        "Laplacian (4)": centred(classical.LAPLACIAN_4),
+        "Laplacian (8)": centred(classical.LAPLACIAN_8),
+        # truncate so both fit the 9x9 grid: radius ceil(2.8 * 1.4) = ceil(2.5 * 1.6) = 4
+        "LoG": centred(classical.log_kernel(1.4, truncate=2.8)),
+        "DoG": centred(classical.dog_kernel(1.0, k=1.6, truncate=2.5)),
     }
 
 
@@ -99,7 +88,7 @@ def main(out="edge_detection.png", size=256):
     # Ultrasound speckle is edge-like at every pixel; a Gaussian blur (also a conv2d) first
     # keeps the filters on the anatomy. Zero padding makes false edges at the border, so
     # the panels crop it.
-    blur = gaussian(9, 2.0).astype(np.float32)[None, None]
+    blur = classical.gaussian_kernel(2.0, truncate=2.0).astype(np.float32)[None, None]   # 9x9
     img = F.conv2d(raw[None, None], blur, padding="same").numpy()[0, 0]
     bank = filter_bank()
     weight = np.stack(list(bank.values()))[:, None].astype(np.float32)   # (6, 1, 9, 9)

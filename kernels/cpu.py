@@ -74,19 +74,17 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
             iy = oy * sh - ph + i * dh
             base = oy * wo
             if iy < 0 or iy >= h:             # a whole row of padding
-                for ox in range(wo):
-                    dst[base + ox] = 0
+                dst[base:base + wo] = 0
                 continue
-            for ox in range(lo):
-                dst[base + ox] = 0
-            if sw == 1:                       # contiguous copy: vectorises
-                for ox in range(lo, hi):
-                    dst[base + ox] = src[iy, ox + off]
+            # Slices of 1-D views: the copies compile to tight vectorised loops.
+            dst[base:base + lo] = 0
+            if sw == 1:
+                dst[base + lo:base + hi] = src[iy, lo + off:hi + off]
             else:
+                line = src[iy]
                 for ox in range(lo, hi):
-                    dst[base + ox] = src[iy, ox * sw + off]
-            for ox in range(hi, wo):
-                dst[base + ox] = 0
+                    dst[base + ox] = line[ox * sw + off]
+            dst[base + hi:base + wo] = 0
     return cols
 
 
@@ -114,11 +112,16 @@ def _col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
                         continue
                     base = oy * wo
                     if sw == 1:
-                        for ox in range(lo, hi):
-                            dst[iy, ox + off] += src[base + ox]
+                        # Zero-based loops over two 1-D views vectorise (an in-place slice
+                        # `+=` would allocate a temporary in Numba).
+                        d = dst[iy, lo + off:hi + off]
+                        s = src[base + lo:base + hi]
+                        for t in range(hi - lo):
+                            d[t] += s[t]
                     else:
+                        line = dst[iy]
                         for ox in range(lo, hi):
-                            dst[iy, ox * sw + off] += src[base + ox]
+                            line[ox * sw + off] += src[base + ox]
     return x
 
 

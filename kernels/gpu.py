@@ -24,9 +24,10 @@ Read reference.py first for *what* each kernel computes; this file is about doin
 CuPy is imported lazily (through minidl.backend.require_cupy), so `import kernels.gpu`
 works on a machine without CuPy; calling a kernel there raises the clear "install CuPy" error.
 
-Glue seams used by tests/test_gpu_source.py, which compiles this same CUDA source as plain
-C++ on the host and runs it through the Python wrappers below with NumPy arrays:
-`_xp()` (the array module) and `_run_kernel(name, dtype, itype, total, args)` (run one kernel).
+Testing without a GPU: tests/test_gpu_source.py compiles this same CUDA source as plain C++
+on the host (tests/gpu_emulation.py) and runs the Python wrappers below on NumPy arrays by
+replacing two seams, `_xp()` (the array module) and `_run_kernel(name, dtype, itype, total,
+args)` (launch one kernel); tests/fake_cupy.py runs everything through a stand-in CuPy.
 """
 import functools
 
@@ -35,8 +36,9 @@ import numpy as np
 from minidl import backend
 
 # ---------------------------------------------------------------------------- CUDA source
-# The whole bundle is one source string, compiled into one RawModule per dtype. `T` is the
-# floating type (float or double). Loops are grid-stride loops over `total` elements.
+# The whole bundle is one source string, compiled into one RawModule per (T, I): `T` is the
+# floating type (float or double), `I` the index type. Loops are grid-stride loops over
+# `total` elements.
 
 # The loop index and all index arithmetic use the type I: int when every array of the launch
 # has fewer than _INT32_LIMIT elements (32-bit division is several times cheaper on a GPU),

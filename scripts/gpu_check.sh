@@ -91,6 +91,9 @@ fi
 # ---- 4. a short training run on the GPU
 if [[ -f examples/train_unet.py ]]; then
     run_step train_unet 100 python3 examples/train_unet.py --device gpu --epochs 2
+elif [[ -f seg/__main__.py ]]; then   # no example yet: the command line's default U-Net run
+    run_step train_unet 100 python3 -m seg train --device gpu --epochs 2 --no-progress \
+        --out "$OUT/train_run"
 else
     printf '%-14s SKIPPED (no examples/train_unet.py)\n' train_unet | tee -a "$SUMMARY"
 fi

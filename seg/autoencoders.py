@@ -143,15 +143,24 @@ class ConvAutoencoder(nn.Module):
     (N, out_channels, H, W), in [0, 1] when output="sigmoid" (reconstructing images), raw
     scores when output=None (e.g. per-class logits when trained as a segmentation net).
     The code in the middle has features[-1] channels at 1 / 2**len(features) of the size.
+
+    loss: "bce" (default) compares the decoder's logits with the image by binary
+    cross-entropy, which works for targets anywhere in [0, 1]; "mse" is the mean squared error
+    of sigmoid(logits). With MSE through a sigmoid the gradient vanishes where the sigmoid
+    saturates, and on mostly black images the network often gets stuck drawing black
+    everywhere; cross-entropy cancels the sigmoid's slope and keeps learning.
     """
 
-    def __init__(self, in_channels=1, features=(16, 32), out_channels=None, output="sigmoid"):
+    def __init__(self, in_channels=1, features=(16, 32), out_channels=None, output="sigmoid",
+                 loss="bce"):
         super().__init__()
         if output not in ("sigmoid", None):
             raise ValueError(f"output must be 'sigmoid' or None, got {output!r}.")
+        if loss not in ("bce", "mse"):
+            raise ValueError(f"loss must be 'bce' or 'mse', got {loss!r}.")
         features = tuple(int(f) for f in features)
         self.levels = len(features)
-        self.output = output
+        self.output, self.loss_name = output, loss
         down, c = [], in_channels
         for f in features:
             down += [nn.Conv2d(c, f, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
@@ -173,6 +182,10 @@ class ConvAutoencoder(nn.Module):
                              f"got shape {x.shape}; crop or resize the images.")
         return self.encoder(x)
 
+    def logits(self, x):
+        """The decoder's raw output for x, before the sigmoid."""
+        return self.decoder(self.encode(x))
+
     def decode(self, code):
         y = self.decoder(code)
         return F.sigmoid(y) if self.output == "sigmoid" else y
@@ -180,11 +193,18 @@ class ConvAutoencoder(nn.Module):
     def forward(self, x):
         return self.decode(self.encode(x))
 
+    def _reconstruction_loss(self, logits, target):
+        image = F.sigmoid(logits)
+        mse = F.mse_loss(image, target)
+        if self.loss_name == "mse":
+            return mse, {"mse": mse.item()}
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return bce, {"bce": bce.item(), "mse": mse.item()}
+
     def loss(self, x):
-        """Reconstruction MSE of the batch x: returns (loss, {"mse": float})."""
+        """Reconstruction loss of the batch x: returns (loss, {"bce"/"mse": floats})."""
         x = _as_tensor(x)
-        mse = F.mse_loss(self(x), x)
-        return mse, {"mse": mse.item()}
+        return self._reconstruction_loss(self.logits(x), x)
 
 
 class DenoisingAutoencoder(ConvAutoencoder):
@@ -195,8 +215,8 @@ class DenoisingAutoencoder(ConvAutoencoder):
     what clean images look like.
     """
 
-    def __init__(self, in_channels=1, features=(16, 32), noise="gaussian", noise_std=0.3):
-        super().__init__(in_channels, features)
+    def __init__(self, in_channels=1, features=(16, 32), noise="gaussian", noise_std=0.3, loss="bce"):
+        super().__init__(in_channels, features, loss=loss)
         if noise not in ("gaussian", "masking"):
             raise ValueError(f"noise must be 'gaussian' or 'masking', got {noise!r}.")
         self.noise, self.noise_std = noise, float(noise_std)
@@ -212,18 +232,18 @@ class DenoisingAutoencoder(ConvAutoencoder):
         return minidl.tensor(noisy.astype(x.dtype))
 
     def loss(self, x):
-        """MSE between the reconstruction of corrupt(x) and the clean x."""
+        """Reconstruction loss between the output for corrupt(x) and the clean x."""
         x = _as_tensor(x)
-        mse = F.mse_loss(self(self.corrupt(x)), x)
-        return mse, {"mse": mse.item()}
+        return self._reconstruction_loss(self.logits(self.corrupt(x)), x)
 
 
 class SparseAutoencoder(nn.Module):
     """One sigmoid hidden layer with the talk's sparsity and weight penalties.
 
     x: (N, n_inputs) or images (N, C, H, W) with C*H*W = n_inputs; the reconstruction has x's
-    shape. Loss E = MSE + beta * KL sparsity(rho, rho_hat) + lam * 1/2 sum W^2 (both weight
-    matrices; biases are not penalised).
+    shape. Loss E = Omega_mse + beta * KL sparsity(rho, rho_hat) + lam * 1/2 sum W^2 (both
+    weight matrices; biases are not penalised), with Omega_mse = 1/2 sum over pixels of the
+    squared error, averaged over the batch.
     """
 
     def __init__(self, n_inputs, n_hidden=64, rho=0.05, beta=3.0, lam=1e-4):
@@ -245,7 +265,11 @@ class SparseAutoencoder(nn.Module):
         x = _as_tensor(x)
         hidden = self.encode(x)
         recon = F.sigmoid(self.decoder(hidden)).reshape(*x.shape)
-        mse = F.mse_loss(recon, x)
+        # Omega_mse as in the UFLDL sparse-autoencoder notes (where the usual beta = 3 and
+        # lambda = 1e-4 come from): half the squared error summed over an image's pixels,
+        # averaged over the batch. A per-pixel mean would be n_inputs times smaller and the
+        # sparsity term would swamp it: every unit falls silent and the output is the mean image.
+        mse = 0.5 * F.mse_loss(recon, x, reduction="sum") / x.shape[0]
         rho_hat = mean_activation(hidden)
         sparsity = kl_sparsity(rho_hat, self.rho)
         weights = weight_l2([self.encoder.weight, self.decoder.weight])

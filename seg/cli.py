@@ -8,7 +8,7 @@
     python -m seg models
 
 The helpers below (parse_train_args, prepare_data, build_model_from_args, make_optimizer,
-load_for_inference, predict_image, evaluate_samples) are shared with examples/train_unet.py.
+make_scheduler, load_for_inference, predict_image, evaluate_samples) are shared with examples/train_unet.py.
 Bad arguments end the program with one sentence on stderr and exit code 2.
 """
 import argparse
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["main", "parse_train_args", "build_train_parser", "prepare_data", "build_model_from_args",
-           "make_optimizer", "run_config", "load_for_inference", "predict_image", "evaluate_samples",
+           "make_optimizer", "make_scheduler", "run_config", "load_for_inference", "predict_image", "evaluate_samples",
            "PRESETS", "UsageError"]
 
 #: Where the synthetic stand-in for the Kaggle data is generated (once) when --data is not given.
@@ -31,17 +31,21 @@ DEFAULT_SYNTHETIC = "data/synthetic"
 #: size, valid convolutions, dropout after every conv, plain softmax cross-entropy).
 PRESETS = {
     "seed-unet": {"depth": 3, "features_root": 8, "dropout": 0.4, "dropout_mode": "every_conv",
-                  "lr": 1e-4, "batch_size": 16, "epochs": 400, "size": "420x580",
-                  "padding": "valid", "batch_norm": False, "loss": "ce", "optimizer": "adam"},
+                  "lr": 1e-4, "lr_schedule": "none", "batch_size": 16, "epochs": 400,
+                  "size": "420x580", "padding": "valid", "batch_norm": False, "loss": "ce",
+                  "optimizer": "adam"},
 }
 
-#: Defaults of `train` (the example overrides some, see examples/train_unet.py).
-TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 20, "batch_size": 8,
-                  "lr": 1e-3, "size": "96x128", "depth": 4, "features_root": 8, "padding": "same",
-                  "batch_norm": True, "dropout": 0.0, "dropout_mode": "bottleneck", "loss": "ce_dice",
-                  "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
+#: Defaults of `train`, shared with examples/train_unet.py. Measured to reach a validation
+#: Dice above 0.85 on the synthetic data within a few minutes on a 2-core CPU: 64x88 images
+#: (the Kaggle frames' aspect ratio; the well-known Kaggle U-Net starter used 64x80), a
+#: depth-4 U-Net with 8 root features and BatchNorm, batch 4, Adam 2e-3 with poly decay.
+TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 12, "batch_size": 4,
+                  "lr": 2e-3, "lr_schedule": "poly", "size": "64x88", "depth": 4, "features_root": 8,
+                  "padding": "same", "batch_norm": True, "dropout": 0.0, "dropout_mode": "bottleneck",
+                  "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
                   "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
-                  "plot_every": 5, "progress": True, "preset": None}
+                  "plot_every": 4, "progress": True, "preset": None}
 
 
 class UsageError(Exception):
@@ -114,6 +118,8 @@ def add_train_arguments(parser, defaults=None):
     p.add_argument("--epochs", type=_positive_int, default=d["epochs"], help="default %(default)s")
     p.add_argument("--batch-size", type=_positive_int, default=d["batch_size"], help="default %(default)s")
     p.add_argument("--lr", type=_positive_float, default=d["lr"], help="learning rate; default %(default)s")
+    p.add_argument("--lr-schedule", choices=("poly", "none"), default=d["lr_schedule"],
+                   help="poly: lr * (1 - epoch/epochs)**0.9 (DeepLab's), none: constant; default %(default)s")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=d["optimizer"],
                    help="adam, or sgd with momentum 0.99 (the paper); default %(default)s")
     p.add_argument("--size", type=_size, default=_size(d["size"]), metavar="HxW",
@@ -281,11 +287,32 @@ def make_optimizer(args, model):
     return optim.Adam(model.parameters(), lr=args.lr)
 
 
+def make_scheduler(args, optimizer):
+    """The learning-rate schedule, stepped once per epoch (None for a constant rate)."""
+    from minidl.optim.lr_scheduler import PolyLR
+
+    class RunPolyLR(PolyLR):
+        """PolyLR whose length follows --epochs also after --resume: resuming with the same
+        --epochs continues exactly, a larger --epochs stretches the remaining decay."""
+
+        def load_state_dict(self, state_dict):
+            total = self.total_iters
+            super().load_state_dict(state_dict)
+            self.total_iters = total
+            for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+                group["lr"] = lr
+
+    if args.lr_schedule == "poly":
+        return RunPolyLR(optimizer, total_iters=args.epochs, power=0.9)
+    return None
+
+
 def run_config(args, num_classes, in_channels=1):
     """What a checkpoint needs to rebuild the model and preprocess new images."""
     return {"model": args.model, "num_classes": int(num_classes), "in_channels": int(in_channels),
             "model_options": model_options(args), "size": list(args.size), "loss": args.loss,
-            "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+            "lr": args.lr, "lr_schedule": args.lr_schedule, "epochs": args.epochs,
+            "batch_size": args.batch_size, "seed": args.seed,
             "val_fraction": args.val_fraction, "data": None if args.data is None else str(args.data)}
 
 
@@ -386,7 +413,7 @@ def cmd_train(args, log=print):
         f"{data.n_val} validation images of {args.size[0]}x{args.size[1]} from {data.root}")
     optimizer = make_optimizer(args, model)
     result = train(model, data.train_loader, data.val_loader, get_loss(args.loss), optimizer,
-                   epochs=args.epochs, out_dir=args.out, device=args.device, resume=args.resume,
+                   make_scheduler(args, optimizer), epochs=args.epochs, out_dir=args.out, device=args.device, resume=args.resume,
                    config=run_config(args, data.num_classes), plot_every=args.plot_every,
                    progress=args.progress, log=log)
     if result.history:

@@ -227,6 +227,12 @@ def test_synthetic_is_deterministic_and_idempotent(synth_root, tmp_path):
     os.remove(again / "train" / "2_2.tif")
     write_synthetic_dataset(again, **SYNTH)
     assert filecmp.cmp(again / "train" / "2_2.tif", synth_root / "train" / "2_2.tif", shallow=False)
+    # a set drawn by an older generator version is redrawn in full
+    marker = again / "synthetic.json"
+    marker.write_text(marker.read_text().replace('"version": 1', '"version": 0'))
+    write_tif(again / "train" / "1_1.tif", np.zeros(SMALL, np.uint8))  # stands for an old drawing
+    write_synthetic_dataset(again, **SYNTH)
+    assert filecmp.cmp(again / "train" / "1_1.tif", synth_root / "train" / "1_1.tif", shallow=False)
     # other arguments on the same folder are refused rather than mixed in
     with pytest.raises(ValueError, match="other arguments"):
         write_synthetic_dataset(again, **{**SYNTH, "seed": 1})

@@ -22,6 +22,11 @@ Memory. The column buffer is kh*kw times bigger than the input (a 3x3 conv on a
 they fit in COLUMN_BUFFER_BYTES, otherwise bands of output rows of one sample. The bound
 applies to one column buffer (and the equally sized column gradient in backward); it is
 exceeded only when a single output row of one sample is larger than it.
+
+Why 16 MiB: the GEMM stays large (a 64-channel 3x3 layer still multiplies 576 x 7000+
+matrices), and buffers below glibc's 32 MiB mmap ceiling are recycled by malloc from call to
+call, while bigger ones are fresh pages that the kernel must fault in and zero on every call
+(measured on the 2-core box: 63 MiB chunks made im2col ~5x slower per byte than 16 MiB ones).
 """
 import operator
 
@@ -31,7 +36,7 @@ from ..tensor import Tensor
 import kernels
 
 # Upper bound on one layer's column buffer (im2col output, or its gradient), in bytes.
-COLUMN_BUFFER_BYTES = 64 * 2 ** 20
+COLUMN_BUFFER_BYTES = 16 * 2 ** 20
 
 
 # ---------------------------------------------------------------------- argument checking

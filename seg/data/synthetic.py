@@ -42,6 +42,7 @@ DEFAULT_SIZE = (420, 580)
 # Streams of the random generator: every image gets its own seed sequence
 # [seed, stream, subject, n], so an image does not depend on how many were drawn before it.
 _TRAIN, _TEST = 1, 2
+# Bump when the drawing code changes: folders written by an older version are then redrawn.
 _FORMAT_VERSION = 1
 
 
@@ -227,8 +228,9 @@ def write_synthetic_dataset(root, n_subjects=12, images_per_subject=20, seed=0, 
     Writes root/train/<subject>_<n>.tif + <subject>_<n>_mask.tif (subjects 1..n_subjects,
     n 1..images_per_subject), root/test/<n>.tif (n 1..n_test), and root/synthetic.json with
     the arguments. Calling it again with the same arguments does nothing (the data set is
-    complete); an interrupted run is completed. A root that holds other data, or a synthetic
-    set made with other arguments, raises ValueError instead of being overwritten.
+    complete); an interrupted run is completed, and a set drawn by an older version of this
+    generator is redrawn. A root that holds other data, or a synthetic set made with other
+    arguments, raises ValueError instead of being overwritten.
     """
     root = Path(root)
     H, W = int(size[0]), int(size[1])
@@ -251,6 +253,9 @@ def write_synthetic_dataset(root, n_subjects=12, images_per_subject=20, seed=0, 
 
     if marker.exists():
         stored = json.loads(marker.read_text())
+        outdated = stored.get("generator") == params["generator"] and stored.get("version") != _FORMAT_VERSION
+        if outdated:
+            stored = {**stored, "version": _FORMAT_VERSION, "complete": False}
         if {k: v for k, v in stored.items() if k != "complete"} != params:
             raise ValueError(
                 f"Folder {root} holds a synthetic data set made with other arguments ({marker}); "
@@ -259,6 +264,13 @@ def write_synthetic_dataset(root, n_subjects=12, images_per_subject=20, seed=0, 
         if stored.get("complete") and all((root / "train" / f).exists() for f in train_names) \
                 and all((root / "test" / f).exists() for f in test_names):
             return root  # already complete: nothing to do
+        if outdated:
+            # Drawn by an older version of this generator (our own folder, the marker says so):
+            # delete its files so that the loop below redraws them all, even after an interruption.
+            marker.write_text(json.dumps({**params, "complete": False}, indent=1))
+            for sub, names in (("train", train_names), ("test", test_names)):
+                for name in names:
+                    (root / sub / name).unlink(missing_ok=True)
     else:
         for sub, expected in (("train", set(train_names)), ("test", set(test_names))):
             folder = root / sub

@@ -20,7 +20,7 @@ from minidl import nn
 from minidl import functional as F
 
 __all__ = ["scaled", "pool_output_size", "conv_output_size", "VGG", "Bottleneck", "ResNet",
-           "init_weights_", "VGG_STAGES", "VGG_CHANNELS"]
+           "init_weights_", "PooledBatchNorm2d", "VGG_STAGES", "VGG_CHANNELS"]
 
 # Convs per stage (VGG-16: 2,2,3,3,3 = 13 convs; VGG-19: 2,2,4,4,4 = 16) and their widths
 # (Simonyan & Zisserman 2015, Table 1, configurations D and E).
@@ -64,6 +64,23 @@ def init_weights_(module, conv="kaiming"):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return module
+
+
+class PooledBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that survives one value per channel (batch 1 on a 1x1 map) in training.
+
+    Used where a map is 1x1: DeepLab v3's image-pooling branch, DeconvNet's fc6 / fc7. With
+    N * H * W == 1 the batch variance is zero, so ordinary batch norm would output beta
+    whatever the input (its gradient would vanish; minidl and PyTorch refuse it). In that case
+    this layer normalises with its running statistics, as in eval mode, and leaves them
+    unchanged; otherwise it is plain BatchNorm2d. x: (N, C, H, W) -> same shape.
+    """
+
+    def forward(self, x):
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, momentum=self.momentum, eps=self.eps)
+        return super().forward(x)
 
 
 # ---------------------------------------------------------------------------------- VGG

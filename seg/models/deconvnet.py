@@ -14,13 +14,15 @@ every layer but the score followed by BN + ReLU. A 3x3 stride-1 "deconvolution" 
 conv, padding 1) has the same shape and parameter count as a conv; it is kept as a transposed
 conv to stay faithful to the paper. The fc layers need pool5 to be at least fc_kernel wide
 (7: inputs of 224 and more; the paper uses 224x224 crops); fc_kernel lets tiny test versions
-run on small inputs.
+run on small inputs. At 224x224 fc6 and fc7 are 1x1 maps, so their BatchNorms are
+PooledBatchNorm2d (seg/models/backbones.py): with a batch of one image they normalise with
+their running statistics instead of failing on a single value per channel.
 """
 from minidl import nn
 from minidl import functional as F
 
 from . import register
-from .backbones import VGG, check_common, init_weights_, scaled
+from .backbones import VGG, PooledBatchNorm2d, check_common, init_weights_, scaled
 
 __all__ = ["DeconvNet", "deconvnet"]
 
@@ -52,9 +54,11 @@ class DeconvNet(nn.Module):
                            return_indices=True)
         c5, fc = self.encoder.out_channels, scaled(4096, width)
         self.fc6 = nn.Conv2d(c5, fc, self.fc_kernel)
-        self.bn6 = nn.BatchNorm2d(fc)
+        # fc6 / fc7 are 1x1 maps at 224x224: with one image BatchNorm would see one value per
+        # channel, so these two fall back to their running statistics then (PooledBatchNorm2d).
+        self.bn6 = PooledBatchNorm2d(fc)
         self.fc7 = nn.Conv2d(fc, fc, 1)
-        self.bn7 = nn.BatchNorm2d(fc)
+        self.bn7 = PooledBatchNorm2d(fc)
         self.fc6_deconv = nn.ConvTranspose2d(fc, c5, self.fc_kernel)
         self.fc6_deconv_bn = nn.BatchNorm2d(c5)
         self.decoder_plan = {}

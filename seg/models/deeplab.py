@@ -34,7 +34,8 @@ from minidl import cat, nn
 from minidl import functional as F
 
 from . import register
-from .backbones import VGG, ResNet, check_common, init_weights_, pool_output_size, scaled
+from .backbones import (VGG, PooledBatchNorm2d, ResNet, check_common, init_weights_,
+                        pool_output_size, scaled)
 
 __all__ = ["DeepLabLargeFOV", "DeepLabV2", "DeepLabV3", "ASPP", "PooledBatchNorm2d",
            "deeplab_largefov", "deeplabv2", "deeplabv3"]
@@ -191,22 +192,6 @@ class DeepLabV2(_DeepLabBase):
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, backbone={self.backbone_name!r}, "
                 f"rates={self.rates}, width={self.width}")
-
-
-class PooledBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that survives one value per channel (batch 1 on a 1x1 map) in training.
-
-    With N * H * W == 1 the batch variance is zero, so ordinary batch norm would output beta
-    whatever the input (and its gradient would vanish). In that case this layer normalises with
-    its running statistics, as in eval mode, and leaves them unchanged; otherwise it is plain
-    BatchNorm2d. x: (N, C, H, W) -> same shape.
-    """
-
-    def forward(self, x):
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                training=False, momentum=self.momentum, eps=self.eps)
-        return super().forward(x)
 
 
 def _conv_bn_relu(in_channels, out_channels, kernel_size, dilation=1, bn=nn.BatchNorm2d):

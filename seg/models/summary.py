@@ -22,7 +22,6 @@ import numpy
 import minidl
 from minidl import nn
 from minidl import functional as F
-from minidl import random as _random
 from minidl.function import Function
 from minidl.tensor import Tensor
 
@@ -76,21 +75,27 @@ def count_parameters(model):
 
 @contextlib.contextmanager
 def fast_init():
-    """Build models without drawing random numbers: every random fill writes zeros instead.
+    """Build models without drawing their random weights (for counting parameters).
 
-    Counting a 250M-parameter model needs its shapes, not good weights; skipping the draws
-    makes building it nearly free. Only for counting: a model built here cannot learn.
+    Counting a 250M-parameter model needs its shapes, not good weights: inside this context
+    the random initialisers of minidl.nn.init leave the freshly allocated (uninitialised)
+    arrays untouched, so the operating system does not even commit their memory and a
+    full-size model is built in a fraction of a second. A model built here cannot be trained.
     """
-    saved = _random.normal, _random.uniform
+    names = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+             "xavier_normal_")
+    saved = {n: getattr(nn.init, n) for n in names if hasattr(nn.init, n)}
 
-    def zeros(xp, shape, *args, dtype=numpy.float32, **kwargs):
-        return xp.zeros((), dtype=dtype)          # broadcast by the in-place fill
+    def skip(tensor, *args, **kwargs):
+        return tensor
 
-    _random.normal, _random.uniform = zeros, zeros
+    for n in saved:
+        setattr(nn.init, n, skip)
     try:
         yield
     finally:
-        _random.normal, _random.uniform = saved
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 def _defaults(name):
@@ -313,12 +318,15 @@ def trace(model, input_size, in_channels=None):
     return rec.events, tuple(y.shape)
 
 
-def explain(name, input_size=None, width=1 / 16, **options):
+def explain(name, input_size=None, width=1 / 16, measure=False, **options):
     """A text table of model `name`'s layers: parameter arithmetic, output sizes, receptive field.
 
     input_size: (h, w) or an int (default: the paper's input size, paper_input_size(name)).
     width:      channel multiplier of the copy that is run to find sizes (spatial sizes do not
                 depend on it); models without a width option run at full size.
+    measure:    also measure the whole model's receptive field with minidl.receptive_field
+                (gradient support of the centre output pixel, on the width-reduced copy with
+                input_size as the probe size; it must exceed the field to see all of it).
     options:    build options (default: the reference configuration).
     """
     if name not in available():
@@ -378,4 +386,13 @@ def explain(name, input_size=None, width=1 / 16, **options):
     lines.append("-" * len(lines[1]))
     lines.append(f"conv parameters {total:,} + other parameters (BatchNorm gamma/beta) {others:,} "
                  f"= {count_parameters(full):,}")
+    if measure:
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rf = minidl.receptive_field(small, options.get("in_channels", 3), size=input_size,
+                                        trials=1)
+        note = " (reaches the probe's border: the field is at least this)" if caught else ""
+        lines.append(f"measured receptive field of the centre output pixel "
+                     f"(minidl.receptive_field): {rf[0]}x{rf[1]}{note}")
     return "\n".join(lines)

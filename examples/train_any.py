@@ -1,0 +1,69 @@
+"""Train any registered architecture, width-reduced for the CPU, on the synthetic ultrasound data.
+
+    python examples/train_any.py --model segnet                      # width 1/16, 2 epochs, 64x64
+    python examples/train_any.py --model deeplabv3 --epochs 4 --size 96x128
+    python examples/train_any.py --model fcn8s --width 0.125 --device gpu
+    python -m seg models                                             # the names, full-size counts
+
+It does what examples/train_unet.py does (data, loss, seg.train's loop, checkpoints and plots in
+--out), with one difference: the model is built with `width=--width`, which divides every
+channel count (width 1/16 turns VGG's 64..512 channels into 4..32), so that the paper's
+architectures - 20 to 250 million parameters at full size - train in minutes on two cores.
+The layers, strides, skips and sizes are the paper's; only the widths shrink. `python -m seg
+train --model NAME` trains the full-size model instead (slow on a CPU). For "unet", whose size
+is set by --depth / --features-root, --width is ignored.
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import minidl  # noqa: E402
+from seg import cli, models  # noqa: E402
+from seg.losses import get_loss  # noqa: E402
+from seg.train import train  # noqa: E402
+
+DEFAULTS = {"model": "segnet", "epochs": 2, "batch_size": 4, "lr": 1e-3, "size": "64x64",
+            "loss": "ce_dice", "out": "runs/any", "plot_every": 1}
+
+
+def main(argv=None):
+    parser = cli.build_train_parser("train_any.py", "Train any seg model, width-reduced.", DEFAULTS)
+    parser.add_argument("--width", type=float, default=1 / 16,
+                        help="channel multiplier (1 = the paper's model); default 1/16")
+    args = parser.parse_args(argv)
+    try:
+        cli.check_train_args(args)
+        if args.model not in models.available():
+            raise cli.UsageError(f"unknown model {args.model!r}; choose one of: "
+                                 f"{', '.join(models.available())}.")
+        minidl.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        data = cli.prepare_data(args, synthetic_root=ROOT / "data" / "synthetic")
+        if args.model == "unet":
+            model = cli.build_model_from_args(args, data.num_classes, in_channels=1)
+        else:
+            model = models.build(args.model, data.num_classes, in_channels=1, width=args.width)
+    except (cli.UsageError, ValueError, FileNotFoundError) as exc:
+        print(f"train_any.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model} at width {args.width:g}: {model.num_parameters():,} parameters "
+          f"(output stride {getattr(model, 'output_stride', 1)})")
+    config = cli.run_config(args, data.num_classes)
+    if args.model != "unet":               # so `python -m seg predict` rebuilds the same width
+        config["model_options"] = {"width": args.width}
+    result = train(model, data.train_loader, data.val_loader, get_loss(args.loss),
+                   cli.make_optimizer(args, model), epochs=args.epochs, out_dir=args.out,
+                   device=args.device, resume=args.resume, plot_every=args.plot_every,
+                   progress=args.progress, config=config)
+    if result.history:
+        print(f"validation Dice {result.last['val_dice']:.4f} (best {result.best_score:.4f}); "
+              f"outputs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
