@@ -10,7 +10,9 @@ best it can do is the speed of float32 GEMM on the same matrix shapes. This scri
     GEMM GFLOP/s the same GEMMs on random matrices of the layer's shapes, timed in this run
     ratio        conv speed / GEMM speed (1.0 = the im2col/col2im and bookkeeping are free)
 
-plus totals over the network and the peak resident memory of the process.
+plus totals over the network and the peak resident memory (RSS) of the process, measured
+once after a pass over the conv layers alone and once at the end (the GEMM baseline's big
+random matrices included).
 
 The network: U-Net (Ronneberger et al. 2015) with depth 5, 64 features at the top (64 ... 1024),
 one input channel, two classes, batch 1. Default: 256x256 input with padding="same" convs
@@ -20,8 +22,9 @@ size: s = 12 mod 16), with the up-path convs on the cropped-and-concatenated map
 
 Run:  python examples/benchmark.py [--size 256] [--padding same|valid] [--repeat 3]
 
-Timings are the best of --repeat runs after one warm-up; the GEMM baseline is measured in the
-same process right after each layer, so both see the same machine load.
+Timings are the best of --repeat runs after one warm-up; the conv and GEMM runs of a layer are
+interleaved, so both see the same machine load. For single-thread figures (steadier on a
+shared machine) run with OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1.
 """
 import argparse
 import os
@@ -77,18 +80,22 @@ def layer_flops(layer, padding):
     return 2 * m * kk * n, (m, kk, n)
 
 
-def best_time(fn, repeat):
-    fn()                                       # warm-up (and Numba's first call)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def best_times(fns, repeat):
+    """Best-of-`repeat` seconds of each function, the runs interleaved (a, b, c, a, b, c, ...)
+    so that every function sees the same machine load; one warm-up call each first."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
-def run_layer(layer, padding, repeat, rng):
-    """(forward seconds, forward+backward seconds) of one layer in minidl."""
+def layer_functions(layer, padding, rng):
+    """(forward, forward+backward) closures running one layer in minidl."""
     x = minidl.tensor(rng.standard_normal((1, layer["c_in"], layer["h"], layer["w"]),
                                           dtype=np.float32), requires_grad=True)
     if layer["kind"] == "up":
@@ -101,44 +108,53 @@ def run_layer(layer, padding, repeat, rng):
         op = lambda x, w, b: F.conv2d(x, w, b, padding=pad)  # noqa: E731
     w = minidl.tensor(w * 0.05, requires_grad=True)
     b = minidl.tensor(np.zeros(layer["c_out"], np.float32), requires_grad=True)
-    with minidl.no_grad():
-        forward = best_time(lambda: op(x, w, b), repeat)
-    y = op(x, w, b)
-    gy = rng.standard_normal(y.shape, dtype=np.float32)
+    gy = rng.standard_normal(op(x, w, b).shape, dtype=np.float32)
+
+    def forward():
+        with minidl.no_grad():
+            op(x, w, b)
 
     def step():
         x.grad = w.grad = b.grad = None
         op(x, w, b).backward(gy)
-    return forward, best_time(step, repeat)
+    return forward, step
 
 
-def run_gemm(m, k, n, repeat, rng):
-    """(forward seconds, forward+backward seconds) of the three products a conv layer does:
-    A (M,K) @ B (K,N); A.T @ G (the input side); G @ B.T (the weight side)."""
+def gemm_functions(m, k, n, rng):
+    """(forward, forward+backward) closures doing the products a conv layer does on random
+    matrices: A (M,K) @ B (K,N); then also A.T @ G (input side) and G @ B.T (weight side)."""
     a = rng.standard_normal((m, k), dtype=np.float32)
     b = rng.standard_normal((k, n), dtype=np.float32)
     g = rng.standard_normal((m, n), dtype=np.float32)
-    forward = best_time(lambda: np.matmul(a, b), repeat)
-    total = best_time(lambda: (np.matmul(a, b), np.matmul(a.T, g), np.matmul(g, b.T)), repeat)
-    return forward, total
+    return (lambda: np.matmul(a, b),
+            lambda: (np.matmul(a, b), np.matmul(a.T, g), np.matmul(g, b.T)))
 
 
 def main(size=256, padding="same", repeat=3, seed=0):
     rng = np.random.default_rng(seed)
     layers = unet_layers(size, padding=padding)
+    import numba
     print(f"U-Net depth 5, 64 features, input 1x1x{size}x{size}, padding={padding!r}, float32, "
-          f"batch 1; column buffer bound {conv_ops.COLUMN_BUFFER_BYTES / 2**20:.0f} MiB; "
-          f"{os.cpu_count()} CPUs")
+          f"batch 1; column buffer bound {conv_ops.COLUMN_BUFFER_BYTES / 2**20:.0f} MiB, "
+          f"{conv_ops.TARGET_COLUMNS} columns per piece")
+    print(f"{os.cpu_count()} CPUs, Numba threads {numba.get_num_threads()}, OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, load average "
+          f"{os.getloadavg()[0]:.1f} (other processes skew the timings)")
     head = (f"{'layer':<14}{'in':>16} {'out ch':>6} {'GEMM M x K x N':>21} {'fwd GFLOP':>9} "
             f"{'fwd GF/s':>9} {'GEMM':>7} {'ratio':>6} {'f+b GF/s':>9} {'GEMM':>7} {'ratio':>6}")
     print(head)
     print("-" * len(head))
+    # One training step per layer before any GEMM test matrices exist: the peak resident
+    # memory after this pass is what the conv layers need (it also warms up Numba).
+    for layer in layers:
+        layer_functions(layer, padding, rng)[1]()
+    conv_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # KiB on Linux
     totals = np.zeros(4)          # conv fwd s, gemm fwd s, conv f+b s, gemm f+b s
     total_flops = 0
     for layer in layers:
         flops, (m, k, n) = layer_flops(layer, padding)
-        conv_f, conv_fb = run_layer(layer, padding, repeat, rng)
-        gemm_f, gemm_fb = run_gemm(m, k, n, repeat, rng)
+        conv_f, conv_fb, gemm_f, gemm_fb = best_times(
+            layer_functions(layer, padding, rng) + gemm_functions(m, k, n, rng), repeat)
         totals += (conv_f, gemm_f, conv_fb, gemm_fb)
         total_flops += flops
         print(f"{layer['name']:<14}{layer['c_in']:>6}x{layer['h']:>4}x{layer['w']:<4} "
@@ -153,9 +169,11 @@ def main(size=256, padding="same", repeat=3, seed=0):
           f"{3 * total_flops / cfb / 1e9:>9.1f} {3 * total_flops / gfb / 1e9:>7.1f} {gfb / cfb:>6.2f}")
     print(f"time: forward {cf:.3f} s (GEMM {gf:.3f} s), forward+backward {cfb:.3f} s "
           f"(GEMM {gfb:.3f} s); forward+backward FLOPs {3 * total_flops / 1e9:.1f} G")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # KiB on Linux
-    print(f"peak RSS {peak:.0f} MiB")
-    return dict(forward_ratio=gf / cf, train_ratio=gfb / cfb, peak_rss_mib=peak)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS: {conv_peak:.0f} MiB running the conv layers (forward + backward, one at a "
+          f"time); {peak:.0f} MiB for the whole run including the GEMM test matrices")
+    return dict(forward_ratio=gf / cf, train_ratio=gfb / cfb, conv_peak_rss_mib=conv_peak,
+                peak_rss_mib=peak)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ from seg.train import NonFiniteLossError, train  # noqa: E402
 # The defaults (seg.cli.TRAIN_DEFAULTS, shared with `python -m seg train`) were tuned to finish
 # in under 5 minutes on a 2-core CPU with a validation Dice of at least 0.85 on the synthetic
 # data: 64x88 images, U-Net depth 4 with 8 root features and BatchNorm, batch 4, Adam 2e-3
-# with poly decay, cross-entropy + Dice, 12 epochs.
+# with poly decay, cross-entropy + Dice, 8 epochs.
 DEFAULTS = {"out": "runs/unet"}
 
 

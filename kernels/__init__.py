@@ -16,6 +16,3 @@ def for_array(array):
         return importlib.import_module("kernels.gpu")
     return importlib.import_module("kernels.cpu")
 
-
-def reference():
-    return importlib.import_module("kernels.reference")

@@ -19,10 +19,16 @@ With NUMBA_DISABLE_JIT=1 the same code runs as plain Python (prange becomes rang
 slow but lets you step through it in a debugger.
 """
 import contextlib
+import os
 
-import numba
-import numpy as np
-from numba import njit, prange
+# Numba's OpenMP threads spin-wait after each parallel loop by default. On a 2-core machine
+# that spinning steals a core from the BLAS threads of the GEMM that follows every im2col,
+# so ask them to sleep instead (must be set before libgomp starts; an explicit setting wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 # Below this many output elements a kernel runs on one thread: starting the thread team
 # costs tens of microseconds (milliseconds on a busy machine), more than the work itself.

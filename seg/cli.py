@@ -40,7 +40,7 @@ PRESETS = {
 #: Dice above 0.85 on the synthetic data within a few minutes on a 2-core CPU: 64x88 images
 #: (the Kaggle frames' aspect ratio; the well-known Kaggle U-Net starter used 64x80), a
 #: depth-4 U-Net with 8 root features and BatchNorm, batch 4, Adam 2e-3 with poly decay.
-TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 12, "batch_size": 4,
+TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "batch_size": 4,
                   "lr": 2e-3, "lr_schedule": "poly", "size": "64x88", "depth": 4, "features_root": 8,
                   "padding": "same", "batch_norm": True, "dropout": 0.0, "dropout_mode": "bottleneck",
                   "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,

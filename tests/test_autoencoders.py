@@ -186,7 +186,8 @@ def test_models_shapes_and_sampling():
     loss, parts = conv.loss(x)
     y = y.numpy()
     bce = -(x * np.log(y) + (1 - x) * np.log(1 - y)).mean()
-    assert loss.item() == pytest.approx(bce, rel=1e-4) and parts["mse"] == pytest.approx(((y - x) ** 2).mean(), rel=1e-4)
+    assert loss.item() == pytest.approx(bce, rel=1e-4)
+    assert parts["mse"] == pytest.approx(((y - x) ** 2).mean(), rel=1e-4)
     seg_net = ae.ConvAutoencoder(features=(4, 8), out_channels=2, output=None)   # the segmentation shape
     assert seg_net(x).shape == (2, 2, 16, 16)
     den = ae.DenoisingAutoencoder(features=(4, 8), noise="masking", noise_std=0.5)

@@ -37,6 +37,9 @@ import kernels
 
 # Upper bound on one layer's column buffer (im2col output, or its gradient), in bytes.
 COLUMN_BUFFER_BYTES = 16 * 2 ** 20
+# Output pixels per piece: enough for an efficient GEMM, few enough that the columns are
+# still in cache when the GEMM reads them right after im2col wrote them.
+TARGET_COLUMNS = 2048
 
 
 # ---------------------------------------------------------------------- argument checking
@@ -189,18 +192,20 @@ def conv_transpose2d_geometry(x_shape, w_shape, stride=1, padding=0, output_padd
 
 
 # ---------------------------------------------------------------------- the three routines
-def _chunks(n, ho, row_bytes):
-    """Split (samples, output rows) into pieces (n0, n1, r0, r1) whose columns fit the bound.
+def _chunks(n, ho, wo, row_bytes):
+    """Split (samples, output rows) into pieces (n0, n1, r0, r1) for the column buffer.
 
-    row_bytes: bytes of the column buffer for one output row of one sample.
+    row_bytes: bytes of the column buffer for one output row of one sample. A piece covers
+    about TARGET_COLUMNS output pixels (whole samples when they are that small), and never
+    more than COLUMN_BUFFER_BYTES unless one output row alone is larger.
     """
-    sample_bytes = row_bytes * ho
-    if sample_bytes <= COLUMN_BUFFER_BYTES:
-        step = max(1, COLUMN_BUFFER_BYTES // max(sample_bytes, 1))
+    max_rows = max(1, COLUMN_BUFFER_BYTES // row_bytes)
+    rows = min(max_rows, max(1, -(-TARGET_COLUMNS // wo)))
+    if rows >= ho:                      # whole samples, several per piece when they are small
+        step = max(1, min(max_rows // ho, -(-TARGET_COLUMNS // (ho * wo))))
         for n0 in range(0, n, step):
             yield n0, min(n, n0 + step), 0, ho
-    else:
-        rows = max(1, COLUMN_BUFFER_BYTES // row_bytes)
+    else:                               # bands of output rows of one sample
         for b in range(n):
             for r0 in range(0, ho, rows):
                 yield b, b + 1, r0, min(ho, r0 + rows)
@@ -246,7 +251,7 @@ def conv_forward(x, weight, g):
         # A 1x1 conv needs no im2col: the input already is its column matrix.
         xp.matmul(w_blocks, x.reshape(n, G, k // G, L), out=y)
         return y.reshape(n, c_out, g.ho, g.wo)
-    for n0, n1, r0, r1 in _chunks(n, g.ho, k * g.wo * x.itemsize):
+    for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, k * g.wo * x.itemsize):
         cols = _columns(x, g, n0, n1, r0, r1).reshape(n1 - n0, G, k // G, -1)
         xp.matmul(w_blocks, cols, out=y[n0:n1, :, :, r0 * g.wo:r1 * g.wo])
     return y.reshape(n, c_out, g.ho, g.wo)
@@ -264,7 +269,7 @@ def conv_input_grad(gy, weight, g, in_shape):
     dtype = xp.result_type(gy.dtype, weight.dtype)
     if g.kh == g.kw == 1 and g.sh == g.sw == 1 and g.ph == g.pw == 0 and (g.ho, g.wo) == (h, w):
         return xp.matmul(w_t, gy_blocks).reshape(in_shape)
-    pieces = list(_chunks(n, g.ho, k * g.wo * xp.dtype(dtype).itemsize))
+    pieces = list(_chunks(n, g.ho, g.wo, k * g.wo * xp.dtype(dtype).itemsize))
     gx = None if len(pieces) == 1 else xp.zeros(in_shape, dtype=dtype)
     for n0, n1, r0, r1 in pieces:
         gcols = xp.matmul(w_t, gy_blocks[n0:n1, :, :, r0 * g.wo:r1 * g.wo])
@@ -296,7 +301,7 @@ def conv_weight_grad(x, gy, g, w_shape):
         for s in range(n):
             gw += xp.matmul(gy_blocks[s], x[s].reshape(G, k // G, L).transpose(0, 2, 1))
         return gw.reshape(w_shape)
-    for n0, n1, r0, r1 in _chunks(n, g.ho, k * g.wo * x.itemsize):
+    for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, k * g.wo * x.itemsize):
         cols = _columns(x, g, n0, n1, r0, r1).reshape(n1 - n0, G, k // G, -1)
         for s in range(n1 - n0):  # one GEMM per sample keeps the temporary at (C_out, K)
             gw += xp.matmul(gy_blocks[n0 + s, :, :, r0 * g.wo:r1 * g.wo],
