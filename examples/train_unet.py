@@ -30,7 +30,7 @@ What happens, step by step (each step is one call into `seg`):
 5. Result. The final validation Dice is printed (the default run reaches >= 0.85 on the
    synthetic data). Then try:
 
-       python -m seg predict --checkpoint runs/unet/best.npz --input data/synthetic/test --output runs/unet/test_masks
+       python -m seg predict --checkpoint runs/unet/best.npz --input data/synthetic/test --output masks
        python -m seg evaluate --checkpoint runs/unet/best.npz --data data/synthetic --split val
 
 --preset seed-unet uses the talk's U-Net table: depth 3, 8 root features, keep-prob 0.6

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["main", "parse_train_args", "build_train_parser", "prepare_data", "build_model_from_args",
-           "make_optimizer", "make_scheduler", "run_config", "load_for_inference", "predict_image", "evaluate_samples",
+           "make_optimizer", "make_scheduler", "run_config", "load_for_inference", "predict_image",
+           "evaluate_samples",
            "PRESETS", "UsageError"]
 
 #: Where the synthetic stand-in for the Kaggle data is generated (once) when --data is not given.
@@ -70,7 +71,8 @@ def _size(text):
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 8:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be HEIGHTxWIDTH with both at least 8, e.g. 96x128")
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} must be HEIGHTxWIDTH with both at least 8, e.g. 96x128")
     return tuple(parts)
 
 
@@ -110,7 +112,8 @@ def add_train_arguments(parser, defaults=None):
 
     d = dict(TRAIN_DEFAULTS, **(defaults or {}))
     p = parser
-    p.add_argument("--model", default=d["model"], help="architecture name (python -m seg models); default %(default)s")
+    p.add_argument("--model", default=d["model"],
+                   help="architecture name (python -m seg models); default %(default)s")
     p.add_argument("--data", default=d["data"], metavar="DIR",
                    help="Kaggle layout (DIR/train/<s>_<n>.tif + _mask.tif) or DIR/images + DIR/masks; "
                         f"default: synthetic data generated once into {DEFAULT_SYNTHETIC}")
@@ -124,18 +127,21 @@ def add_train_arguments(parser, defaults=None):
                    help="adam, or sgd with momentum 0.99 (the paper); default %(default)s")
     p.add_argument("--size", type=_size, default=_size(d["size"]), metavar="HxW",
                    help="images are resized to this size for training; default %s" % d["size"])
-    p.add_argument("--depth", type=_positive_int, default=d["depth"], help="U-Net levels; default %(default)s")
+    p.add_argument("--depth", type=_positive_int, default=d["depth"],
+                   help="U-Net levels; default %(default)s")
     p.add_argument("--features-root", type=_positive_int, default=d["features_root"],
                    help="U-Net channels of the first level; default %(default)s")
     p.add_argument("--padding", choices=("valid", "same"), default=d["padding"], help="default %(default)s")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=d["batch_norm"],
                    help="BatchNorm after every 3x3 conv")
-    p.add_argument("--dropout", type=float, default=d["dropout"], help="drop probability; default %(default)s")
+    p.add_argument("--dropout", type=float, default=d["dropout"],
+                   help="drop probability; default %(default)s")
     p.add_argument("--dropout-mode", choices=("bottleneck", "every_conv"), default=d["dropout_mode"],
                    help="paper: bottleneck; tf_unet: every_conv")
     p.add_argument("--loss", choices=tuple(LOSSES), default=d["loss"], help="default %(default)s")
     p.add_argument("--out", default=d["out"], metavar="DIR", help="output folder; default %(default)s")
-    p.add_argument("--resume", default=d["resume"], metavar="CHECKPOINT", help="continue from a checkpoint (e.g. OUT/last.npz)")
+    p.add_argument("--resume", default=d["resume"], metavar="CHECKPOINT",
+                   help="continue from a checkpoint (e.g. OUT/last.npz)")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed; default %(default)s")
     p.add_argument("--val-fraction", type=_fraction, default=d["val_fraction"],
                    help="share of subjects held out for validation; default %(default)s")
@@ -413,7 +419,8 @@ def cmd_train(args, log=print):
         f"{data.n_val} validation images of {args.size[0]}x{args.size[1]} from {data.root}")
     optimizer = make_optimizer(args, model)
     result = train(model, data.train_loader, data.val_loader, get_loss(args.loss), optimizer,
-                   make_scheduler(args, optimizer), epochs=args.epochs, out_dir=args.out, device=args.device, resume=args.resume,
+                   make_scheduler(args, optimizer), epochs=args.epochs, out_dir=args.out,
+                   device=args.device, resume=args.resume,
                    config=run_config(args, data.num_classes), plot_every=args.plot_every,
                    progress=args.progress, log=log)
     if result.history:

@@ -116,13 +116,14 @@ def predict_tiled(model, image, tile_size=None, num_classes=None, batch_size=4, 
     model: maps (N, C, h, w) to (N, K, h', w'); set to eval mode here (and restored after).
     image: (H, W) or (C, H, W) array (NumPy or CuPy), float.
     tile_size: *input* tile size, int or (h, w), a valid input size of the model (U-Net paper:
-        572 -> 388 output); default: the smallest valid tile whose output is 256 pixels
-        (or the image, when smaller).
+        572 -> 388 output); default: the smallest valid tile that keeps 256 output pixels
+        per side (the whole image in one tile when it is smaller).
     num_classes: K, to check the model's output against (optional).
     batch_size: tiles per forward pass (memory vs speed).
     context: pixels per side of every output tile that are computed but discarded, so kept
         pixels see enough of their surroundings. Default 0 for valid-padding models (the
-        model's own margin already gives full context) and tile/8 for others.
+        model's own margin already gives full context); for others tile/8 with an explicit
+        tile_size, else max(8, 2 * the model's down-sampling factor).
     output: "probs" (softmax over classes) or "logits".
     Returns float32 NumPy (K, H, W).
     """
@@ -142,9 +143,15 @@ def predict_tiled(model, image, tile_size=None, num_classes=None, batch_size=4, 
     sized = _has_sizes(model)
     margins = (_margin(model, H), _margin(model, W)) if sized else (0, 0)
 
+    valid_padding = sized and margins != (0, 0)
+    align = int(getattr(model, "total_stride", 1))
     if tile_size is None:
-        want = (min(H, 256), min(W, 256))
-        tile = model.valid_input_size(want[0] + margins[0], want[1] + margins[1]) if sized else want
+        # Output tiles of up to 256 pixels (one tile for a small image), plus the context.
+        if context is None:
+            context = 0 if valid_padding else max(8, 2 * align)
+        c = _pair(context, "context")
+        want = (min(H, 256) + margins[0] + 2 * c[0], min(W, 256) + margins[1] + 2 * c[1])
+        tile = model.valid_input_size(*want) if sized else want
     else:
         tile = _pair(tile_size, "tile_size")
     if sized:
@@ -153,12 +160,10 @@ def predict_tiled(model, image, tile_size=None, num_classes=None, batch_size=4, 
         out_tile = model.output_size(*tile)
     else:
         out_tile = tile
-    valid_padding = sized and margins != (0, 0)
     if context is None:
         ctx = (0, 0) if valid_padding else (out_tile[0] // 8, out_tile[1] // 8)
     else:
         ctx = _pair(context, "context")
-    align = int(getattr(model, "total_stride", 1))
 
     steps = []
     for o, c in zip(out_tile, ctx):

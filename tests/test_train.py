@@ -58,8 +58,25 @@ def test_training_lowers_the_loss_and_writes_files(tmp_path):
         assert (tmp_path / name).exists(), name
     rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,train_loss,val_loss,val_dice") and len(rows) == 4
-    assert 0 <= result.last["val_dice"] <= 1 and result.best_score == max(r["val_dice"] for r in result.history)
+    assert 0 <= result.last["val_dice"] <= 1
+    assert result.best_score == max(r["val_dice"] for r in result.history)
     assert read_checkpoint_meta(tmp_path / "best.npz")["epoch"] == result.best_epoch
+
+
+def test_no_graph_survives_an_epoch(tmp_path):
+    """Memory must not grow with steps: after training no autograd node is left alive."""
+    import gc
+    from minidl.function import Function
+
+    def nodes():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, Function))
+
+    trainer = make(tmp_path)
+    before = nodes()
+    trainer.fit(2)
+    assert nodes() == before
+    assert all(isinstance(row["train_loss"], float) for row in trainer.history)
 
 
 def test_resume_continues_exactly(tmp_path):

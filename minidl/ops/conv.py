@@ -39,7 +39,7 @@ import kernels
 COLUMN_BUFFER_BYTES = 16 * 2 ** 20
 # Output pixels per piece: enough for an efficient GEMM, few enough that the columns are
 # still in cache when the GEMM reads them right after im2col wrote them.
-TARGET_COLUMNS = 2048
+TARGET_COLUMNS = 4096
 
 
 # ---------------------------------------------------------------------- argument checking
