@@ -183,4 +183,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     size = args.size or (256 if args.padding == "same" else 252)
-    main(size, args.padding, args.repeat)
+    try:
+        main(size, args.padding, args.repeat)
+    except ValueError as exc:
+        parser.error(str(exc))

@@ -23,9 +23,11 @@ they fit in COLUMN_BUFFER_BYTES, otherwise bands of output rows of one sample. T
 applies to one column buffer (and the equally sized column gradient in backward); it is
 exceeded only when a single output row of one sample is larger than it.
 
-Why 16 MiB: the GEMM stays large (a 64-channel 3x3 layer still multiplies 576 x 7000+
-matrices), and buffers below glibc's 32 MiB mmap ceiling are recycled by malloc from call to
-call, while bigger ones are fresh pages that the kernel must fault in and zero on every call
+Piece size: about TARGET_COLUMNS (4096) output pixels, capped at COLUMN_BUFFER_BYTES
+(16 MiB). 4096 columns keep the GEMM efficient while the columns im2col has just written are
+still in the cache when the GEMM reads them; small images are grouped by whole samples
+instead. Buffers below glibc's 32 MiB mmap ceiling are recycled by malloc from call to call,
+while bigger ones are fresh pages that the kernel must fault in and zero on every call
 (measured on the 2-core box: 63 MiB chunks made im2col ~5x slower per byte than 16 MiB ones).
 """
 import operator
@@ -88,15 +90,20 @@ def conv_transpose_output_size(size, kernel, stride=1, padding=0, output_padding
 
 
 def _check_4d(x, name, op, layout):
+    """x: an array or anything with .shape."""
     if len(x.shape) != 4:
         raise ValueError(f"{op}: {name} must be 4-D {layout}, got shape {tuple(x.shape)}; "
                          "add a batch axis with x.reshape(1, *x.shape) for a single image.")
 
 
-def _check_common(op, x, weight, stride, dilation, groups):
-    _check_4d(x, "input", op, "(N, C, H, W)")
-    _check_4d(weight, "weight", op, "(C_out, C_in / groups, kh, kw)" if op == "conv2d"
-              else "(C_in, C_out / groups, kh, kw)")
+def _check_common(op, x_shape, w_shape, stride, dilation, groups):
+    """Checks shared by conv2d and conv_transpose2d; returns (stride, dilation) as pairs."""
+    for name, shape, layout in (("input", x_shape, "(N, C, H, W)"),
+                                ("weight", w_shape, "(C_out, C_in / groups, kh, kw)" if
+                                 op == "conv2d" else "(C_in, C_out / groups, kh, kw)")):
+        if len(shape) != 4:
+            raise ValueError(f"{op}: {name} must be 4-D {layout}, got shape {tuple(shape)}; "
+                             "add a batch axis with x.reshape(1, *x.shape) for a single image.")
     stride = _pair(stride, "stride", op)
     dilation = _pair(dilation, "dilation", op)
     if min(stride) <= 0:
@@ -111,10 +118,7 @@ def _check_common(op, x, weight, stride, dilation, groups):
 def conv2d_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1):
     """Check conv2d's arguments against the shapes and return its Geometry."""
     op = "conv2d"
-
-    class _S:  # shapes standing in for arrays in the shared checks
-        def __init__(self, s): self.shape = tuple(s)
-    stride, dilation = _check_common(op, _S(x_shape), _S(w_shape), stride, dilation, groups)
+    stride, dilation = _check_common(op, x_shape, w_shape, stride, dilation, groups)
     n, c, h, w = x_shape
     c_out, c_in_g, kh, kw = w_shape
     if c % groups or c_out % groups:
@@ -160,10 +164,7 @@ def conv_transpose2d_geometry(x_shape, w_shape, stride=1, padding=0, output_padd
     (ho, wo) is the transposed conv's input size.
     """
     op = "conv_transpose2d"
-
-    class _S:
-        def __init__(self, s): self.shape = tuple(s)
-    stride, dilation = _check_common(op, _S(x_shape), _S(w_shape), stride, dilation, groups)
+    stride, dilation = _check_common(op, x_shape, w_shape, stride, dilation, groups)
     n, c, h, w = x_shape
     c_in, c_out_g, kh, kw = w_shape
     if isinstance(padding, str):
