@@ -1,85 +1,71 @@
-"""Benchmark: how close do minidl's convolutions get to the machine's matrix-multiply speed?
+"""Benchmark: how close does minidl get to the machine's matrix-multiply speed?
 
-Every convolution here is im2col (or col2im) plus one GEMM (see minidl/ops/conv.py), so the
-best it can do is the speed of float32 GEMM on the same matrix shapes. This script runs the
-23 convolution layers of a U-Net one at a time and for each prints
+Every convolution is im2col (or col2im) plus one GEMM (see minidl/ops/conv.py), so the best
+a conv can do is the speed of float32 GEMM on the same matrix shapes. Two models:
 
-    FLOPs        2 * multiply-adds, from the layer shape: 2 * C_out * C_in*k*k * H_out*W_out
-                 (forward); forward + backward is 3x that (input gradient + weight gradient)
-    GFLOP/s      forward, and forward + backward (a training step's work for that layer)
-    GEMM GFLOP/s the same GEMMs on random matrices of the layer's shapes, timed in this run
-    ratio        conv speed / GEMM speed (1.0 = the im2col/col2im and bookkeeping are free)
+    big      U-Net depth 5, 64 features (64 ... 1024), 1 x 1 x 256 x 256, padding "same",
+             no BatchNorm (the paper's network on a size "same" padding allows), 2 classes
+    default  the example's model (examples/train_unet.py, seg.cli.TRAIN_DEFAULTS): U-Net depth
+             4, 8 root features, BatchNorm, padding "same", batch 4 x 1 x 64 x 88, 2 classes
 
-plus totals over the network and the peak resident memory (RSS) of the process, measured
-once after a pass over the conv layers alone and once at the end (the GEMM baseline's big
-random matrices included).
+Sections (printed as tables, and written to --json, default runs/benchmark.json):
 
-The network: U-Net (Ronneberger et al. 2015) with depth 5, 64 features at the top (64 ... 1024),
-one input channel, two classes, batch 1. Default: 256x256 input with padding="same" convs
-(sizes stay 256, 128, ..., 16), because 256 is not a valid size for the paper's unpadded
-convs. --padding valid uses the paper's valid convs (input 252 by default, the nearest valid
-size: s = 12 mod 16), with the up-path convs on the cropped-and-concatenated maps.
+1. GEMM     float32 GEMM GFLOP/s for the matrix shapes every measured layer needs (the
+            baseline "1.00x" below); GEMM shapes are M x K x N of the forward product.
+2. layers   per conv layer (recorded from one forward pass of the model): forward and
+            forward + backward GFLOP/s and their ratio to the same GEMMs. FLOPs from the
+            layer shape: 2 * multiply-adds = 2 * C_out * C_in*k*k * N*H_out*W_out forward;
+            forward + backward is 3x that (the input gradient and the weight gradient).
+3. step     whole training steps (forward, loss, backward, Adam): time, achieved GFLOP/s
+            (conv FLOPs only; ReLU, pooling, BN, loss and Adam count as overhead), ratio to
+            the GEMM time of the same products, and the process's peak RSS after the step.
+4. cold     a fresh Python process (subprocess) importing minidl and running the first
+            training step of the default model: with Numba's on-disk cache warm, and with
+            NUMBA_CACHE_DIR pointing at an empty temporary folder (everything compiled).
+5. overhead microseconds per op (forward, and forward + backward) on tiny tensors: the cost
+            of Python, the autograd graph and the kernel dispatch, not of arithmetic.
 
-Run:  python examples/benchmark.py [--size 256] [--padding same|valid] [--repeat 3]
+Timings are the best of --repeat runs after a warm-up; a layer's conv and GEMM runs are
+interleaved (a, b, a, b, ...) so both see the same load on a shared machine. The load
+average is printed with the figures.
 
-Timings are the best of --repeat runs after one warm-up; the conv and GEMM runs of a layer are
-interleaved, so both see the same machine load. For single-thread figures (steadier on a
-shared machine) run with OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1.
+Run:  python examples/benchmark.py [--quick] [--repeat 3] [--json runs/benchmark.json]
+      python examples/benchmark.py --device gpu     # runs examples/benchmark_gpu.py
+Threads: minidl/__init__.py sets the policy (OpenBLAS's default of one thread per core, one
+Numba thread, unless OPENBLAS_NUM_THREADS / NUMBA_NUM_THREADS are set); compare e.g. with
+OPENBLAS_NUM_THREADS=1 python examples/benchmark.py.
 """
 import argparse
+import json
 import os
+import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import minidl  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import minidl  # noqa: E402  (first: it sets the Numba thread policy before Numba loads)
+import numpy as np  # noqa: E402
 from minidl import functional as F  # noqa: E402
+from minidl import optim  # noqa: E402
 from minidl.ops import conv as conv_ops  # noqa: E402
+from benchmark_gpu import ConvRecorder, conv_macs, gemm_shapes  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODELS = {   # name -> (builder options, input shape (N, C, H, W), loss)
+    "big": (dict(depth=5, features_root=64, padding="same", batch_norm=False),
+            (1, 1, 256, 256), "ce"),
+    "default": (dict(depth=4, features_root=8, padding="same", batch_norm=True),
+                (4, 1, 64, 88), "ce_dice"),
+}
+QUICK_BIG = (dict(depth=4, features_root=32, padding="same", batch_norm=False), (1, 1, 128, 128), "ce")
 
 
-def unet_layers(size=256, depth=5, features=64, in_channels=1, classes=2, padding="same"):
-    """The conv layers of a U-Net as dicts: name, kind ("conv"/"up"), c_in, c_out, k, h, w (input)."""
-    shrink = 2 if padding == "valid" else 0           # a 3x3 valid conv loses 2 pixels
-    layers, h, c = [], size, in_channels
-    skips = []
-    for level in range(depth):
-        f = features * 2 ** level
-        for i in range(2):
-            layers.append(dict(name=f"down{level}.conv{i + 1}", kind="conv", c_in=c, c_out=f, k=3,
-                               h=h, w=h))
-            c, h = f, h - shrink
-        skips.append(h)
-        if level < depth - 1:
-            if h % 2:
-                raise ValueError(f"size {size} is not valid for this U-Net: an odd map ({h}) "
-                                 "would be max-pooled; with --padding valid use s = 12 mod 16.")
-            h //= 2
-    for level in reversed(range(depth - 1)):
-        f = features * 2 ** level
-        layers.append(dict(name=f"up{level}.upconv", kind="up", c_in=c, c_out=f, k=2, h=h, w=h))
-        c, h = f, 2 * h
-        for i in range(2):
-            layers.append(dict(name=f"up{level}.conv{i + 1}", kind="conv", c_in=2 * f if i == 0 else f,
-                               c_out=f, k=3, h=h, w=h))
-            h -= shrink
-    layers.append(dict(name="final1x1", kind="conv", c_in=c, c_out=classes, k=1, h=h, w=h))
-    return layers
-
-
-def layer_flops(layer, padding):
-    """Forward FLOPs (2 * MACs) and the GEMM shapes (M, K, N) of the forward product."""
-    k2 = layer["k"] ** 2
-    if layer["kind"] == "up":                  # transposed conv: (C_out*k*k, C_in) @ (C_in, H*W)
-        m, kk, n = layer["c_out"] * k2, layer["c_in"], layer["h"] * layer["w"]
-    else:
-        out = layer["h"] - (layer["k"] - 1 if padding == "valid" else 0)
-        m, kk, n = layer["c_out"], layer["c_in"] * k2, out * out
-    return 2 * m * kk * n, (m, kk, n)
-
-
+# ---------------------------------------------------------------------------- helpers
 def best_times(fns, repeat):
     """Best-of-`repeat` seconds of each function, the runs interleaved (a, b, c, a, b, c, ...)
     so that every function sees the same machine load; one warm-up call each first."""
@@ -94,96 +80,275 @@ def best_times(fns, repeat):
     return best
 
 
-def layer_functions(layer, padding, rng):
-    """(forward, forward+backward) closures running one layer in minidl."""
-    x = minidl.tensor(rng.standard_normal((1, layer["c_in"], layer["h"], layer["w"]),
-                                          dtype=np.float32), requires_grad=True)
-    if layer["kind"] == "up":
-        w = rng.standard_normal((layer["c_in"], layer["c_out"], 2, 2), dtype=np.float32)
-        op = lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2)  # noqa: E731
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # KiB on Linux
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build_model(options):
+    import seg.models
+    minidl.manual_seed(0)
+    return seg.models.build("unet", num_classes=2, in_channels=1, **options)
+
+
+def training_step(model, shape, loss_name):
+    """A closure running one training step on random data (fixed seed)."""
+    from seg.losses import get_loss
+    rng = np.random.default_rng(0)
+    x = minidl.tensor(rng.standard_normal(shape, dtype=np.float32))
+    target = minidl.tensor(rng.integers(0, 2, (shape[0],) + shape[2:]))
+    loss_fn = get_loss(loss_name)
+    opt = optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        opt.zero_grad()
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        opt.step()
+        return loss
+    return step, x
+
+
+def record_layers(model, x):
+    """The model's conv layers (benchmark_gpu.ConvRecorder's dicts) from one forward pass."""
+    with ConvRecorder() as rec, minidl.no_grad():
+        model(x)
+    return rec.layers
+
+
+# ---------------------------------------------------------------------------- 1 + 2: layers
+def layer_closures(layer, rng):
+    """(forward, forward+backward) closures running one recorded conv layer in minidl."""
+    g = layer["geom"]
+    x = minidl.tensor(rng.standard_normal(layer["x"], dtype=np.float32), requires_grad=True)
+    w = minidl.tensor(0.05 * rng.standard_normal(layer["w"], dtype=np.float32), requires_grad=True)
+    if layer["kind"] == "conv":
+        op, params = conv_ops.Conv2d, dict(geom=g)
+        out_shape = (layer["x"][0], layer["w"][0], g.ho, g.wo)
     else:
-        w = rng.standard_normal((layer["c_out"], layer["c_in"], layer["k"], layer["k"]),
-                                dtype=np.float32)
-        pad = "valid" if padding == "valid" or layer["k"] == 1 else "same"
-        op = lambda x, w, b: F.conv2d(x, w, b, padding=pad)  # noqa: E731
-    w = minidl.tensor(w * 0.05, requires_grad=True)
-    b = minidl.tensor(np.zeros(layer["c_out"], np.float32), requires_grad=True)
-    gy = rng.standard_normal(op(x, w, b).shape, dtype=np.float32)
+        op, params = conv_ops.ConvTranspose2d, dict(geom=g, out_shape=layer["out"])
+        out_shape = layer["out"]
+    gy = rng.standard_normal(out_shape, dtype=np.float32)
 
     def forward():
         with minidl.no_grad():
-            op(x, w, b)
+            op.apply(x, w, **params)
 
     def step():
-        x.grad = w.grad = b.grad = None
-        op(x, w, b).backward(gy)
+        x.grad = w.grad = None
+        op.apply(x, w, **params).backward(gy)
     return forward, step
 
 
-def gemm_functions(m, k, n, rng):
-    """(forward, forward+backward) closures doing the products a conv layer does on random
-    matrices: A (M,K) @ B (K,N); then also A.T @ G (input side) and G @ B.T (weight side)."""
-    a = rng.standard_normal((m, k), dtype=np.float32)
+def gemm_closures(layer, rng):
+    """(forward, forward+backward) closures doing the layer's products on random matrices:
+    A (M,K) @ B (K,N); then also A.T @ G (input side) and G @ B.T (weight side)."""
+    groups, m, k, n = gemm_shapes(layer)
+    a = rng.standard_normal((groups, m, k), dtype=np.float32)[0]   # groups = 1 in both models
     b = rng.standard_normal((k, n), dtype=np.float32)
     g = rng.standard_normal((m, n), dtype=np.float32)
-    return (lambda: np.matmul(a, b),
-            lambda: (np.matmul(a, b), np.matmul(a.T, g), np.matmul(g, b.T)))
+    return (lambda: a @ b, lambda: (a @ b, a.T @ g, g @ b.T))
 
 
-def main(size=256, padding="same", repeat=3, seed=0):
-    rng = np.random.default_rng(seed)
-    layers = unet_layers(size, padding=padding)
-    import numba
-    print(f"U-Net depth 5, 64 features, input 1x1x{size}x{size}, padding={padding!r}, float32, "
-          f"batch 1; column buffer bound {conv_ops.COLUMN_BUFFER_BYTES / 2**20:.0f} MiB, "
-          f"{conv_ops.TARGET_COLUMNS} columns per piece")
-    print(f"{os.cpu_count()} CPUs, Numba threads {numba.get_num_threads()}, OPENBLAS_NUM_THREADS="
-          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, load average "
-          f"{os.getloadavg()[0]:.1f} (other processes skew the timings)")
-    head = (f"{'layer':<14}{'in':>16} {'out ch':>6} {'GEMM M x K x N':>21} {'fwd GFLOP':>9} "
-            f"{'fwd GF/s':>9} {'GEMM':>7} {'ratio':>6} {'f+b GF/s':>9} {'GEMM':>7} {'ratio':>6}")
-    print(head)
-    print("-" * len(head))
-    # One training step per layer before any GEMM test matrices exist: the peak resident
-    # memory after this pass is what the conv layers need (it also warms up Numba).
+def layer_table(name, layers, repeat, rng):
+    """Time every distinct layer once; rows carry `count` for repeated shapes."""
+    rows, seen = [], {}
     for layer in layers:
-        layer_functions(layer, padding, rng)[1]()
-    conv_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # KiB on Linux
-    totals = np.zeros(4)          # conv fwd s, gemm fwd s, conv f+b s, gemm f+b s
-    total_flops = 0
-    for layer in layers:
-        flops, (m, k, n) = layer_flops(layer, padding)
+        g = layer["geom"]
+        key = (layer["kind"], layer["x"], layer["w"], g.args(), g.ho, g.wo)
+        if key in seen:
+            seen[key]["count"] += 1
+            continue
+        flops = 2 * conv_macs(layer)
         conv_f, conv_fb, gemm_f, gemm_fb = best_times(
-            layer_functions(layer, padding, rng) + gemm_functions(m, k, n, rng), repeat)
-        totals += (conv_f, gemm_f, conv_fb, gemm_fb)
-        total_flops += flops
-        print(f"{layer['name']:<14}{layer['c_in']:>6}x{layer['h']:>4}x{layer['w']:<4} "
-              f"{layer['c_out']:>6} {m:>6} x{k:>6} x{n:>6} {flops / 1e9:>9.2f} "
-              f"{flops / conv_f / 1e9:>9.1f} {flops / gemm_f / 1e9:>7.1f} {gemm_f / conv_f:>6.2f} "
-              f"{3 * flops / conv_fb / 1e9:>9.1f} {3 * flops / gemm_fb / 1e9:>7.1f} "
-              f"{gemm_fb / conv_fb:>6.2f}")
-    print("-" * len(head))
-    cf, gf, cfb, gfb = totals
-    print(f"{'total':<14}{'':>16} {'':>6} {'':>21} {total_flops / 1e9:>9.2f} "
-          f"{total_flops / cf / 1e9:>9.1f} {total_flops / gf / 1e9:>7.1f} {gf / cf:>6.2f} "
-          f"{3 * total_flops / cfb / 1e9:>9.1f} {3 * total_flops / gfb / 1e9:>7.1f} {gfb / cfb:>6.2f}")
-    print(f"time: forward {cf:.3f} s (GEMM {gf:.3f} s), forward+backward {cfb:.3f} s "
-          f"(GEMM {gfb:.3f} s); forward+backward FLOPs {3 * total_flops / 1e9:.1f} G")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS: {conv_peak:.0f} MiB running the conv layers (forward + backward, one at a "
-          f"time); {peak:.0f} MiB for the whole run including the GEMM test matrices")
-    return dict(forward_ratio=gf / cf, train_ratio=gfb / cfb, conv_peak_rss_mib=conv_peak,
-                peak_rss_mib=peak)
+            layer_closures(layer, rng) + gemm_closures(layer, rng), repeat)
+        _, m, k, n = gemm_shapes(layer)
+        row = dict(model=name, kind=layer["kind"], x=list(layer["x"]), w=list(layer["w"]),
+                   gemm_mkn=[m, k, n], count=1, fwd_gflop=flops / 1e9,
+                   conv_fwd_s=conv_f, gemm_fwd_s=gemm_f, conv_fb_s=conv_fb, gemm_fb_s=gemm_fb,
+                   conv_fwd_gflops=flops / conv_f / 1e9, gemm_fwd_gflops=flops / gemm_f / 1e9,
+                   conv_fb_gflops=3 * flops / conv_fb / 1e9, gemm_fb_gflops=3 * flops / gemm_fb / 1e9,
+                   fwd_ratio=gemm_f / conv_f, fb_ratio=gemm_fb / conv_fb)
+        seen[key] = row
+        rows.append(row)
+    return rows
+
+
+def print_layer_table(name, rows):
+    head = (f"{'':2}{'kind':<6}{'input N x C x H x W':>22}{'C_out':>6} {'GEMM M x K x N':>22} "
+            f"{'GFLOP':>7} {'fwd GF/s':>8} {'GEMM':>7} {'ratio':>5} {'f+b GF/s':>8} {'GEMM':>7} "
+            f"{'ratio':>5}")
+    print(f"\n[2] conv layers of the {name} model (x2 = two layers of that shape)")
+    print(head)
+    for r in rows:
+        m, k, n = r["gemm_mkn"]
+        c_out = r["w"][0] if r["kind"] == "conv" else r["w"][1]
+        shape = "x".join(str(v) for v in r["x"]) + (f" x{r['count']}" if r["count"] > 1 else "")
+        print(f"  {r['kind']:<6}{shape:>22}{c_out:>6} {m:>6} x{k:>6} x{n:>7} "
+              f"{r['fwd_gflop']:>7.2f} {r['conv_fwd_gflops']:>8.1f} {r['gemm_fwd_gflops']:>7.1f} "
+              f"{r['fwd_ratio']:>5.2f} {r['conv_fb_gflops']:>8.1f} {r['gemm_fb_gflops']:>7.1f} "
+              f"{r['fb_ratio']:>5.2f}")
+    t = totals(rows)
+    print(f"  {'total':<6}{'':>28} {'':>22} {t['fwd_gflop']:>7.2f} {t['conv_fwd_gflops']:>8.1f} "
+          f"{t['gemm_fwd_gflops']:>7.1f} {t['fwd_ratio']:>5.2f} {t['conv_fb_gflops']:>8.1f} "
+          f"{t['gemm_fb_gflops']:>7.1f} {t['fb_ratio']:>5.2f}")
+    return t
+
+
+def totals(rows):
+    """Totals over a model's layers (each distinct shape weighted by how often it occurs)."""
+    s = {key: sum(r[key] * r["count"] for r in rows)
+         for key in ("fwd_gflop", "conv_fwd_s", "gemm_fwd_s", "conv_fb_s", "gemm_fb_s")}
+    return dict(s, conv_fwd_gflops=s["fwd_gflop"] / s["conv_fwd_s"],
+                gemm_fwd_gflops=s["fwd_gflop"] / s["gemm_fwd_s"],
+                conv_fb_gflops=3 * s["fwd_gflop"] / s["conv_fb_s"],
+                gemm_fb_gflops=3 * s["fwd_gflop"] / s["gemm_fb_s"],
+                fwd_ratio=s["gemm_fwd_s"] / s["conv_fwd_s"], fb_ratio=s["gemm_fb_s"] / s["conv_fb_s"])
+
+
+# ---------------------------------------------------------------------------- 4: cold start
+COLD_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+sys.argv = ["benchmark"]
+import benchmark
+model = benchmark.build_model(benchmark.MODELS["default"][0])
+step, _ = benchmark.training_step(model, *benchmark.MODELS["default"][1:])
+step()
+"""
+
+
+def cold_start(cache_dir):
+    """Seconds from starting a fresh interpreter to the end of its first training step."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    code = COLD_SCRIPT.format(root=os.path.dirname(os.path.abspath(__file__)))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- 5: overhead
+def op_overhead(repeat):
+    """Microseconds per call of a few ops on 4-element tensors: the forward alone, and
+    op(...).sum().backward() (two ops, a graph walk and gradient accumulation)."""
+    a = minidl.tensor(np.ones(4, np.float32), requires_grad=True)
+    b = minidl.tensor(np.ones(4, np.float32), requires_grad=True)
+    ops = {"add": lambda: a + b, "mul": lambda: a * b, "relu": lambda: F.relu(a),
+           "sum": lambda: a.sum(), "matmul": lambda: a.reshape(2, 2) @ b.reshape(2, 2)}
+    calls, out = 2000, {}
+    for name, fn in ops.items():
+        def forward(fn=fn):
+            for _ in range(calls):
+                fn()
+
+        def backward(fn=fn):
+            for _ in range(calls // 4):
+                fn().sum().backward()
+        t_f, t_b = best_times([forward, backward], repeat)
+        out[name] = dict(forward_us=t_f / calls * 1e6, forward_backward_us=t_b / (calls // 4) * 1e6)
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller big model (depth 4, 32 features, 128x128), fewer repeats")
+    parser.add_argument("--repeat", type=int, default=None, help="best of N (default 3, quick 2)")
+    parser.add_argument("--json", default=os.path.join(ROOT, "runs", "benchmark.json"))
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold-start runs")
+    args = parser.parse_args(argv)
+    if args.device == "gpu":     # one GPU benchmark, not two: hand over to benchmark_gpu
+        import benchmark_gpu
+        gpu_argv = ["--json", args.json] + (["--size", "128", "--batch", "2", "--iters", "2"]
+                                            if args.quick else [])
+        return benchmark_gpu.main(gpu_argv)
+    repeat = args.repeat or (2 if args.quick else 3)
+    models = dict(MODELS, big=QUICK_BIG) if args.quick else MODELS
+    rng = np.random.default_rng(0)
+
+    import numba
+    load = os.getloadavg()
+    info = dict(cpu=cpu_model(), cpus=os.cpu_count(), numba_threads=numba.get_num_threads(),
+                openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
+                load_average_start=load[0], column_buffer_mib=conv_ops.COLUMN_BUFFER_BYTES / 2**20,
+                target_columns=conv_ops.TARGET_COLUMNS, repeat=repeat, quick=args.quick)
+    print(f"{info['cpu']}, {info['cpus']} CPUs; Numba threads {info['numba_threads']}, "
+          f"OPENBLAS_NUM_THREADS={info['openblas_threads']}; load average {load[0]:.1f} "
+          f"(other processes skew timings); best of {repeat}")
+    result = dict(machine=info, models={})
+
+    # 3 first (training steps), so that the peak RSS is the step's, not the GEMM test data's.
+    steps = {}
+    for name, (options, shape, loss_name) in models.items():
+        model = build_model(options)
+        step, x = training_step(model, shape, loss_name)
+        layers = record_layers(model, x)
+        (t_step,) = best_times([step], repeat)
+        steps[name] = dict(step_s=t_step, peak_rss_mib=peak_rss_mib(), layers=layers,
+                           train_gflop=3 * sum(2 * conv_macs(layer) for layer in layers) / 1e9,
+                           options=options, input=list(shape), loss=loss_name)
+        del model, step, x
+
+    for name in models:
+        rows = layer_table(name, steps[name]["layers"], repeat, rng)
+        t = print_layer_table(name, rows)
+        s = steps[name]
+        s.pop("layers")
+        s.update(step_gflops=s["train_gflop"] / s["step_s"], gemm_fb_s=t["gemm_fb_s"],
+                 step_ratio=t["gemm_fb_s"] / s["step_s"])
+        result["models"][name] = dict(layers=rows, layer_totals=t, step=s)
+
+    print("\n[1] GEMM baseline per model: the same products as plain float32 matmuls")
+    for name, m in result["models"].items():
+        t = m["layer_totals"]
+        print(f"  {name:<8} forward {t['gemm_fwd_gflops']:6.1f} GFLOP/s, forward+backward "
+              f"{t['gemm_fb_gflops']:6.1f} GFLOP/s")
+    print("\n[3] training step (forward, loss, backward, Adam)")
+    print(f"  {'model':<8}{'input':>16}{'time s':>9}{'GFLOP':>8}{'GF/s':>7}{'GEMM s':>8}"
+          f"{'ratio':>7}{'peak RSS MiB':>14}")
+    for name, m in result["models"].items():
+        s = m["step"]
+        print(f"  {name:<8}{'x'.join(map(str, s['input'])):>16}{s['step_s']:>9.3f}"
+              f"{s['train_gflop']:>8.1f}{s['step_gflops']:>7.1f}{s['gemm_fb_s']:>8.3f}"
+              f"{s['step_ratio']:>7.2f}{s['peak_rss_mib']:>14.0f}")
+
+    if not args.skip_cold:
+        with tempfile.TemporaryDirectory() as fresh, tempfile.TemporaryDirectory() as warm:
+            cold = cold_start(fresh)
+            cold_start(warm)                        # fills the cache ...
+            cached = cold_start(warm)               # ... that this run loads
+        result["cold_start"] = dict(no_cache_s=cold, cached_s=cached)
+        print(f"\n[4] cold start to the end of the first training step (default model): "
+              f"{cold:.1f} s without Numba's cache, {cached:.1f} s with it")
+
+    result["overhead_us"] = op_overhead(repeat)
+    print("\n[5] per-op overhead on 4-element tensors, microseconds: "
+          + ", ".join(f"{k} {v['forward_us']:.1f} (with .sum().backward() {v['forward_backward_us']:.1f})"
+                      for k, v in result["overhead_us"].items()))
+    result["machine"]["load_average_end"] = os.getloadavg()[0]
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.json)
+    print(f"wrote {args.json}")
+    return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=None, help="input size (256 same / 252 valid)")
-    parser.add_argument("--padding", choices=["same", "valid"], default="same")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    size = args.size or (256 if args.padding == "same" else 252)
-    try:
-        main(size, args.padding, args.repeat)
-    except ValueError as exc:
-        parser.error(str(exc))
+    main()

@@ -41,23 +41,16 @@ budget; options given explicitly still override the preset.
 --crf additionally scores the validation images after dense-CRF post-processing (seg.crf).
 --device gpu needs CuPy (`pip install -e ".[gpu]"`).
 """
-import os
 import sys
 import time
 from pathlib import Path
-
-# One BLAS thread: the matrix products here are small, and on a 2-core machine a BLAS thread
-# team costs more than it saves (it spins, up to 40x slower, when other programs share the
-# cores). Must be set before NumPy loads; an explicit setting in the environment wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # Run from anywhere: make the repository importable and keep the data next to it.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import minidl  # noqa: E402  (first: it sets the Numba thread policy, see minidl/__init__.py)
 import numpy as np  # noqa: E402
-
-import minidl  # noqa: E402
 from seg import cli  # noqa: E402
 from seg.losses import get_loss  # noqa: E402
 from seg.train import NonFiniteLossError, train  # noqa: E402

@@ -24,6 +24,9 @@ import os
 # Numba's OpenMP threads spin-wait after each parallel loop by default. On a 2-core machine
 # that spinning steals a core from the BLAS threads of the GEMM that follows every im2col,
 # so ask them to sleep instead (must be set before libgomp starts; an explicit setting wins).
+# By default minidl/__init__.py runs Numba on one thread anyway (its measurements: a second
+# Numba thread next to the BLAS threads makes a training step slower on 2 cores); this
+# matters when NUMBA_NUM_THREADS is raised.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
@@ -216,7 +219,8 @@ def _maxpool2d_backward(gy, idx, h, w):
         where = idx[b, ch]
         for oy in range(ho):
             for ox in range(wo):
-                dst[where[oy, ox]] += g[oy, ox]
+                if where[oy, ox] >= 0:       # -1: a window of padding only, no input pixel
+                    dst[where[oy, ox]] += g[oy, ox]
     return gx.reshape(n, c, h, w)
 
 

@@ -107,13 +107,15 @@ def maxpool2d_backward(gy, idx, h, w):
     """Send each output gradient to the input pixel that won its window.
 
     gy, idx: (N, C, ho, wo) -> gx (N, C, h, w). Overlapping windows can pick the same pixel
-    more than once; those gradients add.
+    more than once; those gradients add. idx < 0 (a window of padding only) sends nothing.
     """
     n, c = gy.shape[:2]
     gx = np.zeros((n, c, h * w), dtype=gy.dtype)
     for b in range(n):
         for ch in range(c):
-            np.add.at(gx[b, ch], idx[b, ch].ravel(), gy[b, ch].ravel())
+            where, g = idx[b, ch].ravel(), gy[b, ch].ravel()
+            keep = where >= 0
+            np.add.at(gx[b, ch], where[keep], g[keep])
     return gx.reshape(n, c, h, w)
 
 

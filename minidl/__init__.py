@@ -3,7 +3,18 @@
 Start reading at tensor.py (the graph and backward), then function.py (how one op is
 written), then ops/ (the ops), nn/ (layers) and optim/ (optimizers).
 """
-from .backend import gpu_available
+import os as _os
+
+# Thread policy, set here and nowhere else: OpenBLAS keeps its default (one thread per
+# core) and the Numba kernels run on one thread, unless the environment says otherwise.
+# Measured with examples/benchmark.py on the 2-core machine (README, "Performance"): BLAS on
+# both cores makes the big U-Net's training step 25% faster than one thread, while a Numba
+# thread team on top of it (im2col, pooling, ...) spins against the BLAS threads and makes a
+# step 1.2-13x slower. Must run before Numba loads; an explicit NUMBA_NUM_THREADS wins
+# (OPENBLAS_NUM_THREADS=1 is the safer choice on a machine crowded with other jobs).
+_os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+from .backend import gpu_available  # noqa: E402
 from .grad_mode import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .tensor import Tensor, tensor
 from .function import Function
@@ -12,7 +23,7 @@ from .ops.arithmetic import matmul, maximum, minimum, where, exp, log, sqrt
 from .ops.activation import relu, sigmoid, softmax, log_softmax, tanh
 from .creation import (arange, empty, full, full_like, ones, ones_like, rand, rand_like, randint,
                        randn, randn_like, zeros, zeros_like)
-from .random import manual_seed
+from .random import get_rng_state, manual_seed, set_rng_state
 from .serialization import load, save
 from .gradcheck import gradcheck
 from . import functional, nn, optim, random

@@ -10,6 +10,10 @@ through `generator(xp)`, so `minidl.manual_seed(0)` makes a run repeatable.
 The two devices draw different streams: the same seed gives repeatable, not identical,
 numbers on CPU and GPU. Use `uniform(xp, ...)`, `normal(xp, ...)` and `integers(xp, ...)`
 rather than the generator's own methods; they hide the small API differences.
+
+`get_rng_state()` / `set_rng_state(state)` save and restore where the streams are (like
+torch.get_rng_state), as a dict of arrays and numbers that `minidl.save` can store in a
+checkpoint, so a resumed training run draws the same dropout masks as an uninterrupted one.
 """
 import sys
 
@@ -17,14 +21,19 @@ import numpy
 
 _seed = None         # the last manual_seed, or None for fresh OS entropy
 _generators = {}     # "numpy" / "cupy" -> generator
+# cuRAND keeps its place in the stream on the GPU and CuPy cannot read it out, so the GPU
+# state is "a generator freshly seeded with _cupy_seed, nothing drawn yet" (see get_rng_state).
+_cupy_seed = None    # the seed the current (or next, lazily made) CuPy generator starts from
+_cupy_drawn = False  # True once that generator was handed out for drawing
 
 
 def manual_seed(seed):
     """Seed the generators of every device (like torch.manual_seed). seed: a non-negative int."""
-    global _seed
+    global _seed, _cupy_seed, _cupy_drawn
     if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0:
         raise ValueError(f"manual_seed() needs a non-negative integer, got {seed!r}.")
     _seed = int(seed)
+    _cupy_seed, _cupy_drawn = _seed, False
     _generators["numpy"] = numpy.random.default_rng(_seed)
     # Reseed CuPy now only if it is already loaded; otherwise `generator` does it lazily.
     _generators.pop("cupy", None)
@@ -42,17 +51,111 @@ def initial_seed():
 
 
 def _make_cupy_generator(cupy):
-    return cupy.random.RandomState(_seed)
+    return cupy.random.RandomState(_seed if _cupy_seed is None else _cupy_seed)
 
 
 def generator(xp=numpy):
     """The generator for the array module `xp` (numpy or cupy)."""
+    global _cupy_drawn
     name = xp.__name__
     gen = _generators.get(name)
     if gen is None:
         gen = numpy.random.default_rng(_seed) if name == "numpy" else _make_cupy_generator(xp)
         _generators[name] = gen
+    if name != "numpy":
+        _cupy_drawn = True   # whoever asks for it may draw: its position is no longer known
     return gen
+
+
+# ----------------------------------------------------------------------------- saving the state
+# NumPy's PCG64 state holds two 128-bit integers; an .npz file holds at most 64-bit ones, so
+# each is stored as two uint64 words, high word first.
+_WORD = (1 << 64) - 1
+
+
+def _to_words(value):
+    return numpy.array([(int(value) >> 64) & _WORD, int(value) & _WORD], dtype=numpy.uint64)
+
+
+def _from_words(value):
+    """Two uint64 words -> int; a plain int (an older JSON checkpoint) is returned as is."""
+    if isinstance(value, (int, numpy.integer)):
+        return int(value)
+    words = numpy.asarray(value)
+    if words.shape != (2,) or words.dtype.kind not in "ui":
+        raise ValueError(f"a 128-bit integer of the NumPy RNG state must be 2 uint64 words, got "
+                         f"shape {words.shape} of {words.dtype}; pass the dict get_rng_state returned.")
+    return (int(words[0]) << 64) | int(words[1])
+
+
+def _fresh_cupy_seed(previous):
+    """A new 63-bit seed derived from `previous` (fresh OS entropy when it is None), so that a
+    seeded run re-seeds the GPU with the same numbers every time."""
+    entropy = None if previous is None else [int(previous), 0x6D696E69]   # 'mini': any constant
+    return int(numpy.random.SeedSequence(entropy).generate_state(1, numpy.uint64)[0] >> 1)
+
+
+def get_rng_state():
+    """Where minidl's random streams are, as a dict that minidl.save can store.
+
+    returns {"seed": the last manual_seed (int) or None,
+             "numpy": NumPy's bit_generator state, with PCG64's 128-bit integers as (2,) uint64
+                      arrays: {"bit_generator": "PCG64", "state": {"state": (2,), "inc": (2,)},
+                      "has_uint32": int, "uinteger": int},
+             "cupy": {"seed": int}}     (only when CuPy is loaded or was used)
+
+    The GPU part: cuRAND keeps its position in the stream on the device and CuPy offers no way
+    to read it, so when GPU numbers have been drawn since the last call this function re-seeds
+    CuPy's generator with a new seed derived from the old one and returns that seed. The GPU
+    stream therefore changes at each call (the same way in every run with the same
+    manual_seed), and set_rng_state brings back exactly the stream that followed the call.
+    Two calls with no GPU draw in between return the same state.
+    """
+    global _cupy_seed, _cupy_drawn
+    bits = generator(numpy).bit_generator.state
+    inner = dict(bits["state"])
+    if bits["bit_generator"] in ("PCG64", "PCG64DXSM"):
+        inner = {"state": _to_words(inner["state"]), "inc": _to_words(inner["inc"])}
+    numpy_state = {key: inner if key == "state" else value for key, value in bits.items()}
+    state = {"seed": _seed, "numpy": numpy_state}
+    if "cupy" in sys.modules or "cupy" in _generators:
+        if _cupy_drawn or _cupy_seed is None:
+            _cupy_seed, _cupy_drawn = _fresh_cupy_seed(_cupy_seed), False
+            _generators.pop("cupy", None)   # made again, from _cupy_seed, at the next draw
+        state["cupy"] = {"seed": _cupy_seed}
+    return state
+
+
+def set_rng_state(state):
+    """Put minidl's random streams back where get_rng_state(), maybe saved and loaded with
+    minidl.save/minidl.load, found them: the next draws repeat the ones that followed it.
+
+    A state without a "cupy" entry restarts the GPU stream from its "seed" (as manual_seed does).
+    """
+    global _seed, _cupy_seed, _cupy_drawn
+    if not isinstance(state, dict) or not isinstance(state.get("numpy"), dict):
+        raise ValueError("set_rng_state() needs the dict returned by minidl.get_rng_state() (with a "
+                         f"'numpy' entry), got {type(state).__name__}.")
+    seed = state.get("seed")
+    bad_seed = isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0
+    if seed is not None and bad_seed:
+        raise ValueError(f"the 'seed' of an RNG state must be a non-negative integer or None, got {seed!r}.")
+    bits = dict(state["numpy"])
+    gen = generator(numpy)
+    current = type(gen.bit_generator).__name__
+    if bits.get("bit_generator") != current:
+        raise ValueError(f"the RNG state is for a {bits.get('bit_generator')!r} generator but minidl "
+                         f"draws from {current!r}; pass a state saved by minidl.get_rng_state().")
+    inner = dict(bits["state"])
+    if current in ("PCG64", "PCG64DXSM"):
+        inner = {"state": _from_words(inner["state"]), "inc": _from_words(inner["inc"])}
+    bits["state"] = inner
+    gen.bit_generator.state = bits
+    _seed = None if seed is None else int(seed)
+    cupy_state = state.get("cupy")
+    _cupy_seed = int(cupy_state["seed"]) if isinstance(cupy_state, dict) else _seed
+    _cupy_drawn = False
+    _generators.pop("cupy", None)       # made again, from _cupy_seed, at the next GPU draw
 
 
 def _float_dtype(dtype):

@@ -1,11 +1,7 @@
 """`python -m seg ...`: see seg/cli.py for the subcommands."""
-import os
 import sys
 
-# One BLAS thread (before NumPy loads): the products are small, and a BLAS thread team on a
-# 2-core machine costs more than it saves. An explicit setting in the environment wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
+import minidl  # noqa: F401  (first: it sets the Numba thread policy, see minidl/__init__.py)
 from seg.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -83,18 +83,11 @@ def _json_from_array(a):
 
 
 def _rng_state():
-    """NumPy's global RNG state and minidl's CPU generator state, as JSON-able data."""
+    """NumPy's global RNG state, as JSON-able data (minidl's own state is stored as arrays by
+    save_checkpoint, see minidl.get_rng_state)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"numpy_global": {"name": name, "keys": keys.tolist(), "pos": int(pos),
-                              "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    getter = getattr(minidl.random, "get_rng_state", None)
-    if getter is not None:
-        state["minidl"] = getter()
-    else:
-        gen = minidl.random.generator(np)
-        # PCG64's state holds 128-bit ints: JSON keeps them exactly (as Python ints).
-        state["minidl_cpu"] = gen.bit_generator.state
-    return state
+    return {"numpy_global": {"name": name, "keys": keys.tolist(), "pos": int(pos),
+                             "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
 def _set_rng_state(state):
@@ -102,11 +95,10 @@ def _set_rng_state(state):
     if g:
         np.random.set_state((g["name"], np.asarray(g["keys"], dtype=np.uint32), g["pos"],
                              g["has_gauss"], g["cached_gaussian"]))
-    setter = getattr(minidl.random, "set_rng_state", None)
-    if "minidl" in state and setter is not None:
-        setter(state["minidl"])
-    elif "minidl_cpu" in state:
-        minidl.random.generator(np).bit_generator.state = state["minidl_cpu"]
+    if "minidl" in state:
+        minidl.set_rng_state(state["minidl"])
+    elif "minidl_cpu" in state:   # older checkpoints: the raw bit_generator state in the JSON
+        minidl.set_rng_state({"seed": minidl.random.initial_seed(), "numpy": state["minidl_cpu"]})
 
 
 def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
@@ -117,8 +109,10 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
     """
     path = os.fspath(path)
     state = {"model": dict(model.state_dict()),
-             # meta (history, config, random states with 128-bit ints) travels as JSON text.
-             "meta": _json_array(meta or {})}
+             # meta (history, config, NumPy's global RNG state) travels as JSON text.
+             "meta": _json_array(meta or {}),
+             # minidl's random streams (dropout masks, ...), so a resumed run draws the same.
+             "rng": minidl.get_rng_state()}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
@@ -155,14 +149,21 @@ def read_checkpoint_meta(path):
 
 
 def load_checkpoint(path, model, optimizer=None, scheduler=None):
-    """Load a checkpoint into model (and optimizer/scheduler when given); return its meta dict."""
+    """Load a checkpoint into model (and optimizer/scheduler when given); return its meta dict.
+
+    The meta's "rng" entry gets minidl's stored random state under "minidl" (restore it with
+    minidl.set_rng_state); loading does not change the random streams by itself.
+    """
     state = _read(path)
     model.load_state_dict(state["model"])
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    return state["meta"]
+    meta = state["meta"]
+    if state.get("rng") is not None:
+        meta.setdefault("rng", {})["minidl"] = state["rng"]
+    return meta
 
 
 # ----------------------------------------------------------------------------- the loop

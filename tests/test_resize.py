@@ -72,6 +72,19 @@ def test_interpolate_values_and_gradients(device, h, w, ho, wo, mode, align, see
     check_grad(lambda x: F.interpolate(x, **kwargs), [x], device)
 
 
+@pytest.mark.parametrize("kwargs", [dict(scale_factor=2), dict(scale_factor=(3, 2)), dict(size=(6, 9))])
+def test_nearest_integer_scale_gradient_sums_blocks(device, kwargs):
+    """Integer factors take the block-sum backward: each input pixel gets its block's sum."""
+    x = t(np.zeros((1, 2, 2, 3)), device, grad=True)
+    y = F.interpolate(x, **kwargs)
+    gy = np.random.default_rng(0).standard_normal(y.shape)
+    y.backward(t(gy, device))
+    sh, sw = y.shape[2] // 2, y.shape[3] // 3
+    expected = gy.reshape(1, 2, 2, sh, 3, sw).sum(axis=(3, 5))
+    np.testing.assert_allclose(to_numpy(x.grad.data), expected, rtol=1e-12)
+    check_grad(lambda x: F.interpolate(x, **kwargs), [np.asarray(gy[:, :, ::sh, ::sw])], device)
+
+
 def test_float32_stays_float32(device):
     x = minidl.randn(1, 2, 3, 3, device=device)
     for mode in ("nearest", "bilinear"):

@@ -91,18 +91,22 @@ def ones_(tensor):
     return _fill(tensor, 1)
 
 
-def kaiming_normal_(tensor, a=0, mode="fan_in", nonlinearity="relu"):
+def kaiming_normal_(tensor, a=0, mode="fan_in", nonlinearity="leaky_relu"):
     """He et al. (2015): N(0, std^2) with std = gain / sqrt(fan).
 
-    With the defaults (ReLU, fan_in) std = sqrt(2 / N), N = k * k * C_in for a conv weight
+    The defaults are torch's: leaky ReLU with slope a = 0, which is ReLU, so
+    std = sqrt(2 / N), N = k * k * C_in for a conv weight
     (C_out, C_in, k, k): the initialisation the U-Net paper recommends.
     """
     std = calculate_gain(nonlinearity, a) / math.sqrt(_fan(tensor, mode))
     return normal_(tensor, 0.0, std)
 
 
-def kaiming_uniform_(tensor, a=0, mode="fan_in", nonlinearity="relu"):
-    """U(-bound, bound) with bound = gain * sqrt(3 / fan): the variance of kaiming_normal_."""
+def kaiming_uniform_(tensor, a=0, mode="fan_in", nonlinearity="leaky_relu"):
+    """U(-bound, bound) with bound = gain * sqrt(3 / fan): the variance of kaiming_normal_.
+
+    Defaults as torch: nonlinearity "leaky_relu" with slope a (0 = ReLU's gain sqrt(2)).
+    """
     bound = calculate_gain(nonlinearity, a) * math.sqrt(3.0 / _fan(tensor, mode))
     return uniform_(tensor, -bound, bound)
 

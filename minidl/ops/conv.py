@@ -18,10 +18,12 @@ the matmul: (G, C_out/G, K/G) @ (n, G, K/G, L).
 
 Memory. The column buffer is kh*kw times bigger than the input (a 3x3 conv on a
 64 x 572 x 572 U-Net map needs 750 MB), so it is never kept from forward to backward
-(recomputing it is cheap next to the GEMM) and it is built in chunks: whole samples while
+(recomputing it is cheap next to the GEMM; keeping the small ones measured no faster) and it
+is built in chunks: whole samples while
 they fit in COLUMN_BUFFER_BYTES, otherwise bands of output rows of one sample. The bound
 applies to one column buffer (and the equally sized column gradient in backward); it is
-exceeded only when a single output row of one sample is larger than it.
+exceeded only when a single output row of one sample is larger than it. On the GPU the
+bounds are GPU_COLUMN_BUFFER_BYTES / GPU_TARGET_COLUMNS (big pieces, few GEMM launches).
 
 Piece size: about TARGET_COLUMNS (4096) output pixels, capped at COLUMN_BUFFER_BYTES
 (16 MiB). 4096 columns keep the GEMM efficient while the columns im2col has just written are
@@ -42,6 +44,10 @@ COLUMN_BUFFER_BYTES = 16 * 2 ** 20
 # Output pixels per piece: enough for an efficient GEMM, few enough that the columns are
 # still in cache when the GEMM reads them right after im2col wrote them.
 TARGET_COLUMNS = 4096
+# On the GPU there is no cache to stay in and every GEMM launch has a fixed cost, so the
+# pieces are as big as memory comfortably allows (a U-Net level-0 layer is one GEMM, not 80).
+GPU_COLUMN_BUFFER_BYTES = 512 * 2 ** 20
+GPU_TARGET_COLUMNS = 1 << 30
 
 
 # ---------------------------------------------------------------------- argument checking
@@ -193,17 +199,22 @@ def conv_transpose2d_geometry(x_shape, w_shape, stride=1, padding=0, output_padd
 
 
 # ---------------------------------------------------------------------- the three routines
-def _chunks(n, ho, wo, row_bytes):
+def _chunks(n, ho, wo, row_bytes, device="cpu"):
     """Split (samples, output rows) into pieces (n0, n1, r0, r1) for the column buffer.
 
     row_bytes: bytes of the column buffer for one output row of one sample. A piece covers
     about TARGET_COLUMNS output pixels (whole samples when they are that small), and never
-    more than COLUMN_BUFFER_BYTES unless one output row alone is larger.
+    more than COLUMN_BUFFER_BYTES unless one output row alone is larger. device "gpu" uses
+    the GPU_ bounds instead.
     """
-    max_rows = max(1, COLUMN_BUFFER_BYTES // row_bytes)
-    rows = min(max_rows, max(1, -(-TARGET_COLUMNS // wo)))
+    if device == "gpu":
+        budget, target = GPU_COLUMN_BUFFER_BYTES, GPU_TARGET_COLUMNS
+    else:
+        budget, target = COLUMN_BUFFER_BYTES, TARGET_COLUMNS
+    max_rows = max(1, budget // row_bytes)
+    rows = min(max_rows, max(1, -(-target // wo)))
     if rows >= ho:                      # whole samples, several per piece when they are small
-        step = max(1, min(max_rows // ho, -(-TARGET_COLUMNS // (ho * wo))))
+        step = max(1, min(max_rows // ho, -(-target // (ho * wo))))
         for n0 in range(0, n, step):
             yield n0, min(n, n0 + step), 0, ho
     else:                               # bands of output rows of one sample
@@ -252,7 +263,7 @@ def conv_forward(x, weight, g):
         # A 1x1 conv needs no im2col: the input already is its column matrix.
         xp.matmul(w_blocks, x.reshape(n, G, k // G, L), out=y)
         return y.reshape(n, c_out, g.ho, g.wo)
-    for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, k * g.wo * x.itemsize):
+    for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, k * g.wo * x.itemsize, backend.device_of(x)):
         cols = _columns(x, g, n0, n1, r0, r1).reshape(n1 - n0, G, k // G, -1)
         xp.matmul(w_blocks, cols, out=y[n0:n1, :, :, r0 * g.wo:r1 * g.wo])
     return y.reshape(n, c_out, g.ho, g.wo)
@@ -270,7 +281,8 @@ def conv_input_grad(gy, weight, g, in_shape):
     dtype = xp.result_type(gy.dtype, weight.dtype)
     if g.kh == g.kw == 1 and g.sh == g.sw == 1 and g.ph == g.pw == 0 and (g.ho, g.wo) == (h, w):
         return xp.matmul(w_t, gy_blocks).reshape(in_shape)
-    pieces = list(_chunks(n, g.ho, g.wo, k * g.wo * xp.dtype(dtype).itemsize))
+    pieces = list(_chunks(n, g.ho, g.wo, k * g.wo * xp.dtype(dtype).itemsize,
+                          backend.device_of(gy)))
     gx = None if len(pieces) == 1 else xp.zeros(in_shape, dtype=dtype)
     for n0, n1, r0, r1 in pieces:
         gcols = xp.matmul(w_t, gy_blocks[n0:n1, :, :, r0 * g.wo:r1 * g.wo])
@@ -297,16 +309,27 @@ def conv_weight_grad(x, gy, g, w_shape):
     k, L = c * g.kh * g.kw, g.ho * g.wo
     gy_blocks = gy.reshape(n, G, c_out // G, L)
     gw = xp.zeros((G, c_out // G, k // G), dtype=xp.result_type(x.dtype, gy.dtype))
+
+    def accumulate(gy_s, cols_s):
+        """gw += gy_s (G, C_out/G, l) @ cols_s (G, K/G, l).T per group."""
+        if G == 1:
+            # 2-D: the .T of a C-contiguous matrix is F-contiguous, which BLAS and cuBLAS
+            # take as a transpose flag, so the big column buffer is never copied (a batched
+            # 3-D matmul on a transposed view may copy it, CuPy's does).
+            gw[0] += xp.matmul(gy_s[0], cols_s[0].T)
+        else:  # grouped convs: small blocks, one batched product
+            gw[...] += xp.matmul(gy_s, cols_s.transpose(0, 2, 1))
+
+    # One product per sample keeps the temporary at (C_out, K).
     if (g.kh == g.kw == 1 and g.sh == g.sw == 1 and g.ph == g.pw == 0
             and (g.ho, g.wo) == x.shape[2:]):      # 1x1: the input is its own column matrix
         for s in range(n):
-            gw += xp.matmul(gy_blocks[s], x[s].reshape(G, k // G, L).transpose(0, 2, 1))
+            accumulate(gy_blocks[s], x[s].reshape(G, k // G, L))
         return gw.reshape(w_shape)
-    for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, k * g.wo * x.itemsize):
+    for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, k * g.wo * x.itemsize, backend.device_of(x)):
         cols = _columns(x, g, n0, n1, r0, r1).reshape(n1 - n0, G, k // G, -1)
-        for s in range(n1 - n0):  # one GEMM per sample keeps the temporary at (C_out, K)
-            gw += xp.matmul(gy_blocks[n0 + s, :, :, r0 * g.wo:r1 * g.wo],
-                            cols[s].transpose(0, 2, 1))
+        for s in range(n1 - n0):
+            accumulate(gy_blocks[n0 + s, :, :, r0 * g.wo:r1 * g.wo], cols[s])
     return gw.reshape(w_shape)
 
 

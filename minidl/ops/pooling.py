@@ -144,10 +144,13 @@ def max_unpool2d(x, indices, kernel_size, stride=None, padding=0, output_size=No
                         f"return_indices=True), got dtype {idx.dtype}.")
     xp = backend.get_array_module(xa)
     idx = xp.ascontiguousarray(idx, dtype=numpy.int64)
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= out[0] * out[1]):
-        raise ValueError(f"{op}: indices must lie in [0, {out[0] * out[1]}) for an output of "
-                         f"{out[0]}x{out[1]}, got the range [{int(idx.min())}, {int(idx.max())}]; "
-                         "pass the output_size of the map that was pooled.")
+    if idx.size:
+        # Both bounds in one device-to-host transfer (one sync on the GPU, not four).
+        lo, hi = (int(v) for v in backend.to_numpy(xp.stack([idx.min(), idx.max()])))
+        if lo < 0 or hi >= out[0] * out[1]:
+            raise ValueError(f"{op}: indices must lie in [0, {out[0] * out[1]}) for an output "
+                             f"of {out[0]}x{out[1]}, got the range [{lo}, {hi}]; pass the "
+                             "output_size of the map that was pooled.")
     return MaxUnpool2d.apply(x, idx=idx, out_hw=out)
 
 

@@ -33,8 +33,17 @@ def nearest_indices(n_in, n_out, scale_factor=None):
     return numpy.minimum(src, n_in - 1)
 
 
+def integer_factor(index, n_in):
+    """s when `index` (numpy) is o // s for an output of exactly n_in * s, otherwise None."""
+    s = len(index) // n_in
+    if s >= 1 and len(index) == n_in * s and numpy.array_equal(index, numpy.arange(len(index)) // s):
+        return s
+    return None
+
+
 class Nearest(Function):
-    """Params: rows (ho,), cols (wo,) index arrays on x's device."""
+    """Params: rows (ho,), cols (wo,) index arrays on x's device; factors: (sh, sw) when the
+    output is exactly an integer multiple of the input (each input pixel an s x s block)."""
 
     def forward(self, x):
         self.in_shape = x.shape
@@ -43,6 +52,11 @@ class Nearest(Function):
     def backward(self, gy):
         xp = backend.get_array_module(gy)
         n, c, h, w = self.in_shape
+        if self.factors is not None:
+            # Each input pixel fed one sh x sw block: sum the blocks (deterministic, and a
+            # plain reduction instead of two scatter-adds).
+            sh, sw = self.factors
+            return gy.reshape(n, c, h, sh, w, sw).sum(axis=(3, 5))
         across = xp.zeros((n, c, gy.shape[2], w), dtype=gy.dtype)
         scatter_add(across, (slice(None), slice(None), slice(None), self.cols), gy)
         gx = xp.zeros(self.in_shape, dtype=gy.dtype)
@@ -98,8 +112,9 @@ def interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=N
         raise ValueError(f"interpolate: the output size {out} must be positive (input {h}x{w}).")
     if mode == "nearest":
         xp = backend.get_array_module(xa)
-        rows = xp.asarray(nearest_indices(h, out[0], scales[0]))
-        cols = xp.asarray(nearest_indices(w, out[1], scales[1]))
-        return Nearest.apply(x, rows=rows, cols=cols)
+        rows, cols = nearest_indices(h, out[0], scales[0]), nearest_indices(w, out[1], scales[1])
+        factors = (integer_factor(rows, h), integer_factor(cols, w))
+        return Nearest.apply(x, rows=xp.asarray(rows), cols=xp.asarray(cols),
+                             factors=None if None in factors else factors)
     return Bilinear.apply(x, out_hw=out, align_corners=bool(align_corners))
 
