@@ -18,7 +18,6 @@ Each writes a PNG of inputs next to outputs into --out (default runs/autoencoder
 The models and losses live in seg/autoencoders.py.
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,16 +32,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import minidl  # noqa: E402
-from seg import autoencoders as ae  # noqa: E402
+from seg import autoencoders as ae, plots  # noqa: E402
 
 
 def save_figure(fig, path):
-    """Write a PNG atomically (temp file, then rename), so a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    print(f"  wrote {path}")
+    print(f"  wrote {plots.save_figure(fig, path, bbox_inches='tight')}")
 
 
 def image_rows(rows, titles, path, size):

@@ -176,25 +176,9 @@ def training_step_benchmark(clock, args):
 
     peak_used = pool_total = None
     if clock.cp is not None:
-        # Peak memory of one step: the high-water mark of bytes in use in CuPy's pool,
-        # sampled after every allocation by a memory hook.
-        cp = clock.cp
-        pool = cp.get_default_memory_pool()
-
-        class PeakHook(cp.cuda.MemoryHook):
-            name = "minidl_peak"
-
-            def __init__(self):
-                self.peak = pool.used_bytes()
-
-            def malloc_postprocess(self, **kwargs):
-                self.peak = max(self.peak, pool.used_bytes())
-
-        hook = PeakHook()
-        with hook:
-            step()
-        clock.sync()
-        peak_used, pool_total = hook.peak, pool.total_bytes()
+        # Peak memory of one step: the high-water mark of bytes in use in CuPy's pool.
+        _, peak_used = backend.gpu_peak_memory(step)
+        pool_total = clock.cp.get_default_memory_pool().total_bytes()
 
     median, times = clock.time(step, warmup=0, iters=args.iters)
     loss = float(step().item())

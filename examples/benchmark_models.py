@@ -89,22 +89,7 @@ def run_one(name, options, classes, size, device, warmup, repeat):
         step()
     peak_gpu = None
     if device == "gpu":
-        cp = backend.require_cupy()
-        pool = cp.get_default_memory_pool()
-
-        class PeakHook(cp.cuda.MemoryHook):
-            name = "benchmark_models_peak"
-
-            def __init__(self):
-                self.peak = pool.used_bytes()
-
-            def malloc_postprocess(self, **kwargs):
-                self.peak = max(self.peak, pool.used_bytes())
-
-        hook = PeakHook()
-        with hook:
-            step()
-        peak_gpu = hook.peak
+        _, peak_gpu = backend.gpu_peak_memory(step)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import minidl  # noqa: E402
 from minidl import optim  # noqa: E402
 from seg import classical as C  # noqa: E402
-from seg import metrics, models  # noqa: E402
+from seg import metrics, models, plots  # noqa: E402
 from seg.data import DataLoader, Dataset, synthetic_image  # noqa: E402
 from seg.losses import CEDiceLoss  # noqa: E402
 from seg.train import load_checkpoint, read_checkpoint_meta, train  # noqa: E402
@@ -143,11 +143,7 @@ def unet_predict(model, config, image):
 
 # ----------------------------------------------------------------------------- figures
 def save_figure(fig, path):
-    tmp = f"{path}.tmp"
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    print(f"  wrote {path}")
+    print(f"  wrote {plots.save_figure(fig, path, bbox_inches='tight')}")
 
 
 def filter_gallery(image, path):

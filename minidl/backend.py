@@ -102,3 +102,28 @@ def to_numpy(a):
     if is_gpu_array(a):
         return a.get()
     return numpy.asarray(a)
+
+
+def gpu_peak_memory(fn):
+    """Run fn() once on the GPU and return (result, peak bytes in use in CuPy's memory pool).
+
+    The peak is sampled after every allocation by a CuPy memory hook, so it is the real
+    high-water mark of one call (benchmarks use it; the pool's total also counts cached blocks).
+    """
+    cp = require_cupy()
+    pool = cp.get_default_memory_pool()
+
+    class PeakHook(cp.cuda.MemoryHook):
+        name = "minidl_peak"
+
+        def __init__(self):
+            self.peak = pool.used_bytes()
+
+        def malloc_postprocess(self, **kwargs):
+            self.peak = max(self.peak, pool.used_bytes())
+
+    hook = PeakHook()
+    with hook:
+        result = fn()
+    cp.cuda.Stream.null.synchronize()
+    return result, hook.peak

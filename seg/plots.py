@@ -20,13 +20,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path):
+def save_figure(fig, path, bbox_inches=None):
+    """Write `fig` as a PNG atomically (temp file, then rename) and close it; returns the path."""
     plt = _pyplot()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     try:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches=bbox_inches)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -68,7 +69,7 @@ def plot_curves(history, path):
     ax_score.legend(loc="lower right")
     ax_score.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _gray(image):
@@ -121,4 +122,4 @@ def plot_samples(images, masks, preds, path, title=None, max_rows=4):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
