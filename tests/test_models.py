@@ -380,3 +380,11 @@ def test_models_table_rows_match_references():
     assert rows[0]["params"] == rows[0]["reference"] == 29_449_355
     assert rows[2]["reference"] is None and rows[2]["output_stride"] == 4
     assert "29,449,355" in summary.format_table(rows)
+
+
+def test_seg_package_exposes_its_submodules_on_first_use():
+    import seg
+    assert "unet" in seg.models.available()
+    assert callable(seg.crf.dense_crf) and callable(seg.metrics.mean_dice)
+    with pytest.raises(AttributeError, match="no attribute"):
+        seg.not_a_module
