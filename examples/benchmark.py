@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 from minidl import functional as F  # noqa: E402
 from minidl import optim  # noqa: E402
 from minidl.ops import conv as conv_ops  # noqa: E402
-from benchmark_gpu import ConvRecorder, conv_macs, gemm_shapes  # noqa: E402
+from benchmark_gpu import ConvRecorder, conv_macs, gemm_shapes, layer_op  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,15 +130,9 @@ def record_layers(model, x):
 # ---------------------------------------------------------------------------- 1 + 2: layers
 def layer_closures(layer, rng):
     """(forward, forward+backward) closures running one recorded conv layer in minidl."""
-    g = layer["geom"]
     x = minidl.tensor(rng.standard_normal(layer["x"], dtype=np.float32), requires_grad=True)
     w = minidl.tensor(0.05 * rng.standard_normal(layer["w"], dtype=np.float32), requires_grad=True)
-    if layer["kind"] == "conv":
-        op, params = conv_ops.Conv2d, dict(geom=g)
-        out_shape = (layer["x"][0], layer["w"][0], g.ho, g.wo)
-    else:
-        op, params = conv_ops.ConvTranspose2d, dict(geom=g, out_shape=layer["out"])
-        out_shape = layer["out"]
+    op, params, out_shape = layer_op(layer)
     gy = rng.standard_normal(out_shape, dtype=np.float32)
 
     def forward():

@@ -205,16 +205,18 @@ def per_layer_benchmark(clock, layers, iters):
     return rows
 
 
-def _measure_layer(clock, layer, iters):
+def layer_op(layer):
+    """(Function class, its parameters, output shape) that re-runs one recorded conv layer."""
     g = layer["geom"]
+    if layer["kind"] == "conv":
+        return conv_ops.Conv2d, dict(geom=g), (layer["x"][0], layer["w"][0], g.ho, g.wo)
+    return conv_ops.ConvTranspose2d, dict(geom=g, out_shape=layer["out"]), layer["out"]
+
+
+def _measure_layer(clock, layer, iters):
     x = minidl.tensor(clock.randn(*layer["x"]), requires_grad=True)
     w = minidl.tensor(clock.randn(*layer["w"]), requires_grad=True)
-    if layer["kind"] == "conv":
-        op, params = conv_ops.Conv2d, dict(geom=g)
-        out_shape = (layer["x"][0], layer["w"][0], g.ho, g.wo)
-    else:
-        op, params = conv_ops.ConvTranspose2d, dict(geom=g, out_shape=layer["out"])
-        out_shape = layer["out"]
+    op, params, out_shape = layer_op(layer)
     gy = clock.xp.ones(out_shape, dtype=np.float32)
 
     def run():
@@ -231,7 +233,7 @@ def _measure_layer(clock, layer, iters):
         a.transpose(0, 2, 1) @ gout               # input gradient (before col2im)
         gout @ cols.transpose(0, 2, 1)            # weight gradient
     t_gemm, _ = clock.time(gemms, warmup=1, iters=iters)
-    return dict(kind=layer["kind"], x=layer["x"], w=layer["w"], stride=(g.sh, g.sw),
+    return dict(kind=layer["kind"], x=layer["x"], w=layer["w"], stride=(layer["geom"].sh, layer["geom"].sw),
                 conv_ms=t_conv * 1e3, conv_tflops=flops / t_conv / 1e12,
                 gemm_ms=t_gemm * 1e3, gemm_tflops=flops / t_gemm / 1e12)
 
