@@ -195,14 +195,23 @@ def training_step_benchmark(clock, args):
 
 def per_layer_benchmark(clock, layers, iters):
     """Forward + backward of each distinct convolution, and the same GEMMs as plain matmuls."""
-    seen, rows = set(), []
+    rows = {}
     for layer in layers:
         g = layer["geom"]
         key = (layer["kind"], layer["x"], layer["w"], g.args(), g.ho, g.wo, g.groups)
-        if key not in seen:
-            seen.add(key)
-            rows.append(_measure_layer(clock, layer, iters))
-    return rows
+        if key not in rows:
+            rows[key] = _measure_layer(clock, layer, iters)
+        rows[key]["count"] += 1          # how often the network runs this shape, for the totals
+    return list(rows.values())
+
+
+def all_layers_rate(rows):
+    """Forward + backward of every conv of the network (each distinct one times its count):
+    (TFLOP/s of minidl, TFLOP/s of the same GEMMs alone)."""
+    flops = sum(r["count"] * r["flops"] for r in rows)
+    conv_s = sum(r["count"] * r["conv_ms"] for r in rows) / 1e3
+    gemm_s = sum(r["count"] * r["gemm_ms"] for r in rows) / 1e3
+    return flops / conv_s / 1e12, flops / gemm_s / 1e12
 
 
 def layer_op(layer):
@@ -234,7 +243,7 @@ def _measure_layer(clock, layer, iters):
         gout @ cols.transpose(0, 2, 1)            # weight gradient
     t_gemm, _ = clock.time(gemms, warmup=1, iters=iters)
     return dict(kind=layer["kind"], x=layer["x"], w=layer["w"], stride=(layer["geom"].sh, layer["geom"].sw),
-                conv_ms=t_conv * 1e3, conv_tflops=flops / t_conv / 1e12,
+                count=0, flops=flops, conv_ms=t_conv * 1e3, conv_tflops=flops / t_conv / 1e12,
                 gemm_ms=t_gemm * 1e3, gemm_tflops=flops / t_gemm / 1e12)
 
 
@@ -287,6 +296,13 @@ def main(argv=None):
                   f"{r['conv_ms']:8.2f} ms {r['conv_tflops']:6.2f} TF/s  "
                   f"{r['gemm_ms']:8.2f} ms {r['gemm_tflops']:6.2f} TF/s  "
                   f"({100 * r['conv_tflops'] / max(r['gemm_tflops'], 1e-12):.0f}%)")
+        conv_rate, gemm_rate = all_layers_rate(rows)
+        result.update(all_convs_fwd_bwd_tflops=conv_rate, all_convs_same_gemms_tflops=gemm_rate,
+                      conv_to_matmul_ratio=conv_rate / peak)
+        print(f"\n  all {len(layers)} convs, forward + backward: {conv_rate:.2f} TFLOP/s = "
+              f"{100 * conv_rate / peak:.0f}% of the {args.matmul_size}^3 matmul rate "
+              f"({100 * conv_rate / max(gemm_rate, 1e-12):.0f}% of their own GEMMs' "
+              f"{gemm_rate:.2f} TFLOP/s)")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
