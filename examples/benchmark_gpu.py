@@ -235,12 +235,19 @@ def _measure_layer(clock, layer, iters):
     flops = 3 * 2 * conv_macs(layer)
 
     groups, m, k, length = gemm_shapes(layer)
-    a, cols, gout = clock.randn(groups, m, k), clock.randn(groups, k, length), clock.randn(groups, m, length)
+    # 2-D operands when there is one group: cuBLAS then takes every transpose as a flag (a
+    # batched product of transposed views may copy its operand first, and is no ceiling).
+    lead = (groups,) if groups > 1 else ()
+    a, cols, gout = (clock.randn(*lead, m, k), clock.randn(*lead, k, length),
+                     clock.randn(*lead, m, length))
+
+    def t(v):
+        return v.swapaxes(-1, -2)
 
     def gemms():
         a @ cols                                  # forward
-        a.transpose(0, 2, 1) @ gout               # input gradient (before col2im)
-        gout @ cols.transpose(0, 2, 1)            # weight gradient
+        t(a) @ gout                               # input gradient (before col2im)
+        gout @ t(cols)                            # weight gradient
     t_gemm, _ = clock.time(gemms, warmup=1, iters=iters)
     return dict(kind=layer["kind"], x=layer["x"], w=layer["w"], stride=(layer["geom"].sh, layer["geom"].sw),
                 count=0, flops=flops, conv_ms=t_conv * 1e3, conv_tflops=flops / t_conv / 1e12,

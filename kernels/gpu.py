@@ -47,29 +47,34 @@ _GRID_STRIDE = ("for (I t = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; t < 
                 "t += (I)blockDim.x * (I)gridDim.x)")
 
 IM2COL_SRC = r"""
-// cols (N, C*kh*kw, ho*wo) from x (N, C, H, W): one thread per element of cols.
-// Row (c, i, j) of cols is channel c seen through kernel tap (i, j); padding reads 0.
+// cols (N, C*kh*kw, ho*wo) from x (N, C, H, W). One thread per (n, c, oy, ox) writes that
+// output position's kh*kw taps of channel c: rows (c, i, j) of cols, one row apart (L).
+// Padding reads 0. Why not one thread per element of cols: the index arithmetic (integer
+// divisions, emulated in software on a GPU) then costs more than moving the data; here it
+// is done once per kh*kw elements. Neighbouring threads (ox, ox+1) still write neighbouring
+// addresses in every row, so the stores stay coalesced.
 extern "C" __global__ void im2col_kernel(
         const T* x, T* cols, const I total,
         const I C, const I H, const I W,
         const I kh, const I kw, const I sh, const I sw,
         const I ph, const I pw, const I dh, const I dw,
         const I ho, const I wo) {
+    const I L = ho * wo;
     GRID_STRIDE {
         I r = t;
         const I ox = r % wo; r /= wo;
-        const I oy = r % ho; r /= ho;
-        const I j = r % kw;  r /= kw;
-        const I i = r % kh;  r /= kh;
-        const I c = r % C;
-        const I n = r / C;
-        const I iy = oy * sh - ph + i * dh;
-        const I ix = ox * sw - pw + j * dw;
-        T v = (T)0;
-        if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
-            v = x[((n * C + c) * H + iy) * W + ix];
+        const I oy = r % ho; r /= ho;           // now r = n * C + c
+        const T* plane = x + r * H * W;
+        T* out = cols + r * kh * kw * L + oy * wo + ox;   // row (n, c, i=0, j=0)
+        const I y0 = oy * sh - ph, x0 = ox * sw - pw;
+        for (I i = 0; i < kh; ++i) {
+            const I iy = y0 + i * dh;
+            const bool row_inside = iy >= 0 && iy < H;
+            for (I j = 0; j < kw; ++j, out += L) {
+                const I ix = x0 + j * dw;
+                *out = (row_inside && ix >= 0 && ix < W) ? plane[iy * W + ix] : (T)0;
+            }
         }
-        cols[t] = v;
     }
 }
 """
@@ -78,31 +83,33 @@ COL2IM_SRC = r"""
 // x (N, C, H, W) = sum of the cols entries that im2col copied from each pixel.
 // A gather: one thread per pixel visits the kh*kw taps; tap (i, j) was read by output
 // position (oy, ox) only if iy + ph - i*dh is a non-negative multiple of sh (same for x).
+// Stride 1 (most layers) skips the divisibility test, which costs an integer division.
 extern "C" __global__ void col2im_kernel(
         const T* cols, T* x, const I total,
         const I C, const I H, const I W,
         const I kh, const I kw, const I sh, const I sw,
         const I ph, const I pw, const I dh, const I dw,
         const I ho, const I wo) {
+    const I L = ho * wo;
     GRID_STRIDE {
         I r = t;
         const I ix = r % W; r /= W;
-        const I iy = r % H; r /= H;
-        const I c = r % C;
-        const I n = r / C;
-        const I L = ho * wo;
+        const I iy = r % H; r /= H;             // now r = n * C + c
+        const T* rows = cols + r * kh * kw * L; // row (n, c, i=0, j=0)
         T s = (T)0;
         for (I i = 0; i < kh; ++i) {
             const I ty = iy + ph - i * dh;      // = oy * sh
-            if (ty < 0 || ty % sh != 0) continue;
-            const I oy = ty / sh;
+            if (ty < 0) break;                  // ty only falls as i grows
+            if (sh != 1 && ty % sh != 0) continue;
+            const I oy = sh == 1 ? ty : ty / sh;
             if (oy >= ho) continue;
             for (I j = 0; j < kw; ++j) {
                 const I tx = ix + pw - j * dw;  // = ox * sw
-                if (tx < 0 || tx % sw != 0) continue;
-                const I ox = tx / sw;
+                if (tx < 0) break;
+                if (sw != 1 && tx % sw != 0) continue;
+                const I ox = sw == 1 ? tx : tx / sw;
                 if (ox >= wo) continue;
-                s += cols[(((n * C + c) * kh + i) * kw + j) * L + oy * wo + ox];
+                s += rows[(i * kw + j) * L + oy * wo + ox];
             }
         }
         x[t] = s;
@@ -369,8 +376,9 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     x, dtype = _float_input(x, "im2col")
     n, c, h, w = x.shape
     cols = _xp().empty((n, c * kh * kw, ho * wo), dtype=dtype)
-    _launch("im2col_kernel", dtype, cols.size,
-            (x, cols) + _i(cols.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+    total = n * c * ho * wo        # threads: one per (n, c, oy, ox), each writing kh*kw values
+    _launch("im2col_kernel", dtype, total,
+            (x, cols) + _i(total, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
     return cols
 
 

@@ -56,6 +56,12 @@ class ndarray(np.ndarray):
     def get(self, stream=None, order="C", out=None):
         return np.array(self.view(np.ndarray), copy=True, order=order)
 
+    @property
+    def data(self):
+        # cupy.ndarray.data is a device MemoryPointer, not a buffer of the values: code that
+        # reads values through it works on NumPy and breaks on the GPU, so here it breaks too.
+        return _MemoryPointer()
+
     def __getattribute__(self, name):
         if name in MISSING_METHODS:
             raise AttributeError(f"cupy.ndarray has no attribute {name!r} (fake CuPy)")
@@ -79,6 +85,10 @@ class ndarray(np.ndarray):
     def __array_function__(self, func, types_, args, kwargs):
         _refuse_host(args, f"numpy.{func.__name__} on cupy arrays")
         return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+
+class _MemoryPointer:
+    """Stands in for cupy.cuda.MemoryPointer: an address, nothing NumPy can read values from."""
 
 
 ndarray.__module__ = "cupy._core.core"
@@ -245,6 +255,9 @@ class _RandomState:
     """cupy.random.RandomState's signatures (dtype= on the samplers) over NumPy's generator."""
 
     def __init__(self, seed=None):
+        # CuPy takes any 64-bit seed; NumPy's RandomState only 32-bit ones: fold it.
+        if seed is not None:
+            seed = int(np.random.SeedSequence(int(seed)).generate_state(1)[0])
         self._rs = np.random.RandomState(seed)
 
     def random_sample(self, size=None, dtype=float):
