@@ -234,23 +234,46 @@ def cold_start(cache_dir):
 
 # ---------------------------------------------------------------------------- 5: overhead
 def op_overhead(repeat):
-    """Microseconds per call of a few ops on 4-element tensors: the forward alone, and
-    op(...).sum().backward() (two ops, a graph walk and gradient accumulation)."""
+    """Microseconds per op on 4-element tensors (Python, graph and dispatch, not arithmetic):
+
+    forward_us           one call of the op, recording the graph;
+    forward_backward_us  op(x).sum().backward(): two ops, one graph walk, accumulation;
+    chained_us           the forward + backward cost of one op inside a chain of CHAIN ops
+                         ending in .sum().backward(): (T(chain) - T(no chain)) / CHAIN, so the
+                         fixed cost of starting a backward pass is not charged to every op.
+    """
+    chain, calls, out = 20, 2000, {}
     a = minidl.tensor(np.ones(4, np.float32), requires_grad=True)
     b = minidl.tensor(np.ones(4, np.float32), requires_grad=True)
-    ops = {"add": lambda: a + b, "mul": lambda: a * b, "relu": lambda: F.relu(a),
-           "sum": lambda: a.sum(), "matmul": lambda: a.reshape(2, 2) @ b.reshape(2, 2)}
-    calls, out = 2000, {}
-    for name, fn in ops.items():
-        def forward(fn=fn):
+    a2 = minidl.tensor(np.ones((2, 2), np.float32), requires_grad=True)
+    m = minidl.tensor(np.eye(2, dtype=np.float32), requires_grad=True)
+    ops = {"add": (lambda y: y + b, a), "mul": (lambda y: y * b, a),
+           "relu": (lambda y: F.relu(y), a), "sum": (lambda y: y.sum(), a),
+           "matmul": (lambda y: y @ m, a2)}
+    for name, (fn, x) in ops.items():
+        def forward(fn=fn, x=x):
             for _ in range(calls):
-                fn()
+                fn(x)
 
-        def backward(fn=fn):
+        def backward(fn=fn, x=x):
             for _ in range(calls // 4):
-                fn().sum().backward()
-        t_f, t_b = best_times([forward, backward], repeat)
-        out[name] = dict(forward_us=t_f / calls * 1e6, forward_backward_us=t_b / (calls // 4) * 1e6)
+                fn(x).sum().backward()
+
+        def chained(fn=fn, x=x, length=chain):
+            for _ in range(calls // chain):
+                y = x
+                for _ in range(length):
+                    y = fn(y)
+                y.sum().backward()
+        if name == "sum":      # a scalar does not chain
+            t_f, t_b = best_times([forward, backward], repeat)
+            per_op = None
+        else:
+            t_f, t_b, t_c, t_0 = best_times([forward, backward, chained,
+                                             lambda c=chained: c(length=0)], repeat)
+            per_op = (t_c - t_0) / (calls // chain) / chain * 1e6
+        out[name] = dict(forward_us=t_f / calls * 1e6, forward_backward_us=t_b / (calls // 4) * 1e6,
+                         chained_us=per_op)
     return out
 
 
@@ -329,9 +352,11 @@ def main(argv=None):
               f"{cold:.1f} s without Numba's cache, {cached:.1f} s with it")
 
     result["overhead_us"] = op_overhead(repeat)
-    print("\n[5] per-op overhead on 4-element tensors, microseconds: "
-          + ", ".join(f"{k} {v['forward_us']:.1f} (with .sum().backward() {v['forward_backward_us']:.1f})"
-                      for k, v in result["overhead_us"].items()))
+    print("\n[5] per-op overhead on 4-element tensors, microseconds")
+    print("  op       forward   op().sum().backward()   forward+backward per op in a chain")
+    for k, v in result["overhead_us"].items():
+        chained = "" if v["chained_us"] is None else f"{v['chained_us']:8.1f}"
+        print(f"  {k:8s} {v['forward_us']:7.1f} {v['forward_backward_us']:16.1f} {chained:>24s}")
     result["machine"]["load_average_end"] = os.getloadavg()[0]
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

@@ -37,24 +37,32 @@ class Function:
         return cls(**params)(*inputs)
 
     def __call__(self, *inputs):
-        # This runs once per op, so it is written for speed: the device check only when
-        # there are several inputs, the graph bookkeeping only when a gradient is wanted.
-        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
+        # This runs once per op, so it is written for speed (plain loops, no generators): the
+        # device check only when there are several inputs, the graph bookkeeping only when
+        # a gradient is wanted.
+        grad_on = is_grad_enabled()
+        arrays, needs, any_need = [], [], False
+        for x in inputs:
+            if isinstance(x, Tensor):
+                arrays.append(x.data)
+                need = grad_on and x.requires_grad
+                any_need = any_need or need
+            else:
+                arrays.append(x)
+                need = False
+            needs.append(need)
         if len(arrays) > 1:
             _check_one_device(self, arrays)
-        needs = None
-        if is_grad_enabled():
-            needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
-            if True in needs:
-                self.needs_input_grad = needs
-            else:
-                needs = None
+        if any_need:
+            self.needs_input_grad = tuple(needs)
         out = Tensor._wrap(self.forward(*arrays))
-        if needs is not None:
+        if any_need:
             # Parents: the leaf tensor itself (its .grad is filled), the node that made a
             # non-leaf tensor, or None for inputs that need no gradient.
-            self.parents = tuple((x if x._node is None else x._node) if need else None
-                                 for x, need in zip(inputs, needs))
+            parents = []
+            for x, need in zip(inputs, needs):
+                parents.append(None if not need else x if x._node is None else x._node)
+            self.parents = tuple(parents)
             out.requires_grad = True
             out._node = self
         return out

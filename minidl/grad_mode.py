@@ -2,11 +2,16 @@
 import contextlib
 import threading
 
-_state = threading.local()
+class _GradMode(threading.local):
+    """Per-thread switch; the class attribute is the default every new thread starts with."""
+    enabled = True
+
+
+_state = _GradMode()
 
 
 def is_grad_enabled():
-    return getattr(_state, "enabled", True)
+    return _state.enabled
 
 
 def set_grad_enabled(enabled):

@@ -20,17 +20,31 @@ def _kept_shape(shape, axes):
     return tuple(1 if i in axes else n for i, n in enumerate(shape))
 
 
+def _spread(g, kept, shape):
+    """g (the reduced shape) copied back over the reduced axes: (kept) -> (shape).
+
+    A new array rather than numpy.broadcast_to's view: broadcast_to's Python-level checks
+    cost more than the copy for every small tensor, and a big reduction's gradient is read
+    in full by the next backward anyway.
+    """
+    out = backend.get_array_module(g).empty(shape, dtype=g.dtype)
+    out[...] = g.reshape(kept)
+    return out
+
+
 class Sum(Function):
     def forward(self, x):
         self.shape = x.shape
+        if self.axis is None:       # the common case (a loss), without the axis bookkeeping
+            self.kept = (1,) * x.ndim
+            return x.sum(keepdims=self.keepdims)
         axes = _normalize_axis(self.axis, x.ndim)
         self.kept = _kept_shape(x.shape, axes)
         return x.sum(axis=axes, keepdims=self.keepdims)
 
     def backward(self, gy):
-        # Every input element contributed once: broadcast gy back (a view, no copy).
-        xp = backend.get_array_module(gy)
-        return xp.broadcast_to(gy.reshape(self.kept), self.shape)
+        # Every input element contributed once.
+        return _spread(gy, self.kept, self.shape)
 
 
 class Mean(Function):
@@ -48,8 +62,7 @@ class Mean(Function):
         return total / total.dtype.type(self.count)
 
     def backward(self, gy):
-        xp = backend.get_array_module(gy)
-        return xp.broadcast_to(gy.reshape(self.kept) / gy.dtype.type(self.count), self.shape)
+        return _spread(gy / gy.dtype.type(self.count), self.kept, self.shape)
 
 
 class Max(Function):
