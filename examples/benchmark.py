@@ -66,17 +66,26 @@ QUICK_BIG = (dict(depth=4, features_root=32, padding="same", batch_norm=False), 
 
 
 # ---------------------------------------------------------------------------- helpers
-def best_times(fns, repeat):
-    """Best-of-`repeat` seconds of each function, the runs interleaved (a, b, c, a, b, c, ...)
-    so that every function sees the same machine load; one warm-up call each first."""
+def best_times(fns, repeat, min_seconds=0.02):
+    """Best-of-`repeat` seconds per call of each function, the runs interleaved (a, b, c, a,
+    b, c, ...) so that every function sees the same machine load.
+
+    A warm-up call each first (it also sizes the sample); then every sample calls the
+    function often enough to last about min_seconds, because one call of a sub-millisecond
+    layer is mostly timer noise and first-touch page faults of freshly allocated buffers.
+    """
+    calls = []
     for fn in fns:
+        t0 = time.perf_counter()
         fn()
+        calls.append(max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-9))))
     best = [float("inf")] * len(fns)
     for _ in range(repeat):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
+            for _ in range(calls[i]):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - t0) / calls[i])
     return best
 
 

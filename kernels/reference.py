@@ -192,3 +192,43 @@ def bilinear_backward(gy, h, w, align_corners):
             gx[:, :, y1[oy], x0[ox]] += a1[oy] * b0[ox] * g
             gx[:, :, y1[oy], x1[ox]] += a1[oy] * b1[ox] * g
     return gx.astype(gy.dtype)
+
+
+# ---------------------------------------------------------------------- batch normalisation
+# x is viewed as (N, C, S): S = H*W for images, 1 for (N, C) features. Statistics are per
+# channel, over the N*S values of that channel. Written with array methods and operators
+# only, so the same code also runs on CuPy arrays (kernels/gpu.py uses it as it is).
+def batchnorm_stats(x):
+    """x (N, C, S) -> per-channel mean and biased variance, each (C,), in x's dtype."""
+    return x.mean(axis=(0, 2)), x.var(axis=(0, 2))
+
+
+def batchnorm_forward(x, mean, inv_std, scale, shift):
+    """x (N, C, S); mean, inv_std, scale, shift (C,) -> (y, xhat), both (N, C, S):
+
+        xhat = (x - mean) * inv_std,   y = xhat * scale + shift   (per channel)
+    """
+    xhat = (x - mean[:, None]) * inv_std[:, None]
+    return xhat * scale[:, None] + shift[:, None], xhat
+
+
+def batchnorm_backward(gy, xhat, inv_std, scale, training):
+    """Gradients of batchnorm_forward: gy, xhat (N, C, S); inv_std, scale (C,) ->
+    (gx (N, C, S), gscale (C,), gshift (C,)).
+
+        gshift = sum(gy),  gscale = sum(gy * xhat)                       (per channel)
+        training: gx = scale * inv_std * (gy - mean(gy) - xhat * mean(gy * xhat))
+        eval:     gx = scale * inv_std * gy
+
+    In training the mean and variance are functions of x too; the two subtracted means are
+    their contribution (minidl/ops/normalization.py derives it).
+    """
+    gshift = gy.sum(axis=(0, 2))
+    gscale = (gy * xhat).sum(axis=(0, 2))
+    k = (scale * inv_std)[:, None]
+    if training:
+        m = gy.shape[0] * gy.shape[2]
+        gx = k * (gy - (gshift / m)[:, None] - xhat * (gscale / m)[:, None])
+    else:
+        gx = k * gy
+    return gx.astype(gy.dtype), gscale, gshift

@@ -14,6 +14,11 @@ import os as _os
 # (OPENBLAS_NUM_THREADS=1 is the safer choice on a machine crowded with other jobs).
 _os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
+# Memory policy, also process-wide: freed big arrays stay in the process for the next step
+# instead of going back to the kernel (minidl/allocator.py says why and how to opt out).
+from .allocator import keep_freed_memory as _keep_freed_memory  # noqa: E402
+_keep_freed_memory()
+
 from .backend import gpu_available  # noqa: E402
 from .grad_mode import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .tensor import Tensor, tensor

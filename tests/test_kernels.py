@@ -169,6 +169,39 @@ def test_bilinear_reference_follows_torch_source_coordinates():
     np.testing.assert_allclose(ref.bilinear_forward(x, 1, 4, True)[0, 0, 0], [1, 4 / 3, 5 / 3, 2])
 
 
+@given(n=st.integers(1, 3), c=st.integers(1, 4), s=st.integers(1, 40), training=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), offset=st.sampled_from([0.0, 1e3]),
+       seed=st.integers(0, 99))
+def test_batchnorm_kernels_match_reference(device, xp, n, c, s, training, dtype, offset, seed):
+    """Statistics, normalisation and gradients on (N, C, S); the 1e3 offset checks that the
+    variance is not computed as E[x^2] - E[x]^2, which loses all digits in float32 there."""
+    if n * s == 1:
+        return      # one value per channel: batch_norm refuses it before any kernel runs
+    rng = np.random.default_rng(seed)
+    K = bundle(xp)
+    x = (offset + rng.standard_normal((n, c, s))).astype(dtype)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
+    mean, var = (to_numpy(a) for a in K.batchnorm_stats(xp.asarray(x)))
+    ref_mean, ref_var = ref.batchnorm_stats(x.astype(np.float64))
+    np.testing.assert_allclose(mean, ref_mean, rtol=tol["rtol"])
+    np.testing.assert_allclose(var, ref_var, rtol=1e-3 if dtype == np.float32 else 1e-9,
+                               atol=tol["atol"])
+    inv_std = (1 / np.sqrt(ref_var + 1e-5)).astype(dtype)
+    scale, shift = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    ref_mean = ref_mean.astype(dtype)
+    y, xhat = K.batchnorm_forward(*(xp.asarray(a) for a in (x, ref_mean, inv_std, scale, shift)))
+    ry, rxhat = ref.batchnorm_forward(x, ref_mean, inv_std, scale, shift)
+    np.testing.assert_allclose(to_numpy(xhat), rxhat, **tol)
+    np.testing.assert_allclose(to_numpy(y), ry, **tol)
+    gy = rng.standard_normal((n, c, s)).astype(dtype)
+    got = K.batchnorm_backward(xp.asarray(gy), xp.asarray(rxhat), xp.asarray(inv_std),
+                               xp.asarray(scale), training)
+    want = ref.batchnorm_backward(gy, rxhat, inv_std, scale, training)
+    for name, a, b in zip(("gx", "gscale", "gshift"), got, want):
+        assert a.dtype == dtype, name
+        np.testing.assert_allclose(to_numpy(a), b, err_msg=name, **tol)
+
+
 def test_cpu_kernels_run_without_jit():
     """NUMBA_DISABLE_JIT=1 turns kernels/cpu.py into plain Python (for a debugger): same results."""
     code = (
@@ -182,6 +215,8 @@ def test_cpu_kernels_run_without_jit():
         "y, i = K.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, 1, 1, 2, 3)\n"
         "assert np.array_equal(i, R.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, 1, 1, 2, 3)[1])\n"
         "assert np.allclose(K.bilinear_forward(x, 7, 4, False), R.bilinear_forward(x, 7, 4, False))\n"
+        "x3 = x.reshape(1, 2, 30)\n"
+        "assert np.allclose(K.batchnorm_stats(x3), R.batchnorm_stats(x3))\n"
         "print('ok')\n")
     env = dict(os.environ, NUMBA_DISABLE_JIT="1", PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
