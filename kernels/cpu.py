@@ -348,18 +348,20 @@ def _bilinear_backward(gy, h, w, align_corners):
 
 
 # ---------------------------------------------------------------------- batch normalisation
-# One thread per channel; each kernel makes the fewest passes over the data that its result
+# A loop over channels; each kernel makes the fewest passes over the data that its result
 # allows (NumPy's version makes about three times as many, each a full read and write):
 # stats two (mean, then squared deviations: the one-pass sum of squares loses digits),
 # forward one, backward two (two channel sums, then gx). Sums are accumulated in float64.
 # fastmath "reassoc" lets LLVM reorder those sums into SIMD lanes; the order is still
-# fixed by the code, so results do not change from run to run.
-@njit(cache=True, parallel=True, fastmath={"reassoc"})
+# fixed by the code, so results do not change from run to run. Serial (no prange): with
+# minidl's one Numba thread a parallel loop only adds compile time (about 1.5 s per kernel,
+# paid at every cold start).
+@njit(cache=True, fastmath={"reassoc"})
 def _batchnorm_stats(x):
     n, c, s = x.shape
     mean = np.empty(c, dtype=x.dtype)
     var = np.empty(c, dtype=x.dtype)
-    for ch in prange(c):
+    for ch in range(c):
         total = 0.0
         for b in range(n):
             row = x[b, ch]
@@ -377,12 +379,12 @@ def _batchnorm_stats(x):
     return mean, var
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _batchnorm_forward(x, mean, inv_std, scale, shift):
     n, c, s = x.shape
     y = np.empty_like(x)
     xhat = np.empty_like(x)
-    for ch in prange(c):
+    for ch in range(c):
         mu, k, a, b0 = mean[ch], inv_std[ch], scale[ch], shift[ch]
         for b in range(n):
             src, dst_hat, dst_y = x[b, ch], xhat[b, ch], y[b, ch]
@@ -393,13 +395,13 @@ def _batchnorm_forward(x, mean, inv_std, scale, shift):
     return y, xhat
 
 
-@njit(cache=True, parallel=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"})
 def _batchnorm_backward(gy, xhat, inv_std, scale, training):
     n, c, s = gy.shape
     gx = np.empty_like(gy)
     gscale = np.empty(c, dtype=gy.dtype)
     gshift = np.empty(c, dtype=gy.dtype)
-    for ch in prange(c):
+    for ch in range(c):
         sum_g = 0.0
         sum_gx = 0.0
         for b in range(n):
