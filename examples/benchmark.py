@@ -18,7 +18,8 @@ Sections (printed as tables, and written to --json, default runs/benchmark.json)
             forward + backward is 3x that (the input gradient and the weight gradient).
 3. step     whole training steps (forward, loss, backward, Adam): time, achieved GFLOP/s
             (conv FLOPs only; ReLU, pooling, BN, loss and Adam count as overhead), ratio to
-            the GEMM time of the same products, and the process's peak RSS after the step.
+            the time of the same products as plain GEMMs (timed interleaved with the step),
+            and the process's peak RSS after the step.
 4. cold     a fresh Python process (subprocess) importing minidl and running the first
             training step of the default model: with Numba's on-disk cache warm, and with
             NUMBA_CACHE_DIR pointing at an empty temporary folder (everything compiled).
@@ -56,11 +57,12 @@ from benchmark_gpu import ConvRecorder, conv_macs, gemm_shapes, layer_op  # noqa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Smallest first: the peak RSS printed for a model is the process's peak so far.
 MODELS = {   # name -> (builder options, input shape (N, C, H, W), loss)
-    "big": (dict(depth=5, features_root=64, padding="same", batch_norm=False),
-            (1, 1, 256, 256), "ce"),
     "default": (dict(depth=4, features_root=8, padding="same", batch_norm=True),
                 (4, 1, 64, 88), "ce_dice"),
+    "big": (dict(depth=5, features_root=64, padding="same", batch_norm=False),
+            (1, 1, 256, 256), "ce"),
 }
 QUICK_BIG = (dict(depth=4, features_root=32, padding="same", batch_norm=False), (1, 1, 128, 128), "ce")
 
@@ -162,6 +164,17 @@ def gemm_closures(layer, rng):
     b = rng.standard_normal((k, n), dtype=np.float32)
     g = rng.standard_normal((m, n), dtype=np.float32)
     return (lambda: a @ b, lambda: (a @ b, a.T @ g, g @ b.T))
+
+
+def step_gemms(layers, rng):
+    """One closure doing every conv product of a training step as plain float32 matmuls:
+    each layer's forward, input-gradient and weight-gradient GEMM (repeated layers too)."""
+    products = [gemm_closures(layer, rng)[1] for layer in layers]
+
+    def run():
+        for product in products:
+            product()
+    return run
 
 
 def layer_table(name, layers, repeat, rng):
@@ -317,14 +330,21 @@ def main(argv=None):
     result = dict(machine=info, models={})
 
     # 3 first (training steps), so that the peak RSS is the step's, not the GEMM test data's.
+    # The step and its GEMMs (every conv product of the step as plain matmuls) are timed
+    # interleaved, so their ratio holds even when the machine's speed drifts (a shared VM
+    # runs a burst fast and then slows down).
     steps = {}
     for name, (options, shape, loss_name) in models.items():
         model = build_model(options)
         step, x = training_step(model, shape, loss_name)
         layers = record_layers(model, x)
-        (t_step,) = best_times([step], repeat)
-        steps[name] = dict(step_s=t_step, peak_rss_mib=peak_rss_mib(), layers=layers,
-                           train_gflop=3 * sum(2 * conv_macs(layer) for layer in layers) / 1e9,
+        step()
+        rss = peak_rss_mib()
+        t_step, t_gemm = best_times([step, step_gemms(layers, rng)], repeat)
+        train_gflop = 3 * sum(2 * conv_macs(layer) for layer in layers) / 1e9
+        steps[name] = dict(step_s=t_step, peak_rss_mib=rss, layers=layers,
+                           train_gflop=train_gflop, step_gflops=train_gflop / t_step,
+                           gemm_fb_s=t_gemm, step_ratio=t_gemm / t_step,
                            options=options, input=list(shape), loss=loss_name)
         del model, step, x
 
@@ -333,8 +353,6 @@ def main(argv=None):
         t = print_layer_table(name, rows)
         s = steps[name]
         s.pop("layers")
-        s.update(step_gflops=s["train_gflop"] / s["step_s"], gemm_fb_s=t["gemm_fb_s"],
-                 step_ratio=t["gemm_fb_s"] / s["step_s"])
         result["models"][name] = dict(layers=rows, layer_totals=t, step=s)
 
     print("\n[1] GEMM baseline per model: the same products as plain float32 matmuls")
