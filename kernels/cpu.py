@@ -421,6 +421,29 @@ def _batchnorm_backward(gy, xhat, inv_std, scale, training):
     return gx, gscale, gshift
 
 
+# ---------------------------------------------------------------------- Adam
+# NumPy's version of an Adam step makes about a dozen passes over every parameter array,
+# most of them writing temporaries; this loop reads p, g, m, v once and writes p, m, v once
+# (it matters for big models: the U-Net of the benchmark has 31 million parameters).
+@njit(cache=True)
+def _adam_update(p, g, m, v, v_max, amsgrad, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                 step_size, inv_bias2_sqrt, eps, weight_decay):
+    # Every scalar comes in the arrays' dtype (see adam_update), so float32 parameters are
+    # updated in float32 arithmetic, 8 to a SIMD register, as NumPy would do it.
+    for i in range(p.size):
+        gi = g[i]
+        if weight_decay != 0:
+            gi += weight_decay * p[i]
+        mi = beta1 * m[i] + one_minus_beta1 * gi
+        vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        if amsgrad:
+            vi = max(v_max[i], vi)
+            v_max[i] = vi
+        p[i] -= step_size * mi / (np.sqrt(vi) * inv_bias2_sqrt + eps)
+
+
 # ---------------------------------------------------------------------- the public entry points
 # Thin wrappers with reference.py's signatures: they pick the thread count for the job size.
 def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
@@ -487,3 +510,23 @@ def batchnorm_backward(gy, xhat, inv_std, scale, training):
     with _threads_for(gy.size):
         return _batchnorm_backward(np.ascontiguousarray(gy), np.ascontiguousarray(xhat, dtype=dt),
                                    inv_std.astype(dt), scale.astype(dt), bool(training))
+
+
+def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
+                weight_decay):
+    """In place on p, m, v (, v_max); see reference.adam_update. Non-contiguous state (never
+    made by minidl's optimizers) falls back to the reference."""
+    arrays = (p, m, v) + ((v_max,) if amsgrad else ())
+    if not all(a.flags.c_contiguous for a in arrays):
+        return _reference().adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size,
+                                        bias2_sqrt, eps, weight_decay)
+    flat, t = p.reshape(-1), p.dtype.type
+    _adam_update(flat, np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), m.reshape(-1),
+                 v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad),
+                 t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(step_size),
+                 t(1 / bias2_sqrt), t(eps), t(weight_decay))
+
+
+def _reference():
+    from . import reference
+    return reference

@@ -529,3 +529,6 @@ def bilinear_backward(gy, h, w, align_corners):
 # kernels already do well, so the GPU bundle runs the reference code (written with array
 # methods only) on CuPy arrays instead of carrying hand-written CUDA for it.
 from .reference import batchnorm_backward, batchnorm_forward, batchnorm_stats  # noqa: E402,F401
+
+# Adam likewise: a handful of CuPy element-wise kernels per parameter (in place).
+from .reference import adam_update  # noqa: E402,F401

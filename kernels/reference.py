@@ -232,3 +232,30 @@ def batchnorm_backward(gy, xhat, inv_std, scale, training):
     else:
         gx = k * gy
     return gx.astype(gy.dtype), gscale, gshift
+
+
+# ---------------------------------------------------------------------- Adam
+# In-place arithmetic and operators only, so the same code also runs on CuPy arrays
+# (kernels/gpu.py uses it as it is).
+def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
+                weight_decay):
+    """One Adam step, in place on p, m, v (and v_max when amsgrad), all of one shape:
+
+        g = g + weight_decay * p                       (L2 form; AdamW decays p beforehand)
+        m = beta1 m + (1 - beta1) g,    v = beta2 v + (1 - beta2) g^2
+        v_max = max(v_max, v)                          (AMSGrad only; then used for v)
+        p = p - step_size * m / (sqrt(v) / bias2_sqrt + eps)
+
+    step_size = lr / (1 - beta1^t) and bias2_sqrt = sqrt(1 - beta2^t) undo the zero start of
+    m and v at step t.
+    """
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * (g * g)
+    if amsgrad:
+        np.maximum(v_max, v, out=v_max)     # (dispatches to CuPy for CuPy arrays)
+        v = v_max
+    p -= step_size * m / (v ** 0.5 / bias2_sqrt + eps)

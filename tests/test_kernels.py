@@ -202,6 +202,30 @@ def test_batchnorm_kernels_match_reference(device, xp, n, c, s, training, dtype,
         np.testing.assert_allclose(to_numpy(a), b, err_msg=name, **tol)
 
 
+@given(shape=st.sampled_from([(1,), (5,), (3, 4), (2, 3, 3, 3)]), amsgrad=st.booleans(),
+       weight_decay=st.sampled_from([0.0, 0.01]), dtype=st.sampled_from([np.float32, np.float64]),
+       steps=st.integers(1, 3), seed=st.integers(0, 99))
+def test_adam_update_matches_reference(device, xp, shape, amsgrad, weight_decay, dtype, steps, seed):
+    """A few steps in place on p, m, v (, v_max), against the reference doing the same."""
+    rng = np.random.default_rng(seed)
+    K = bundle(xp)
+    p = rng.standard_normal(shape).astype(dtype)
+    mine = [xp.asarray(a) for a in (p, np.zeros_like(p), np.zeros_like(p), np.zeros_like(p))]
+    theirs = [p.copy(), np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)]
+    for t in range(1, steps + 1):
+        g = rng.standard_normal(shape).astype(dtype)
+        args = (amsgrad, 0.9, 0.999, 1e-2 / (1 - 0.9 ** t), np.sqrt(1 - 0.999 ** t), 1e-8,
+                weight_decay)
+        K.adam_update(mine[0], xp.asarray(g), *mine[1:], *args)
+        ref.adam_update(theirs[0], g, *theirs[1:], *args)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for name, a, b in zip(("p", "m", "v", "v_max"), mine, theirs):
+        if name == "v_max" and not amsgrad:
+            continue
+        assert a.dtype == dtype
+        np.testing.assert_allclose(to_numpy(a), b, rtol=tol, atol=tol, err_msg=name)
+
+
 def test_cpu_kernels_run_without_jit():
     """NUMBA_DISABLE_JIT=1 turns kernels/cpu.py into plain Python (for a debugger): same results."""
     code = (

@@ -3,6 +3,7 @@ import math
 
 from .. import backend
 from .optimizer import Optimizer
+import kernels
 
 
 class Adam(Optimizer):
@@ -38,24 +39,14 @@ class Adam(Optimizer):
                 state["max_exp_avg_sq"] = xp.zeros_like(p.data)
         state["step"] += 1
         t = state["step"]
-        if wd != 0:
-            if self.decoupled:
-                p.data *= 1 - lr * wd
-            else:
-                g = g + wd * p.data
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * (g * g)
-        if group["amsgrad"]:
-            v_hat = state["max_exp_avg_sq"]
-            xp.maximum(v_hat, v, out=v_hat)
-        else:
-            v_hat = v
-        bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
-        denominator = xp.sqrt(v_hat) / math.sqrt(bias2) + eps
-        p.data -= (lr / bias1) * m / denominator
+        if wd != 0 and self.decoupled:
+            p.data *= 1 - lr * wd
+            wd = 0.0
+        # The arithmetic (kernels/reference.py spells it out) is one fused loop on the CPU.
+        kernels.for_array(p.data).adam_update(
+            p.data, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+            group["amsgrad"], beta1, beta2, lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t),
+            eps, wd)
 
 
 class AdamW(Adam):
