@@ -47,6 +47,7 @@ CASE_IDS = [n + "".join(f"-{v}" for v in o.values()) for n, o, _ in CASES]
 
 def _options_of(name):
     """The keyword options the builder of `name` accepts."""
+    assert name in models.available()     # (also imports the architecture modules)
     return inspect.signature(models._BUILDERS[name]).parameters
 
 
