@@ -97,6 +97,20 @@ def to_device(a, device):
     return a if is_gpu_array(a) else cp.asarray(a)
 
 
+def is_out_of_memory(exc):
+    """Whether `exc` says the GPU ran out of memory (CuPy's pool, cuBLAS or the CUDA runtime).
+
+    Checked by type name and message, so that a CPU-only run never imports CuPy.
+    """
+    kind = type(exc)
+    if kind.__name__ == "OutOfMemoryError" and kind.__module__.startswith("cupy"):
+        return True
+    text = str(exc)
+    return kind.__module__.startswith("cupy") and (
+        "out of memory" in text.lower() or "ALLOC_FAILED" in text
+        or "cudaErrorMemoryAllocation" in text)
+
+
 def to_numpy(a):
     """A numpy.ndarray holding `a`'s values (copied from the GPU when needed)."""
     if is_gpu_array(a):

@@ -548,7 +548,7 @@ def build_parser():
 
 def run_main(fn, args, prog):
     """Run a command, turning the expected failures into one line and an exit code."""
-    from .train import NonFiniteLossError
+    from .train import GPUOutOfMemoryError, NonFiniteLossError
 
     try:
         return fn(args)
@@ -558,7 +558,7 @@ def run_main(fn, args, prog):
     except (FileNotFoundError, ValueError) as exc:     # bad data folder / file contents
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, GPUOutOfMemoryError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ augmentation depend only on (seed, epoch), which the loop sets each epoch).
 A NaN or infinite loss stops the run before the bad update is applied, with one message; the
 last good checkpoint stays. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
 """
+import contextlib
 import csv
 import json
 import math
@@ -55,6 +56,28 @@ METRIC_FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message says where and what to do."""
+
+
+class GPUOutOfMemoryError(MemoryError):
+    """The GPU ran out of memory; the message names the batch and what to lower."""
+
+
+@contextlib.contextmanager
+def _explain_gpu_out_of_memory(what, images):
+    """Turn CuPy's out-of-memory error inside the block into one sentence naming the batch
+    (its size and image size) that did not fit and what to change."""
+    try:
+        yield
+    except Exception as exc:
+        if not backend.is_out_of_memory(exc):
+            raise
+        n = len(images)
+        h, w = np.shape(images)[-2:]
+        smaller = (f"a smaller batch (--batch-size {n // 2}), " if n > 1 else "")
+        raise GPUOutOfMemoryError(
+            f"The GPU ran out of memory on a {what} batch of {n} image(s) of {h}x{w} pixels "
+            f"({exc}); try {smaller}smaller images (--size) or a smaller model "
+            "(--features-root, --depth).") from exc
 
 
 @dataclass
@@ -278,16 +301,17 @@ class Trainer:
         try:
             for step, (images, masks) in enumerate(self.train_loader, 1):
                 t0 = time.perf_counter()
-                x = Tensor(_to_device(images, self.device))
-                y = _to_device(masks, self.device)
-                logits = forward_full(self.model, x)
-                loss = self.loss_fn(logits, y)
-                value = float(loss.item())
-                if not math.isfinite(value):
-                    self._stop_non_finite(value, epoch, step)
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
+                with _explain_gpu_out_of_memory("training", images):
+                    x = Tensor(_to_device(images, self.device))
+                    y = _to_device(masks, self.device)
+                    logits = forward_full(self.model, x)
+                    loss = self.loss_fn(logits, y)
+                    value = float(loss.item())
+                    if not math.isfinite(value):
+                        self._stop_non_finite(value, epoch, step)
+                    self.optimizer.zero_grad()
+                    loss.backward()
+                    self.optimizer.step()
                 del x, logits, loss           # the graph is freed here, not kept to the next step
                 compute_time += time.perf_counter() - t0
                 n = len(images)
@@ -326,9 +350,10 @@ class Trainer:
         kept = ([], [], [])
         with minidl.no_grad():
             for images, masks in loader:
-                x = Tensor(_to_device(images, self.device))
-                logits = forward_full(self.model, x)
-                value = float(self.loss_fn(logits, _to_device(masks, self.device)).item())
+                with _explain_gpu_out_of_memory("validation", images):
+                    x = Tensor(_to_device(images, self.device))
+                    logits = forward_full(self.model, x)
+                    value = float(self.loss_fn(logits, _to_device(masks, self.device)).item())
                 pred = backend.to_numpy(logits.data.argmax(axis=1))
                 masks = np.asarray(backend.to_numpy(masks))
                 total_loss += value * len(images)

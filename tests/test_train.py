@@ -8,7 +8,8 @@ import minidl
 from minidl import backend, optim
 from seg import cli, data, losses
 from seg.models.unet import UNet
-from seg.train import NonFiniteLossError, Trainer, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from seg.train import (GPUOutOfMemoryError, NonFiniteLossError, Trainer, load_checkpoint,
+                       read_checkpoint_meta, save_checkpoint)
 
 
 def tiny_images(n=12, size=16, seed=0):
@@ -135,6 +136,40 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "last.npz", saved)["epoch"] == 1
     for (name, p), q in zip(trainer.model.named_parameters(), saved.parameters()):
         np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)   # bad step not applied
+
+
+def _cupy_out_of_memory():
+    """An exception that looks like CuPy's (module cupy.cuda.memory), without CuPy."""
+    kind = type("OutOfMemoryError", (MemoryError,), {"__module__": "cupy.cuda.memory"})
+    return kind("Out of memory allocating 1,073,741,824 bytes (allocated so far: 0 bytes).")
+
+
+def test_gpu_out_of_memory_names_the_batch_and_what_to_lower(tmp_path):
+    trainer = make(tmp_path)
+    real = trainer.loss_fn
+
+    def loss_fn(logits, target):
+        if minidl.is_grad_enabled():
+            raise _cupy_out_of_memory()
+        return real(logits, target)
+
+    trainer.loss_fn = loss_fn
+    with pytest.raises(GPUOutOfMemoryError, match=r"out of memory on a training batch of 4 "
+                       r"image\(s\) of 16x16 pixels \(Out of memory allocating .*\); try a "
+                       r"smaller batch \(--batch-size 2\), smaller images \(--size\)"):
+        trainer.fit(1)
+    # Any other error passes through unchanged.
+    trainer.loss_fn = lambda logits, target: (_ for _ in ()).throw(KeyError("x"))
+    with pytest.raises(KeyError):
+        trainer.fit(1)
+
+
+def test_is_out_of_memory_recognises_only_gpu_allocation_failures():
+    assert backend.is_out_of_memory(_cupy_out_of_memory())
+    cublas = type("CUBLASError", (RuntimeError,), {"__module__": "cupy_backends.cuda.libs.cublas"})
+    assert backend.is_out_of_memory(cublas("CUBLAS_STATUS_ALLOC_FAILED"))
+    assert not backend.is_out_of_memory(MemoryError("host memory"))
+    assert not backend.is_out_of_memory(cublas("CUBLAS_STATUS_INVALID_VALUE"))
 
 
 def test_ctrl_c_saves_and_returns(tmp_path):
