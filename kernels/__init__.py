@@ -9,10 +9,14 @@ the bundle that matches where `x` lives. This is the only place that chooses.
 """
 import importlib
 
+_bundles = {}     # "cpu" / "gpu" -> module, imported on first use (every op asks, often)
+
 
 def for_array(array):
     """The kernel bundle (module) for an array: kernels.cpu for NumPy, kernels.gpu for CuPy."""
-    if type(array).__module__.startswith("cupy"):
-        return importlib.import_module("kernels.gpu")
-    return importlib.import_module("kernels.cpu")
+    device = "gpu" if type(array).__module__.startswith("cupy") else "cpu"
+    bundle = _bundles.get(device)
+    if bundle is None:
+        bundle = _bundles[device] = importlib.import_module(f"kernels.{device}")
+    return bundle
 

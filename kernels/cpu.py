@@ -45,9 +45,12 @@ class _threads_for:
 
     def __init__(self, n_elements):
         self.previous = None
-        if n_elements < PARALLEL_MIN_ELEMENTS and not numba.config.DISABLE_JIT:
+        # numba.config.NUMBA_NUM_THREADS (the team's size, fixed at start) is read first:
+        # get_num_threads() costs microseconds, and by default the team has one thread.
+        if (n_elements < PARALLEL_MIN_ELEMENTS and numba.config.NUMBA_NUM_THREADS > 1
+                and not numba.config.DISABLE_JIT):
             threads = numba.get_num_threads()
-            if threads > 1:           # (by default there is one: nothing to change)
+            if threads > 1:
                 self.previous = threads
                 numba.set_num_threads(1)
 
@@ -426,10 +429,13 @@ def _batchnorm_backward(gy, xhat, inv_std, scale, training):
 # most of them writing temporaries; this loop reads p, g, m, v once and writes p, m, v once
 # (it matters for big models: the U-Net of the benchmark has 31 million parameters).
 @njit(cache=True)
-def _adam_update(p, g, m, v, v_max, amsgrad, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                 step_size, inv_bias2_sqrt, eps, weight_decay):
-    # Every scalar comes in the arrays' dtype (see adam_update), so float32 parameters are
-    # updated in float32 arithmetic, 8 to a SIMD register, as NumPy would do it.
+def _adam_update(p, g, m, v, v_max, amsgrad, coef):
+    # coef = (beta1, 1 - beta1, beta2, 1 - beta2, step_size, 1 / bias2_sqrt, eps,
+    # weight_decay) in the arrays' dtype (see adam_update): float32 parameters are updated
+    # in float32 arithmetic, 8 to a SIMD register, and one array argument instead of eight
+    # scalars keeps the call cheap for the many small parameters (biases, BN scales).
+    beta1, one_minus_beta1, beta2, one_minus_beta2 = coef[0], coef[1], coef[2], coef[3]
+    step_size, inv_bias2_sqrt, eps, weight_decay = coef[4], coef[5], coef[6], coef[7]
     for i in range(p.size):
         gi = g[i]
         if weight_decay != 0:
@@ -520,11 +526,11 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     if not all(a.flags.c_contiguous for a in arrays):
         return _reference().adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size,
                                         bias2_sqrt, eps, weight_decay)
-    flat, t = p.reshape(-1), p.dtype.type
+    coef = np.array([beta1, 1 - beta1, beta2, 1 - beta2, step_size, 1 / bias2_sqrt, eps,
+                     weight_decay], dtype=p.dtype)
+    flat = p.reshape(-1)
     _adam_update(flat, np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), m.reshape(-1),
-                 v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad),
-                 t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(step_size),
-                 t(1 / bias2_sqrt), t(eps), t(weight_decay))
+                 v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad), coef)
 
 
 def _reference():
