@@ -1,6 +1,7 @@
 """conv2d / conv_transpose2d: values against a direct-loop oracle, the adjoint identity,
 float64 gradient checks, torch's size arithmetic, chunking, errors; Conv layers, the
 bilinear_/identity_ initialisers, receptive fields and the edge-detection example."""
+import contextlib
 import importlib.util
 import os
 
@@ -96,14 +97,27 @@ def test_conv2d_matches_direct_loops(device, case):
     np.testing.assert_allclose(to_numpy(y.data), expected, rtol=1e-10, atol=1e-10)
 
 
+@contextlib.contextmanager
+def columns_kept(keep):
+    """keep=False: small layers rebuild their columns in backward like big ones do."""
+    saved = conv_ops.KEEP_COLUMNS_BYTES
+    conv_ops.KEEP_COLUMNS_BYTES = saved if keep else 0
+    try:
+        yield
+    finally:
+        conv_ops.KEEP_COLUMNS_BYTES = saved
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["columns-kept", "columns-rebuilt"])
 @given(case=conv_case(max_hw=5))
-def test_conv2d_gradients(device, case):
+def test_conv2d_gradients(device, keep, case):
     x, w, b = arrays_for(case)
     kw = conv_kwargs(case)
-    if b is None:
-        check_grad(lambda x, w: F.conv2d(x, w, **kw), [x, w], device)
-    else:
-        check_grad(lambda x, w, b: F.conv2d(x, w, b, **kw), [x, w, b], device)
+    with columns_kept(keep):
+        if b is None:
+            check_grad(lambda x, w: F.conv2d(x, w, **kw), [x, w], device)
+        else:
+            check_grad(lambda x, w, b: F.conv2d(x, w, b, **kw), [x, w, b], device)
 
 
 def test_conv2d_float32_default_and_bias_gradient_is_sum(device):
@@ -138,8 +152,9 @@ def test_conv_transpose2d_is_the_adjoint_of_conv2d(device, case, op_extra):
     assert abs(lhs - rhs) <= 1e-9 * (1 + abs(lhs))
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["columns-kept", "columns-rebuilt"])
 @given(case=conv_case(max_hw=4), op=st.tuples(st.integers(0, 2), st.integers(0, 2)))
-def test_conv_transpose2d_gradients(device, case, op):
+def test_conv_transpose2d_gradients(device, keep, case, op):
     # Read as a transposed-conv weight, w (C_out, C/G, kh, kw) maps C_out channels to C.
     _, w, _ = arrays_for(case)
     rng = np.random.default_rng(case["seed"] + 2)
@@ -153,10 +168,11 @@ def test_conv_transpose2d_gradients(device, case, op):
         with pytest.raises(ValueError, match="not positive"):
             F.conv_transpose2d(x, w, **kw)
         return
-    if b is None:
-        check_grad(lambda x, w: F.conv_transpose2d(x, w, **kw), [x, w], device)
-    else:
-        check_grad(lambda x, w, b: F.conv_transpose2d(x, w, b, **kw), [x, w, b], device)
+    with columns_kept(keep):
+        if b is None:
+            check_grad(lambda x, w: F.conv_transpose2d(x, w, **kw), [x, w], device)
+        else:
+            check_grad(lambda x, w, b: F.conv_transpose2d(x, w, b, **kw), [x, w, b], device)
 
 
 @given(h=st.integers(1, 40), k=st.integers(1, 7), s=st.integers(1, 4), p=st.integers(0, 3),
