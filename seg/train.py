@@ -63,9 +63,10 @@ class GPUOutOfMemoryError(MemoryError):
 
 
 @contextlib.contextmanager
-def _explain_gpu_out_of_memory(what, images):
+def explain_gpu_out_of_memory(what, images, advice=None):
     """Turn CuPy's out-of-memory error inside the block into one sentence naming the batch
-    (its size and image size) that did not fit and what to change."""
+    (its size and image size) that did not fit and what to change (`advice`; by default the
+    training options that shrink memory)."""
     try:
         yield
     except Exception as exc:
@@ -73,11 +74,13 @@ def _explain_gpu_out_of_memory(what, images):
             raise
         n = len(images)
         h, w = np.shape(images)[-2:]
-        smaller = (f"a smaller batch (--batch-size {n // 2}), " if n > 1 else "")
+        if advice is None:
+            smaller = (f"a smaller batch (--batch-size {n // 2}), " if n > 1 else "")
+            advice = (f"{smaller}smaller images (--size) or a smaller model "
+                      "(--features-root, --depth)")
         raise GPUOutOfMemoryError(
             f"The GPU ran out of memory on a {what} batch of {n} image(s) of {h}x{w} pixels "
-            f"({exc}); try {smaller}smaller images (--size) or a smaller model "
-            "(--features-root, --depth).") from exc
+            f"({exc}); try {advice}.") from exc
 
 
 @dataclass
@@ -301,7 +304,7 @@ class Trainer:
         try:
             for step, (images, masks) in enumerate(self.train_loader, 1):
                 t0 = time.perf_counter()
-                with _explain_gpu_out_of_memory("training", images):
+                with explain_gpu_out_of_memory("training", images):
                     x = Tensor(_to_device(images, self.device))
                     y = _to_device(masks, self.device)
                     logits = forward_full(self.model, x)
@@ -350,7 +353,7 @@ class Trainer:
         kept = ([], [], [])
         with minidl.no_grad():
             for images, masks in loader:
-                with _explain_gpu_out_of_memory("validation", images):
+                with explain_gpu_out_of_memory("validation", images):
                     x = Tensor(_to_device(images, self.device))
                     logits = forward_full(self.model, x)
                     value = float(self.loss_fn(logits, _to_device(masks, self.device)).item())

@@ -164,6 +164,18 @@ def test_gpu_out_of_memory_names_the_batch_and_what_to_lower(tmp_path):
         trainer.fit(1)
 
 
+def test_gpu_out_of_memory_in_prediction_suggests_the_cpu(monkeypatch):
+    model = UNet(2, 1, depth=2, features_root=4, padding="same")
+
+    def forward(x):
+        raise _cupy_out_of_memory()
+    monkeypatch.setattr(model, "forward", forward)
+    image = np.zeros((20, 24), np.float32)
+    with pytest.raises(GPUOutOfMemoryError, match=r"prediction batch of 1 image\(s\) of 16x16 "
+                       r"pixels .*; try predicting on the CPU \(--device cpu\)\."):
+        cli.predict_image(model, image, size=(16, 16))
+
+
 def test_is_out_of_memory_recognises_only_gpu_allocation_failures():
     assert backend.is_out_of_memory(_cupy_out_of_memory())
     cublas = type("CUBLASError", (RuntimeError,), {"__module__": "cupy_backends.cuda.libs.cublas"})
