@@ -30,6 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+
+from . import reference  # noqa: E402  (the fallback for what a kernel does not cover)
 from numba import njit, prange  # noqa: E402
 
 # Below this many output elements a kernel runs on one thread: starting the thread team
@@ -524,15 +526,10 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     made by minidl's optimizers) falls back to the reference."""
     arrays = (p, m, v) + ((v_max,) if amsgrad else ())
     if not all(a.flags.c_contiguous for a in arrays):
-        return _reference().adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size,
-                                        bias2_sqrt, eps, weight_decay)
+        return reference.adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size,
+                                     bias2_sqrt, eps, weight_decay)
     coef = np.array([beta1, 1 - beta1, beta2, 1 - beta2, step_size, 1 / bias2_sqrt, eps,
                      weight_decay], dtype=p.dtype)
     flat = p.reshape(-1)
     _adam_update(flat, np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), m.reshape(-1),
                  v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad), coef)
-
-
-def _reference():
-    from . import reference
-    return reference
