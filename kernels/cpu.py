@@ -385,7 +385,7 @@ def _batchnorm_stats(x):
 
 
 @njit(cache=True)
-def _batchnorm_forward(x, mean, inv_std, scale, shift):
+def _batchnorm_forward(x, mean, inv_std, scale, shift, relu):
     n, c, s = x.shape
     y = np.empty_like(x)
     xhat = np.empty_like(x)
@@ -396,33 +396,44 @@ def _batchnorm_forward(x, mean, inv_std, scale, shift):
             for t in range(s):
                 v = (src[t] - mu) * k
                 dst_hat[t] = v
-                dst_y[t] = v * a + b0
+                out = v * a + b0
+                if relu and out < 0:          # the fused ReLU; NaN passes, as in NumPy
+                    out = 0
+                dst_y[t] = out
     return y, xhat
 
 
 @njit(cache=True, fastmath={"reassoc"})
-def _batchnorm_backward(gy, xhat, inv_std, scale, training):
+def _batchnorm_backward(gy, xhat, inv_std, scale, training, relu, shift):
     n, c, s = gy.shape
     gx = np.empty_like(gy)
     gscale = np.empty(c, dtype=gy.dtype)
     gshift = np.empty(c, dtype=gy.dtype)
+    zero = gy.dtype.type(0)
     for ch in range(c):
+        a, b0 = scale[ch], shift[ch]
         sum_g = 0.0
         sum_gx = 0.0
         for b in range(n):
             g, xh = gy[b, ch], xhat[b, ch]
             for t in range(s):
-                sum_g += g[t]
-                sum_gx += g[t] * xh[t]
+                gt = g[t]
+                if relu and not xh[t] * a + b0 > 0:   # forward's ReLU output was 0 here
+                    gt = zero
+                sum_g += gt
+                sum_gx += gt * xh[t]
         gshift[ch] = sum_g
         gscale[ch] = sum_gx
-        k = scale[ch] * inv_std[ch]
+        k = a * inv_std[ch]
         mean_g = sum_g / (n * s) if training else 0.0
         mean_gx = sum_gx / (n * s) if training else 0.0
         for b in range(n):
             g, xh, out = gy[b, ch], xhat[b, ch], gx[b, ch]
             for t in range(s):
-                out[t] = k * (g[t] - mean_g - xh[t] * mean_gx)
+                gt = g[t]
+                if relu and not xh[t] * a + b0 > 0:
+                    gt = zero
+                out[t] = k * (gt - mean_g - xh[t] * mean_gx)
     return gx, gscale, gshift
 
 
@@ -504,20 +515,23 @@ def batchnorm_stats(x):
         return _batchnorm_stats(np.ascontiguousarray(x))
 
 
-def batchnorm_forward(x, mean, inv_std, scale, shift):
+def batchnorm_forward(x, mean, inv_std, scale, shift, relu=False):
     """x (N, C, S), per-channel (C,) vectors -> (y, xhat); see reference.batchnorm_forward."""
     dt = x.dtype
     with _threads_for(x.size):
         return _batchnorm_forward(np.ascontiguousarray(x), mean.astype(dt), inv_std.astype(dt),
-                                  scale.astype(dt), shift.astype(dt))
+                                  scale.astype(dt), shift.astype(dt), bool(relu))
 
 
-def batchnorm_backward(gy, xhat, inv_std, scale, training):
+def batchnorm_backward(gy, xhat, inv_std, scale, training, relu_shift=None):
     """-> (gx, gscale, gshift); see reference.batchnorm_backward."""
     dt = gy.dtype
+    relu = relu_shift is not None
+    shift = relu_shift.astype(dt) if relu else scale.astype(dt)   # unread unless relu
     with _threads_for(gy.size):
         return _batchnorm_backward(np.ascontiguousarray(gy), np.ascontiguousarray(xhat, dtype=dt),
-                                   inv_std.astype(dt), scale.astype(dt), bool(training))
+                                   inv_std.astype(dt), scale.astype(dt), bool(training), relu,
+                                   shift)
 
 
 def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,

@@ -203,16 +203,21 @@ def batchnorm_stats(x):
     return x.mean(axis=(0, 2)), x.var(axis=(0, 2))
 
 
-def batchnorm_forward(x, mean, inv_std, scale, shift):
+def batchnorm_forward(x, mean, inv_std, scale, shift, relu=False):
     """x (N, C, S); mean, inv_std, scale, shift (C,) -> (y, xhat), both (N, C, S):
 
         xhat = (x - mean) * inv_std,   y = xhat * scale + shift   (per channel)
+
+    relu: y = max(y, 0) as well (batch norm and the ReLU after it in one pass).
     """
     xhat = (x - mean[:, None]) * inv_std[:, None]
-    return xhat * scale[:, None] + shift[:, None], xhat
+    y = xhat * scale[:, None] + shift[:, None]
+    if relu:
+        y[y < 0] = 0
+    return y, xhat
 
 
-def batchnorm_backward(gy, xhat, inv_std, scale, training):
+def batchnorm_backward(gy, xhat, inv_std, scale, training, relu_shift=None):
     """Gradients of batchnorm_forward: gy, xhat (N, C, S); inv_std, scale (C,) ->
     (gx (N, C, S), gscale (C,), gshift (C,)).
 
@@ -222,7 +227,13 @@ def batchnorm_backward(gy, xhat, inv_std, scale, training):
 
     In training the mean and variance are functions of x too; the two subtracted means are
     their contribution (minidl/ops/normalization.py derives it).
+
+    relu_shift: the forward's shift when it ran with relu=True. gy is then the gradient of
+    the ReLU's output, and is first zeroed where xhat * scale + shift (recomputed exactly as
+    forward did, so no mask is kept) was not positive.
     """
+    if relu_shift is not None:
+        gy = gy * (xhat * scale[:, None] + relu_shift[:, None] > 0)
     gshift = gy.sum(axis=(0, 2))
     gscale = (gy * xhat).sum(axis=(0, 2))
     k = (scale * inv_std)[:, None]

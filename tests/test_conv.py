@@ -380,3 +380,17 @@ def test_edge_detection_example_numbers(tmp_path):
     assert edges.tolist() == [[0, 30, 30, 0]] * 4
     out = example.main(str(tmp_path / "edges.png"), size=64)
     assert os.path.getsize(out) > 1000
+
+
+def test_geometry_is_cached_per_arguments_and_errors_are_not():
+    """conv2d_geometry runs for every layer call: the same arguments give the same
+    (read-only) Geometry object; unhashable arguments bypass the cache with equal results;
+    bad arguments raise on every call."""
+    from minidl.ops.conv import conv2d_geometry
+    g1 = conv2d_geometry((2, 3, 9, 9), (4, 3, 3, 3), 2, (1, 0), 1, 1)
+    assert conv2d_geometry((2, 3, 9, 9), (4, 3, 3, 3), 2, (1, 0), 1, 1) is g1
+    g2 = conv2d_geometry((2, 3, 9, 9), (4, 3, 3, 3), [2, 2], [1, 0], 1, 1)
+    assert g2 is not g1 and repr(g2) == repr(g1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="stride must be positive"):
+            conv2d_geometry((2, 3, 9, 9), (4, 3, 3, 3), 0, 0, 1, 1)

@@ -171,10 +171,12 @@ def test_bilinear_reference_follows_torch_source_coordinates():
 
 @given(n=st.integers(1, 3), c=st.integers(1, 4), s=st.integers(1, 40), training=st.booleans(),
        dtype=st.sampled_from([np.float32, np.float64]), offset=st.sampled_from([0.0, 1e3]),
-       seed=st.integers(0, 99))
-def test_batchnorm_kernels_match_reference(device, xp, n, c, s, training, dtype, offset, seed):
-    """Statistics, normalisation and gradients on (N, C, S); the 1e3 offset checks that the
-    variance is not computed as E[x^2] - E[x]^2, which loses all digits in float32 there."""
+       seed=st.integers(0, 99), relu=st.booleans())
+def test_batchnorm_kernels_match_reference(device, xp, n, c, s, training, dtype, offset, seed,
+                                           relu):
+    """Statistics, normalisation and gradients on (N, C, S), with and without the fused
+    ReLU; the 1e3 offset checks that the variance is not computed as E[x^2] - E[x]^2, which
+    loses all digits in float32 there."""
     if n * s == 1:
         return      # one value per channel: batch_norm refuses it before any kernel runs
     rng = np.random.default_rng(seed)
@@ -189,14 +191,19 @@ def test_batchnorm_kernels_match_reference(device, xp, n, c, s, training, dtype,
     inv_std = (1 / np.sqrt(ref_var + 1e-5)).astype(dtype)
     scale, shift = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
     ref_mean = ref_mean.astype(dtype)
-    y, xhat = K.batchnorm_forward(*(xp.asarray(a) for a in (x, ref_mean, inv_std, scale, shift)))
-    ry, rxhat = ref.batchnorm_forward(x, ref_mean, inv_std, scale, shift)
+    y, xhat = K.batchnorm_forward(*(xp.asarray(a) for a in (x, ref_mean, inv_std, scale, shift)),
+                                  relu=relu)
+    ry, rxhat = ref.batchnorm_forward(x, ref_mean, inv_std, scale, shift, relu=relu)
     np.testing.assert_allclose(to_numpy(xhat), rxhat, **tol)
     np.testing.assert_allclose(to_numpy(y), ry, **tol)
+    if relu:
+        assert (ry >= 0).all() and (ry == 0).any() == (rxhat * scale[:, None] + shift[:, None] <= 0).any()
     gy = rng.standard_normal((n, c, s)).astype(dtype)
+    relu_shift = shift if relu else None
     got = K.batchnorm_backward(xp.asarray(gy), xp.asarray(rxhat), xp.asarray(inv_std),
-                               xp.asarray(scale), training)
-    want = ref.batchnorm_backward(gy, rxhat, inv_std, scale, training)
+                               xp.asarray(scale), training,
+                               None if relu_shift is None else xp.asarray(relu_shift))
+    want = ref.batchnorm_backward(gy, rxhat, inv_std, scale, training, relu_shift)
     for name, a, b in zip(("gx", "gscale", "gshift"), got, want):
         assert a.dtype == dtype, name
         np.testing.assert_allclose(to_numpy(a), b, err_msg=name, **tol)

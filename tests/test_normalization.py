@@ -67,6 +67,71 @@ def test_batch_norm_gradients(device, seed, training, affine, shape):
     assert minidl.gradcheck(fn, tensors, mode="full" if x.size <= 12 else "random")
 
 
+@given(seed=st.integers(0, 999), training=st.booleans(),
+       shape=st.sampled_from([(2, 3, 2, 3), (3, 2, 1, 2), (2, 2, 5)]))
+def test_batch_norm_with_fused_relu(device, seed, training, shape):
+    """relu=True is relu(batch_norm(...)): the same values, and float64 gradients that pass
+    the finite-difference check (the ReLU's mask is recomputed in backward, not kept)."""
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = rng.standard_normal(shape)
+    rm, rv = on(device, rng.standard_normal(c)), on(device, rng.uniform(0.5, 2, c))
+    tensors = [t(a, device, grad=True) for a in (x, rng.standard_normal(c), rng.standard_normal(c))]
+
+    def fused(x, w, b):
+        return F.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training, eps=1e-3, relu=True)
+
+    def separate(x, w, b):
+        return F.relu(F.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training, eps=1e-3))
+    y1, y2 = fused(*tensors), separate(*tensors)
+    np.testing.assert_allclose(to_numpy(y1.data), to_numpy(y2.data), rtol=1e-12, atol=1e-12)
+    assert (to_numpy(y1.data) >= 0).all()
+    gy = rng.standard_normal(shape)
+    grads = []
+    for fn in (fused, separate):
+        for a in tensors:
+            a.grad = None
+        fn(*tensors).backward(t(gy, device))
+        grads.append([to_numpy(a.grad) for a in tensors])
+    for g1, g2 in zip(*grads):
+        np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-10)
+    assert minidl.gradcheck(fused, tensors, mode="full" if x.size <= 12 else "random")
+
+
+def test_batchnorm_relu_module_is_batchnorm_then_relu(device):
+    """nn.BatchNormReLU2d: BatchNorm2d's parameters, buffers and state-dict keys (checkpoints
+    move between the two), and its output and gradients are those of BN followed by ReLU."""
+    fused = nn.BatchNormReLU2d(3, device=device)
+    plain = nn.BatchNorm2d(3, device=device)
+    assert isinstance(fused, nn.BatchNorm2d)
+    rng = np.random.default_rng(5)
+    state = {"weight": rng.uniform(0.5, 2, 3), "bias": rng.standard_normal(3),
+             "running_mean": rng.standard_normal(3), "running_var": rng.uniform(0.5, 2, 3),
+             "num_batches_tracked": np.array(4)}
+    for m in (fused, plain):
+        assert set(m.state_dict()) == set(state)
+        m.load_state_dict({k: on(device, v.astype(np.float32) if v.ndim else v)
+                           for k, v in state.items()})
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    for train in (True, False):
+        fused.train(train)
+        plain.train(train)
+        xf, xs = t(x, device, grad=True), t(x, device, grad=True)
+        yf, ys = fused(xf), F.relu(plain(xs))
+        np.testing.assert_allclose(to_numpy(yf.data), to_numpy(ys.data), rtol=1e-5, atol=1e-6)
+        gy = rng.standard_normal(x.shape).astype(np.float32)
+        yf.backward(t(gy, device))
+        ys.backward(t(gy, device))
+        np.testing.assert_allclose(to_numpy(xf.grad), to_numpy(xs.grad), rtol=1e-4,
+                                   atol=1e-5)
+        np.testing.assert_allclose(to_numpy(fused.weight.grad),
+                                   to_numpy(plain.weight.grad), rtol=1e-4, atol=1e-5)
+        fused.zero_grad()
+        plain.zero_grad()
+    np.testing.assert_allclose(to_numpy(fused.running_mean), to_numpy(plain.running_mean),
+                               rtol=1e-6)
+
+
 def test_one_value_per_channel_is_an_error_when_training():
     with pytest.raises(ValueError, match="more than one value per channel.*shape \\(1, 3, 1, 1\\)"):
         F.batch_norm(np.zeros((1, 3, 1, 1)), np.zeros(3), np.ones(3), training=True)

@@ -51,6 +51,9 @@ class BatchNorm2d(Module):
             init.zeros_(self.bias)
 
     def forward(self, x):
+        return self._normalize(x, relu=False)
+
+    def _normalize(self, x, relu):
         if len(x.shape) != 4:
             raise ValueError(f"BatchNorm2d expects a 4-D input (N, C, H, W), got shape "
                              f"{tuple(x.shape)}.")
@@ -65,8 +68,21 @@ class BatchNorm2d(Module):
         # Batch statistics when training, or when there are no running ones to use.
         use_batch_stats = self.training or self.running_mean is None
         return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                          use_batch_stats, factor, self.eps)
+                          use_batch_stats, factor, self.eps, relu=relu)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """relu(BatchNorm2d(x)) in one op: x (N, C, H, W) -> same shape, never negative.
+
+    The same parameters, buffers and state-dict keys as BatchNorm2d (a checkpoint of one
+    loads into the other); the ReLU is computed in batch norm's own pass over memory and
+    its backward needs no saved mask (minidl/ops/normalization.py). U-Net's conv blocks use it.
+    """
+
+    def forward(self, x):
+        return self._normalize(x, relu=True)
+

@@ -14,7 +14,7 @@ import numpy
 from .. import backend
 from ..function import Function
 from ..tensor import Tensor
-from .conv import _check_4d, _pair
+from .conv import _check_4d, _pair, memoize_geometry
 import kernels
 
 
@@ -27,6 +27,7 @@ def pool_output_size(size, kernel, stride, padding=0, dilation=1, ceil_mode=Fals
     return out
 
 
+@memoize_geometry
 def _pool_geometry(op, x_shape, kernel_size, stride, padding, dilation, ceil_mode):
     """Check pooling arguments; returns (kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)."""
     if len(x_shape) != 4:
@@ -50,6 +51,8 @@ def _pool_geometry(op, x_shape, kernel_size, stride, padding, dilation, ceil_mod
                          f"{out[0]}x{out[1]}.")
     for axis, (size, k, st, p, d, n) in enumerate(zip((h, w), kernel, stride, padding,
                                                        dilation, out)):
+        if d == 1:   # padding <= k // 2: every window overlaps the input
+            continue
         for o in range(n):   # with dilation a window can fall between the pixels entirely
             if not any(0 <= o * st - p + i * d < size for i in range(k)):
                 raise ValueError(f"{op}: output {'row' if axis == 0 else 'column'} {o} would "

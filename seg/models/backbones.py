@@ -132,7 +132,7 @@ class VGG(nn.Module):
                 pad = self.first_padding if (s, i) == (1, 1) else d
                 setattr(self, f"conv{s}_{i}", nn.Conv2d(channels, out, 3, padding=pad, dilation=d))
                 if self.batch_norm:
-                    setattr(self, f"bn{s}_{i}", nn.BatchNorm2d(out))
+                    setattr(self, f"bn{s}_{i}", nn.BatchNormReLU2d(out))   # BN + ReLU
                 names.append(f"{s}_{i}")
                 channels = out
             self.plan.append(names)
@@ -148,9 +148,7 @@ class VGG(nn.Module):
         for s, names in enumerate(self.plan, start=1):
             for name in names:
                 x = getattr(self, "conv" + name)(x)
-                if self.batch_norm:
-                    x = getattr(self, "bn" + name)(x)
-                x = F.relu(x)
+                x = getattr(self, "bn" + name)(x) if self.batch_norm else F.relu(x)
             feats[f"conv{s}"] = x
             feats[f"size{s}"] = tuple(x.shape[2:])
             if self.pool_specs[s - 1] is not None:

@@ -32,6 +32,9 @@ __all__ = ["UNet", "unet"]
 class DoubleConv(nn.Module):
     """Two 3x3 convs, each followed by (BatchNorm) and ReLU, and optionally by dropout.
 
+    With batch norm, BN and ReLU are one op (nn.BatchNormReLU2d: same parameters and
+    state-dict keys as BatchNorm2d, one pass over memory instead of two plus a mask).
+
     x: (N, in_channels, H, W) -> (N, out_channels, H - 4, W - 4) with valid padding, or
     (N, out_channels, H, W) with same padding.
     """
@@ -40,18 +43,16 @@ class DoubleConv(nn.Module):
         super().__init__()
         pad = 0 if padding == "valid" else 1
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=pad)
-        self.bn1 = nn.BatchNorm2d(out_channels) if batch_norm else None
+        self.bn1 = nn.BatchNormReLU2d(out_channels) if batch_norm else None
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=pad)
-        self.bn2 = nn.BatchNorm2d(out_channels) if batch_norm else None
+        self.bn2 = nn.BatchNormReLU2d(out_channels) if batch_norm else None
         # tf_unet (the seed's code) drops out after every conv; dropout=0 switches it off.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x):
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2)):
             x = conv(x)
-            if bn is not None:
-                x = bn(x)
-            x = F.relu(x)
+            x = F.relu(x) if bn is None else bn(x)     # bn: BatchNormReLU2d
             if self.dropout is not None:
                 x = self.dropout(x)
         return x
