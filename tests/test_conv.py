@@ -120,6 +120,33 @@ def test_conv2d_gradients(device, keep, case):
             check_grad(lambda x, w, b: F.conv2d(x, w, b, **kw), [x, w, b], device)
 
 
+@given(case=conv_case(max_hw=5), c_in=st.integers(2, 3))
+def test_stride1_input_gradient_as_a_convolution(device, case, c_in):
+    """With stride 1 and fewer output than input channels the input gradient is a conv of gy
+    with the flipped, channel-swapped kernel: it equals the col2im route exactly (to rounding)
+    for every kernel, padding, dilation and grouping, and passes the gradient check."""
+    g = case["groups"]
+    case = dict(case, stride=(1, 1), c=g * c_in, c_out=g * (c_in - 1))
+    x, w, _ = arrays_for(case)
+    kw = conv_kwargs(case)
+    geom = conv_ops.conv2d_geometry(x.shape, w.shape, **kw)
+    taken = conv_ops._adjoint_geometry(geom, x.shape[2:])
+    assert (taken is None) == any(p > d * (k - 1) for p, d, k in
+                                  zip(case["padding"], case["dilation"], case["k"]))
+    xp = minidl.backend.array_module(device)
+    gy = xp.asarray(np.random.default_rng(case["seed"]).standard_normal(
+        (case["n"], case["c_out"], geom.ho, geom.wo)))
+    routes = []
+    for adjoint in (True, False):
+        saved, conv_ops.ADJOINT_AS_CONV = conv_ops.ADJOINT_AS_CONV, adjoint
+        try:
+            routes.append(to_numpy(conv_ops.conv_input_grad(gy, xp.asarray(w), geom, x.shape)))
+        finally:
+            conv_ops.ADJOINT_AS_CONV = saved
+    np.testing.assert_allclose(routes[0], routes[1], rtol=1e-10, atol=1e-10)
+    check_grad(lambda x, w: F.conv2d(x, w, **kw), [x, w], device)
+
+
 def test_conv2d_float32_default_and_bias_gradient_is_sum(device):
     rng = np.random.default_rng(0)
     x = t(rng.standard_normal((2, 3, 6, 5)).astype(np.float32), device, grad=True)
