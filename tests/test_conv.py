@@ -86,11 +86,14 @@ def conv_kwargs(case):
 
 
 # ---------------------------------------------------------------------- conv2d
+@pytest.mark.parametrize("route", ["rows", "full"])
 @given(case=conv_case())
-def test_conv2d_matches_direct_loops(device, case):
+def test_conv2d_matches_direct_loops(device, route, case):
+    case = on_route(case, route)
     x, w, b = arrays_for(case)
-    y = F.conv2d(t(x, device), t(w, device), None if b is None else t(b, device),
-                 **conv_kwargs(case))
+    with columns_kept(True, route):
+        y = F.conv2d(t(x, device), t(w, device), None if b is None else t(b, device),
+                     **conv_kwargs(case))
     expected = direct_conv2d(x, w, b, case["stride"], case["padding"], case["dilation"],
                              case["groups"])
     assert y.shape == expected.shape
@@ -98,22 +101,40 @@ def test_conv2d_matches_direct_loops(device, case):
 
 
 @contextlib.contextmanager
-def columns_kept(keep):
-    """keep=False: small layers rebuild their columns in backward like big ones do."""
-    saved = conv_ops.KEEP_COLUMNS_BYTES
-    conv_ops.KEEP_COLUMNS_BYTES = saved if keep else 0
+def columns_kept(keep, route="full"):
+    """keep=False: small layers rebuild their columns in backward like big ones do.
+    route "rows": every conv with vertical stride 1 and kh > 1 takes the row route (see
+    minidl/ops/conv.py; on the CPU; the size rules that pick it are lifted), "full": none."""
+    names = ("KEEP_COLUMNS_BYTES", "ROW_COLUMNS", "ROW_MIN_CHANNELS", "ROW_MAX_OUT_CHANNELS",
+             "ROW_MAX_EXTRA_SHARE")
+    saved = {name: getattr(conv_ops, name) for name in names}
+    conv_ops.KEEP_COLUMNS_BYTES = saved["KEEP_COLUMNS_BYTES"] if keep else 0
+    conv_ops.ROW_COLUMNS = route == "rows"
+    conv_ops.ROW_MIN_CHANNELS, conv_ops.ROW_MAX_OUT_CHANNELS = 1, 10 ** 9
+    conv_ops.ROW_MAX_EXTRA_SHARE = float("inf")
     try:
         yield
     finally:
-        conv_ops.KEEP_COLUMNS_BYTES = saved
+        for name, value in saved.items():
+            setattr(conv_ops, name, value)
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["columns-kept", "columns-rebuilt"])
+def on_route(case, route):
+    """A case the row route applies to (vertical stride 1), when that route is asked for."""
+    return dict(case, stride=(1, case["stride"][1])) if route == "rows" else case
+
+
+COLUMNS = [(True, "rows"), (True, "full"), (False, "rows"), (False, "full")]
+COLUMN_IDS = ["kept-rows", "kept-full", "rebuilt-rows", "rebuilt-full"]
+
+
+@pytest.mark.parametrize("keep, route", COLUMNS, ids=COLUMN_IDS)
 @given(case=conv_case(max_hw=5))
-def test_conv2d_gradients(device, keep, case):
+def test_conv2d_gradients(device, keep, route, case):
+    case = on_route(case, route)
     x, w, b = arrays_for(case)
     kw = conv_kwargs(case)
-    with columns_kept(keep):
+    with columns_kept(keep, route):
         if b is None:
             check_grad(lambda x, w: F.conv2d(x, w, **kw), [x, w], device)
         else:
@@ -179,9 +200,10 @@ def test_conv_transpose2d_is_the_adjoint_of_conv2d(device, case, op_extra):
     assert abs(lhs - rhs) <= 1e-9 * (1 + abs(lhs))
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["columns-kept", "columns-rebuilt"])
+@pytest.mark.parametrize("keep, route", COLUMNS, ids=COLUMN_IDS)
 @given(case=conv_case(max_hw=4), op=st.tuples(st.integers(0, 2), st.integers(0, 2)))
-def test_conv_transpose2d_gradients(device, keep, case, op):
+def test_conv_transpose2d_gradients(device, keep, route, case, op):
+    case = on_route(case, route)
     # Read as a transposed-conv weight, w (C_out, C/G, kh, kw) maps C_out channels to C.
     _, w, _ = arrays_for(case)
     rng = np.random.default_rng(case["seed"] + 2)
@@ -195,7 +217,7 @@ def test_conv_transpose2d_gradients(device, keep, case, op):
         with pytest.raises(ValueError, match="not positive"):
             F.conv_transpose2d(x, w, **kw)
         return
-    with columns_kept(keep):
+    with columns_kept(keep, route):
         if b is None:
             check_grad(lambda x, w: F.conv_transpose2d(x, w, **kw), [x, w], device)
         else:
@@ -250,8 +272,10 @@ def test_padding_same_and_valid(device, k, d):
                mode="full")
 
 
-def test_chunked_columns_give_the_same_results(device, monkeypatch):
-    """A tiny column-buffer bound forces sample chunks and bands of output rows."""
+@pytest.mark.parametrize("route, stride", [("full", (2, 1)), ("rows", (1, 2))])
+def test_chunked_columns_give_the_same_results(device, monkeypatch, route, stride):
+    """A tiny column-buffer bound forces sample chunks and bands of output rows (on the row
+    route the bands of row columns overlap by the kernel's extra rows)."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 4, 11, 9))
     w = rng.standard_normal((6, 2, 3, 2))
@@ -260,17 +284,35 @@ def test_chunked_columns_give_the_same_results(device, monkeypatch):
     for bound in (conv_ops.COLUMN_BUFFER_BYTES, 4 * 4 * 3 * 2 * 9 * 8 * 3, 300):
         monkeypatch.setattr(conv_ops, "COLUMN_BUFFER_BYTES", bound)
         xt, wt = t(x, device, True), t(w, device, True)
-        y = F.conv2d(xt, wt, stride=(2, 1), padding=(2, 1), dilation=(2, 1), groups=2)
-        gy = rng.standard_normal(y.shape) if gy is None else gy
-        y.backward(t(gy, device))
-        z = F.conv_transpose2d(t(gy, device), wt, stride=(2, 1), padding=(2, 1),
-                               dilation=(2, 1), groups=2, output_padding=(0, 0))
+        with columns_kept(False, route):
+            y = F.conv2d(xt, wt, stride=stride, padding=(2, 1), dilation=(2, 1), groups=2)
+            gy = rng.standard_normal(y.shape) if gy is None else gy
+            y.backward(t(gy, device))
+            z = F.conv_transpose2d(t(gy, device), wt, stride=stride, padding=(2, 1),
+                                   dilation=(2, 1), groups=2, output_padding=(0, 0))
         results.append([to_numpy(a) for a in (y.data, xt.grad, wt.grad, z.data)])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(results[0][0], direct_conv2d(x, w, None, (2, 1), (2, 1), (2, 1), 2),
+    np.testing.assert_allclose(results[0][0], direct_conv2d(x, w, None, stride, (2, 1), (2, 1), 2),
                                atol=1e-10)
+
+
+def test_row_route_is_taken_where_it_pays():
+    """The size rules: small-channel layers on large maps take the row route; the first
+    layer of one channel, small maps, wide layers and strided convs keep the full im2col."""
+    def route(x_shape, w_shape, **kw):
+        g = conv_ops.conv2d_geometry(x_shape, w_shape, **kw)
+        return conv_ops._row_route(g, x_shape[1], w_shape[0], "cpu")
+    assert route((4, 16, 64, 88), (8, 16, 3, 3), padding=1)
+    assert route((1, 128, 256, 256), (64, 128, 3, 3), padding=1)
+    assert not route((1, 1, 256, 256), (64, 1, 3, 3), padding=1)          # C = 1
+    assert not route((4, 64, 8, 11), (64, 64, 3, 3), padding=1)           # 2 extra rows of 8
+    assert not route((1, 512, 32, 32), (512, 512, 3, 3), padding=1)       # wide
+    assert not route((4, 16, 64, 88), (8, 16, 3, 3), padding=1, stride=2)
+    assert not route((4, 16, 64, 88), (8, 16, 1, 3), padding=(0, 1))      # kh = 1
+    g = conv_ops.conv2d_geometry((4, 16, 64, 88), (8, 16, 3, 3), padding=1)
+    assert not conv_ops._row_route(g, 16, 8, "gpu")
 
 
 def test_one_by_one_conv(device):

@@ -289,31 +289,105 @@ def _is_pointwise(g, in_hw):
             and (g.ho, g.wo) == tuple(in_hw))
 
 
+# ---------------------------------------------------------------------- the row route
+# A conv with vertical stride 1 (every 3x3 conv of U-Net, SegNet, DeepLab's atrous convs)
+# can unfold only along the width. Its "row columns" are im2col with a 1 x kw kernel over
+# ho + (kh-1)*dh rows: B[(c, j), (r, ox)] holds x[c, r - ph, ox*sw + j*dw - pw]. The
+# kh*kw-tap column matrix is then kh overlapping windows of B, one per kernel row i,
+# shifted by i*dh rows:
+#
+#     y[o, (oy, ox)] = sum_i  W_i[o, (c, j)] @ B[(c, j), (oy + i*dh, ox)]
+#
+# so one GEMM of the stacked weights (kh*C_out, C*kw) @ B gives all kh partial products,
+# and y is the sum of their shifted windows. B is kh times smaller than the full columns,
+# which matters where writing the columns to memory, not the GEMM, sets the pace: few
+# output channels on large maps. It costs (kh-1)*dh extra rows of GEMM and a pass over the
+# kh partial products, which is a loss on small maps and for wide layers (compute-bound).
+# Measured per layer, forward + backward, 2-core CPU (rows route speed / full im2col):
+#
+#     C -> C_out on N x H x W          rows/full      C -> C_out on N x H x W     rows/full
+#     8 -> 8 on 4 x 64 x 88            1.05           64 -> 64 on 1 x 256^2       0.98
+#     16 -> 8 on 4 x 64 x 88           1.22           128 -> 64 on 1 x 256^2      1.19
+#     32 -> 16 on 4 x 32 x 44          1.24           128 -> 128 on 1 x 128^2     1.02
+#     64 -> 32 on 4 x 16 x 22          1.08           256 -> 256 on 1 x 64^2      1.05
+#     64 -> 64 on 4 x 8 x 11           0.82           512 -> 512 on 1 x 32^2      0.88
+#     1 -> 64 on 1 x 256^2             0.18           1024 -> 1024 on 1 x 16^2    0.66
+#
+# hence the rule below (the example U-Net's step: 8-11% faster; the big U-Net's unchanged,
+# it has its wide and small-map layers on the full route). CPU only: on the GPU im2col is
+# cheap and one bigger GEMM is the better trade.
+def _row_route(g, c_in, c_out, device):
+    return (ROW_COLUMNS and device == "cpu" and g.sh == 1 and g.kh > 1
+            and c_in // g.groups >= ROW_MIN_CHANNELS and c_out <= ROW_MAX_OUT_CHANNELS
+            and (g.kh - 1) * g.dh <= ROW_MAX_EXTRA_SHARE * g.ho)
+
+
+def _row_geometry(g):
+    """The im2col geometry of g's row columns: kernel (1, kw) over ho + (kh-1)*dh rows."""
+    return Geometry((1, g.kw), (1, g.sw), (g.ph, g.pw), (1, g.dw),
+                    (g.ho + (g.kh - 1) * g.dh, g.wo), g.groups)
+
+
+def _stacked_weights(weight, groups):
+    """(C_out, C/G, kh, kw) -> (G, kh*C_out/G, C/G*kw): rows (i, o), columns (c, j)."""
+    xp = backend.get_array_module(weight)
+    c_out, c_in_g, kh, kw = weight.shape
+    w = weight.reshape(groups, c_out // groups, c_in_g, kh, kw).transpose(0, 3, 1, 2, 4)
+    return xp.ascontiguousarray(w).reshape(groups, kh * (c_out // groups), c_in_g * kw)
+
+
+ROW_COLUMNS = True            # False: every conv takes the full im2col route (to compare)
+ROW_MIN_CHANNELS = 4          # input channels per group at least this (the GEMM's K is C*kw)
+ROW_MAX_OUT_CHANNELS = 256    # wider layers are compute-bound: the full route is faster
+ROW_MAX_EXTRA_SHARE = 1 / 8   # the (kh-1)*dh extra rows at most this share of the output's
+
+
 def conv_forward(x, weight, g, keep_columns=False):
     """y = conv2d(x, weight) without bias, as arrays. x (N, C, H, W) -> (N, C_out, ho, wo).
 
     keep_columns: also return the column matrix (N, G, K/G, L) for conv_weight_grad when the
-    layer is small enough (see KEEP_COLUMNS_BYTES), else None: returns (y, cols) then.
+    layer is small enough (see KEEP_COLUMNS_BYTES), else None: returns (y, cols) then. On
+    the row route (see above) the kept matrix is the row columns (N, G, C/G*kw, rows*wo).
     """
     xp = backend.get_array_module(x)
     x, weight = xp.ascontiguousarray(x), xp.ascontiguousarray(weight)
+    device = backend.device_of(x)
     n, c = x.shape[:2]
     G, c_out = g.groups, weight.shape[0]
-    w_blocks = _weight_blocks(weight, G)
-    k, L = c * g.kh * g.kw, g.ho * g.wo
-    y = xp.empty((n, G, c_out // G, L), dtype=xp.result_type(x.dtype, weight.dtype))
-    kept = None
+    cog, wo, L = c_out // G, g.wo, g.ho * g.wo
+    y = xp.empty((n, G, cog, L), dtype=xp.result_type(x.dtype, weight.dtype))
     if _is_pointwise(g, x.shape[2:]):
-        xp.matmul(w_blocks, x.reshape(n, G, k // G, L), out=y)
-    elif (keep_columns and backend.device_of(x) == "cpu"
-          and n * k * L * x.itemsize <= min(KEEP_COLUMNS_BYTES, COLUMN_BUFFER_BYTES)):
-        kept = _columns(x, g, 0, n, 0, g.ho).reshape(n, G, k // G, L)
-        xp.matmul(w_blocks, kept, out=y)
+        xp.matmul(_weight_blocks(weight, G), x.reshape(n, G, c // G, L), out=y)
+        y = y.reshape(n, c_out, g.ho, wo)
+        return (y, None) if keep_columns else y
+    if _row_route(g, c, c_out, device):
+        unfold, extra, w_mat = _row_geometry(g), (g.kh - 1) * g.dh, _stacked_weights(weight, G)
     else:
-        for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, k * g.wo * x.itemsize, backend.device_of(x)):
-            cols = _columns(x, g, n0, n1, r0, r1).reshape(n1 - n0, G, k // G, -1)
-            xp.matmul(w_blocks, cols, out=y[n0:n1, :, :, r0 * g.wo:r1 * g.wo])
-    y = y.reshape(n, c_out, g.ho, g.wo)
+        unfold, extra, w_mat = g, 0, _weight_blocks(weight, G)
+    k = c * unfold.kh * unfold.kw
+
+    def piece(n0, n1, r0, r1):
+        """y for samples n0:n1, output rows r0:r1; returns the columns it used."""
+        cols = _columns(x, unfold, n0, n1, r0, r1 + extra).reshape(n1 - n0, G, k // G, -1)
+        out = y[n0:n1, :, :, r0 * wo:r1 * wo]
+        if not extra:
+            xp.matmul(w_mat, cols, out=out)
+            return cols
+        z = xp.matmul(w_mat, cols)          # (n, G, kh*C_out/G, rows*wo): all kernel rows
+        l, step = (r1 - r0) * wo, g.dh * wo
+        xp.add(z[:, :, :cog, :l], z[:, :, cog:2 * cog, step:step + l], out=out)
+        for i in range(2, g.kh):
+            out += z[:, :, i * cog:(i + 1) * cog, i * step:i * step + l]
+        return cols
+
+    kept = None
+    if (keep_columns and device == "cpu"
+            and n * k * unfold.ho * wo * x.itemsize <= min(KEEP_COLUMNS_BYTES, COLUMN_BUFFER_BYTES)):
+        kept = piece(0, n, 0, g.ho)
+    else:
+        for n0, n1, r0, r1 in _chunks(n, g.ho, wo, k * wo * x.itemsize, device):
+            piece(n0, n1, r0, r1)
+    y = y.reshape(n, c_out, g.ho, wo)
     return (y, kept) if keep_columns else y
 
 
@@ -391,49 +465,67 @@ def conv_input_grad(gy, weight, g, in_shape):
 def conv_weight_grad(x, gy, g, w_shape, cols=None):
     """d<gy, conv2d(x, W)>/dW: x (N, C, H, W), gy (N, C_out, ho, wo) -> (C_out, C/G, kh, kw).
 
-    cols: x's column matrix (N, G, K/G, L) when conv_forward kept it; else it is rebuilt.
+    cols: the columns conv_forward kept (same geometry, so the same route); else rebuilt.
     """
     xp = backend.get_array_module(gy)
     gy = xp.ascontiguousarray(gy)
     n = gy.shape[0]
     G, c_out = g.groups, w_shape[0]
-    k = w_shape[1] * G * g.kh * g.kw
-    L = g.ho * g.wo
-    gy_blocks = gy.reshape(n, G, c_out // G, L)
-    # The transposed gradient gW.T (G, K/G, C_out/G) is what gets summed: cols @ gy.T puts the
-    # long K side first, where BLAS's kernels want it. gy @ cols.T, the same product with
-    # C_out (often 8-64) first, ran 1.3-1.7x slower on every layer shape of the example U-Net.
-    gw_t = xp.zeros((G, k // G, c_out // G), dtype=xp.result_type(
-        gy.dtype, x.dtype if cols is None else cols.dtype))
+    cog, wo = c_out // G, g.wo
+    gy_blocks = gy.reshape(n, G, cog, g.ho * wo)
+    dtype = xp.result_type(gy.dtype, x.dtype if cols is None else cols.dtype)
+    if cols is None and _is_pointwise(g, x.shape[2:]):
+        unfold, extra = None, 0
+    elif _row_route(g, w_shape[1] * G, c_out, backend.device_of(gy)):
+        unfold, extra = _row_geometry(g), (g.kh - 1) * g.dh
+    else:
+        unfold, extra = g, 0
+    k = w_shape[1] * G * (g.kh * g.kw if unfold is None else unfold.kh * unfold.kw)
+    # What is summed is a transpose of gW: cols @ gy.T puts the long K side first, where
+    # BLAS's kernels want it. gy @ cols.T, the same product with C_out (often 8-64) first,
+    # ran 1.3-1.7x slower on every layer shape of the example U-Net.
+    rows = g.kh if extra else 1
+    gw_t = xp.zeros((G, k // G, rows * cog), dtype=dtype)
 
-    def accumulate(gy_s, cols_s):
-        """gw_t += cols_s (G, K/G, l) @ gy_s (G, C_out/G, l).T per group."""
-        if G == 1:
-            # 2-D: the .T of a C-contiguous matrix is F-contiguous, which BLAS and cuBLAS
-            # take as a transpose flag, so nothing is copied (a batched 3-D matmul on a
-            # transposed view may copy, CuPy's does).
-            gw_t[0] += xp.matmul(cols_s[0], gy_s[0].T)
-        else:  # grouped convs: small blocks, one batched product
-            gw_t[...] += xp.matmul(cols_s, gy_s.transpose(0, 2, 1))
+    def accumulate(cols_p, n0, n1, r0, r1):
+        """gw_t += the products of samples n0:n1, output rows r0:r1 (cols_p: their columns)."""
+        gy_p = gy_blocks[n0:n1, :, :, r0 * wo:r1 * wo]
+        if extra:
+            # The row route: gy's rows shifted by each kernel row i, stacked (i, o), so one
+            # product per sample gives every kernel row's gradient.
+            l, step = (r1 - r0) * wo, g.dh * wo
+            shifted = xp.zeros((n1 - n0, G, g.kh * cog, cols_p.shape[-1]), dtype=dtype)
+            for i in range(g.kh):
+                shifted[:, :, i * cog:(i + 1) * cog, i * step:i * step + l] = gy_p
+            # (Here the C_out side first measured 3% faster: it is 3x longer than in a plain
+            # conv, and cols_p is a strided window.)
+            prod = xp.matmul(shifted, cols_p.transpose(0, 1, 3, 2))   # (n, G, kh*C_out/G, K/G)
+            gw_t[...] += prod.sum(axis=0).transpose(0, 2, 1)
+        elif G == 1:
+            # 2-D per sample: the .T of a C-contiguous matrix is F-contiguous, which BLAS and
+            # cuBLAS take as a transpose flag, so nothing is copied (a batched 3-D matmul on a
+            # transposed view may copy, CuPy's does); one sample keeps the temporary small.
+            for s in range(n1 - n0):
+                gw_t[0] += xp.matmul(cols_p[s, 0], gy_p[s, 0].T)
+        else:  # grouped convs: small blocks, one batched product per sample
+            for s in range(n1 - n0):
+                gw_t[...] += xp.matmul(cols_p[s], gy_p[s].transpose(0, 2, 1))
 
-    def result():
-        return xp.ascontiguousarray(gw_t.transpose(0, 2, 1)).reshape(w_shape)
-
-    # One product per sample keeps the temporary at (K, C_out).
     if cols is not None:                        # kept by conv_forward
-        for s in range(n):
-            accumulate(gy_blocks[s], cols[s])
-        return result()
-    x = xp.ascontiguousarray(x)
-    if _is_pointwise(g, x.shape[2:]):           # the input is its own column matrix
-        for s in range(n):
-            accumulate(gy_blocks[s], x[s].reshape(G, k // G, L))
-        return result()
-    for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, k * g.wo * x.itemsize, backend.device_of(x)):
-        part = _columns(x, g, n0, n1, r0, r1).reshape(n1 - n0, G, k // G, -1)
-        for s in range(n1 - n0):
-            accumulate(gy_blocks[n0 + s, :, :, r0 * g.wo:r1 * g.wo], part[s])
-    return result()
+        accumulate(cols, 0, n, 0, g.ho)
+    elif unfold is None:                        # 1x1: the input is its own column matrix
+        accumulate(xp.ascontiguousarray(x).reshape(n, G, k // G, -1), 0, n, 0, g.ho)
+    else:
+        x = xp.ascontiguousarray(x)
+        for n0, n1, r0, r1 in _chunks(n, g.ho, wo, k * wo * x.itemsize, backend.device_of(x)):
+            part = _columns(x, unfold, n0, n1, r0, r1 + extra).reshape(n1 - n0, G, k // G, -1)
+            accumulate(part, n0, n1, r0, r1)
+    # (G, C/G * kh' * kw', kh'' * C_out/G) -> (C_out, C/G, kh, kw), where the row route
+    # has kh' = 1 and kh'' = kh (the kernel row is the stacked axis), the other kh' = kh.
+    c_in_g = w_shape[1]
+    gw = gw_t.reshape(G, c_in_g, k // G // c_in_g, rows, cog)
+    gw = gw.transpose(0, 4, 1, 3, 2)            # (G, C_out/G, C/G, kh'', kh'*kw')
+    return xp.ascontiguousarray(gw).reshape(w_shape)
 
 
 # ---------------------------------------------------------------------- Functions
