@@ -427,38 +427,65 @@ def _adjoint_weight(weight, groups):
 ADJOINT_AS_CONV = True
 
 
+def _shifted_rows(gy_p, g, span):
+    """The row route's stack of gy: gy_p (n, G, C_out/G, rows*wo) -> (n, G, kh*C_out/G,
+    span*wo) whose block i holds gy_p moved down by i*dh rows (zeros elsewhere), so that
+    (stacked weights).T @ it and it @ (row columns).T sum over the kernel rows in one GEMM."""
+    xp = backend.get_array_module(gy_p)
+    m, G, cog, l = gy_p.shape
+    out = xp.empty((m, G, g.kh * cog, span * g.wo), dtype=gy_p.dtype)
+    for i in range(g.kh):
+        block, start = out[:, :, i * cog:(i + 1) * cog], i * g.dh * g.wo
+        block[..., :start] = 0
+        block[..., start:start + l] = gy_p
+        block[..., start + l:] = 0
+    return out
+
+
 def conv_input_grad(gy, weight, g, in_shape):
     """The adjoint of conv_forward in x: gy (N, C_out, ho, wo) -> gx of in_shape (N, C, H, W)."""
     xp, kern = backend.get_array_module(gy), kernels.for_array(gy)
     gy, weight = xp.ascontiguousarray(gy), xp.ascontiguousarray(weight)
+    device = backend.device_of(gy)
     n, c, h, w = in_shape
     G, c_out = g.groups, weight.shape[0]
     adjoint = (_adjoint_geometry(g, (h, w)) if ADJOINT_AS_CONV and c_out < c
                and not _is_pointwise(g, (h, w)) else None)
     if adjoint is not None:
         return conv_forward(gy, _adjoint_weight(weight, G), adjoint)
-    w_t = _weight_blocks(weight, G).transpose(0, 2, 1)           # (G, K/G, C_out/G), a view
-    k, L = c * g.kh * g.kw, g.ho * g.wo
+    L, wo = g.ho * g.wo, g.wo
     gy_blocks = gy.reshape(n, G, c_out // G, L)
     dtype = xp.result_type(gy.dtype, weight.dtype)
     if _is_pointwise(g, (h, w)):
+        w_t = _weight_blocks(weight, G).transpose(0, 2, 1)
         return xp.matmul(w_t, gy_blocks).reshape(in_shape)
-    pieces = list(_chunks(n, g.ho, g.wo, k * g.wo * xp.dtype(dtype).itemsize,
-                          backend.device_of(gy)))
+    # The column gradient W2.T @ gy, folded back onto the pixels by col2im; on the row route
+    # the (smaller) row-column gradient, from the stacked weights and gy's shifted stack.
+    if _row_route(g, c, c_out, device):
+        unfold, extra = _row_geometry(g), (g.kh - 1) * g.dh
+        w_t = _stacked_weights(weight, G).transpose(0, 2, 1)       # (G, C/G*kw, kh*C_out/G)
+    else:
+        unfold, extra = g, 0
+        w_t = _weight_blocks(weight, G).transpose(0, 2, 1)         # (G, K/G, C_out/G), a view
+    k = c * unfold.kh * unfold.kw
+    pieces = list(_chunks(n, g.ho, wo, k * wo * xp.dtype(dtype).itemsize, device))
     gx = None if len(pieces) == 1 else xp.zeros(in_shape, dtype=dtype)
     for n0, n1, r0, r1 in pieces:
-        gcols = xp.matmul(w_t, gy_blocks[n0:n1, :, :, r0 * g.wo:r1 * g.wo])
-        gcols = gcols.reshape(n1 - n0, k, -1)
+        gy_p = gy_blocks[n0:n1, :, :, r0 * wo:r1 * wo]
+        if extra:
+            gy_p = _shifted_rows(gy_p, g, r1 - r0 + extra)
+        gcols = xp.matmul(w_t, gy_p).reshape(n1 - n0, k, -1)
         if r0 == 0 and r1 == g.ho:
-            part = kern.col2im(gcols, c, h, w, *g.args(), g.ho, g.wo)
+            part = kern.col2im(gcols, c, h, w, *unfold.args(), unfold.ho, wo)
             if gx is None:
                 return part
             gx[n0:n1] = part
         else:
-            a, b, top = _band(g, h, r0, r1)
+            a, b, top = _band(unfold, h, r0, r1 + extra)
             if b > a:    # bands overlap by the kernel's reach: add, do not assign
-                gx[n0:n1, :, a:b] += kern.col2im(gcols, c, b - a, w, g.kh, g.kw, g.sh, g.sw,
-                                                 top, g.pw, g.dh, g.dw, r1 - r0, g.wo)
+                gx[n0:n1, :, a:b] += kern.col2im(gcols, c, b - a, w, unfold.kh, unfold.kw,
+                                                 unfold.sh, unfold.sw, top, unfold.pw,
+                                                 unfold.dh, unfold.dw, r1 + extra - r0, wo)
     return gx
 
 
@@ -493,12 +520,9 @@ def conv_weight_grad(x, gy, g, w_shape, cols=None):
         if extra:
             # The row route: gy's rows shifted by each kernel row i, stacked (i, o), so one
             # product per sample gives every kernel row's gradient.
-            l, step = (r1 - r0) * wo, g.dh * wo
-            shifted = xp.zeros((n1 - n0, G, g.kh * cog, cols_p.shape[-1]), dtype=dtype)
-            for i in range(g.kh):
-                shifted[:, :, i * cog:(i + 1) * cog, i * step:i * step + l] = gy_p
-            # (Here the C_out side first measured 3% faster: it is 3x longer than in a plain
-            # conv, and cols_p is a strided window.)
+            shifted = _shifted_rows(gy_p, g, cols_p.shape[-1] // wo)
+            # (Here the C_out side first measured 3% faster: it is kh times longer than in a
+            # plain conv.)
             prod = xp.matmul(shifted, cols_p.transpose(0, 1, 3, 2))   # (n, G, kh*C_out/G, K/G)
             gw_t[...] += prod.sum(axis=0).transpose(0, 2, 1)
         elif G == 1:
