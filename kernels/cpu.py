@@ -441,7 +441,11 @@ def _batchnorm_backward(gy, xhat, inv_std, scale, training, relu, shift):
 # NumPy's version of an Adam step makes about a dozen passes over every parameter array,
 # most of them writing temporaries; this loop reads p, g, m, v once and writes p, m, v once
 # (it matters for big models: the U-Net of the benchmark has 31 million parameters).
-@njit(cache=True)
+# error_model="numpy": by default Numba follows Python and tests every division for a zero
+# divisor (to raise ZeroDivisionError); that branch stops LLVM from vectorising the loop.
+# Without it (the divisor here is sqrt(v) * c + eps > 0 anyway) the update runs on 8 floats
+# at a time: 7.5x faster on the example U-Net's 121k parameters, bit for bit the same.
+@njit(cache=True, error_model="numpy")
 def _adam_update(p, g, m, v, v_max, amsgrad, coef):
     # coef = (beta1, 1 - beta1, beta2, 1 - beta2, step_size, 1 / bias2_sqrt, eps,
     # weight_decay) in the arrays' dtype (see adam_update): float32 parameters are updated
@@ -534,16 +538,26 @@ def batchnorm_backward(gy, xhat, inv_std, scale, training, relu_shift=None):
                                    shift)
 
 
+_adam_coef = {}    # the last step's coefficient array per (hyper-parameters, dtype)
+
+
 def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
                 weight_decay):
     """In place on p, m, v (, v_max); see reference.adam_update. Non-contiguous state (never
-    made by minidl's optimizers) falls back to the reference."""
-    arrays = (p, m, v) + ((v_max,) if amsgrad else ())
-    if not all(a.flags.c_contiguous for a in arrays):
+    made by minidl's optimizers) falls back to the reference.
+
+    Called once per parameter, so the Python here is kept to a few microseconds: every
+    parameter of a step shares one coefficient array, built for the first of them."""
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous
+            and (not amsgrad or v_max.flags.c_contiguous)):
         return reference.adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size,
                                      bias2_sqrt, eps, weight_decay)
-    coef = np.array([beta1, 1 - beta1, beta2, 1 - beta2, step_size, 1 / bias2_sqrt, eps,
-                     weight_decay], dtype=p.dtype)
+    key = (beta1, beta2, step_size, bias2_sqrt, eps, weight_decay, p.dtype)
+    coef = _adam_coef.get(key)
+    if coef is None:
+        _adam_coef.clear()
+        coef = _adam_coef[key] = np.array([beta1, 1 - beta1, beta2, 1 - beta2, step_size,
+                                           1 / bias2_sqrt, eps, weight_decay], dtype=p.dtype)
     flat = p.reshape(-1)
     _adam_update(flat, np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), m.reshape(-1),
                  v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad), coef)
