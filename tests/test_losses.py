@@ -48,9 +48,11 @@ def make_case(seed, n, c, spatial, ignore_fraction=0.2):
 @settings(max_examples=20)
 @given(seed=st.integers(0, 2 ** 31), n=st.integers(1, 3), c=st.integers(2, 4),
        spatial=st.sampled_from([(), (3,), (2, 3)]), reduction=st.sampled_from(["mean", "sum", "none"]),
-       use_weight=st.booleans(), use_pixel=st.booleans())
-def test_cross_entropy_matches_reference_and_gradcheck(seed, n, c, spatial, reduction, use_weight, use_pixel):
-    x, target = make_case(seed, n, c, spatial)
+       use_weight=st.booleans(), use_pixel=st.booleans(), ignored=st.sampled_from([0.0, 0.2]))
+def test_cross_entropy_matches_reference_and_gradcheck(seed, n, c, spatial, reduction, use_weight,
+                                                       use_pixel, ignored):
+    """ignored=0 takes the fast path (every id valid, checked by min/max), 0.2 the masked one."""
+    x, target = make_case(seed, n, c, spatial, ignore_fraction=ignored)
     rng = np.random.default_rng(seed + 1)
     weight = rng.uniform(0.2, 2.0, size=c) if use_weight else None
     pixel = rng.uniform(0.5, 3.0, size=target.shape) if use_pixel else None

@@ -42,7 +42,8 @@ def _class_targets(name, logits, target, weight, ignore_index, pixel_weight=None
     Returns (target_safe, loss_weight, denominator):
       target_safe  target with ignored entries replaced by class 0 (any valid id works: their
                    weight is 0), shape (N, ...)
-      loss_weight  per-element factor: 0 where ignored, else class weight * pixel weight
+      loss_weight  per-element factor: 0 where ignored, else class weight * pixel weight;
+                   None when that is 1 everywhere
       denominator  sum of the class weights of the non-ignored targets ("mean" divides by it)
     """
     x = _array(logits)
@@ -61,75 +62,105 @@ def _class_targets(name, logits, target, weight, ignore_index, pixel_weight=None
         raise ValueError(f"{name}() got logits of shape {tuple(x.shape)} and target of shape "
                          f"{tuple(t.shape)}; the target must have shape {expected} (the logits' "
                          "shape without the class axis 1).")
-    valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= c))
-    if bad.any():
-        value = int(t[bad].reshape(-1)[0])
-        raise ValueError(f"{name}() target holds class id {value}, outside [0, {c}) for logits "
-                         f"with {c} classes; fix the labels, or pass ignore_index={value} to skip "
-                         "those elements.")
-    t_safe = xp.where(valid, t, 0)
-    w = valid.astype(x.dtype)
+    lo, hi = (int(v) for v in (t.min(), t.max())) if t.size else (0, -1)
+    if 0 <= lo and hi < c and not lo <= ignore_index <= hi:
+        # The common case, checked with two reductions: every id valid, none ignored.
+        t_safe, w = t, None
+    else:
+        valid = t != ignore_index
+        bad = valid & ((t < 0) | (t >= c))
+        if bad.any():
+            value = int(t[bad].reshape(-1)[0])
+            raise ValueError(f"{name}() target holds class id {value}, outside [0, {c}) for "
+                             f"logits with {c} classes; fix the labels, or pass "
+                             f"ignore_index={value} to skip those elements.")
+        t_safe = xp.where(valid, t, 0)
+        w = valid.astype(x.dtype)
     if weight is not None:
         wc = _constant(weight, xp, x.dtype)
         if tuple(wc.shape) != (c,):
             raise ValueError(f"{name}() got a class weight of shape {tuple(wc.shape)}; it must have "
                              f"shape ({c},), one weight per class.")
-        w = w * wc[t_safe]
-    denominator = w.sum()
+        w = wc[t_safe] if w is None else w * wc[t_safe]
+    denominator = xp.asarray(t.size, dtype=x.dtype) if w is None else w.sum()
     if pixel_weight is not None:
         pw = _constant(pixel_weight, xp, x.dtype)
         if tuple(pw.shape) != expected:
             raise ValueError(f"{name}() got pixel_weight of shape {tuple(pw.shape)}; it must have "
                              f"the target's shape {expected}.")
-        w = w * pw
+        w = pw if w is None else w * pw
     return t_safe, w, denominator
 
 
 def _scale(gy, weight, denominator, reduction):
-    """d(loss)/d(per-element loss) times the per-element weight."""
-    if reduction == "mean":
-        return weight * (gy / denominator)
-    return weight * gy          # "sum": gy is a scalar; "none": gy has the loss map's shape
+    """d(loss)/d(per-element loss) times the per-element weight (None: all ones)."""
+    g = gy / denominator if reduction == "mean" else gy   # "sum": a scalar; "none": a map
+    return g if weight is None else weight * g
+
+
+def _target_positions(shape, target):
+    """Flat indices of a[n, target[n, ...], ...] in an array a of `shape` (N, C, ...): one
+    gather with them is 3x faster than take_along_axis, which indexes every axis."""
+    xp = backend.get_array_module(target)
+    n, c = shape[:2]
+    s = target.size // max(n, 1)
+    rows = xp.arange(n).reshape(n, 1) * c + target.reshape(n, s)
+    return (rows * s + xp.arange(s)).reshape(-1)
 
 
 class CrossEntropy(Function):
     """Fused log_softmax + weighted negative log-likelihood over axis 1.
 
     Params: target (N, ...) ints (ignored entries already replaced), weight (N, ...) per-element
-    factors, denominator (for "mean"), reduction.
+    factors or None, denominator (for "mean"), reduction.
+
+    With z = x - max(x) (log-sum-exp: no overflow even for logits of 1e4) and s = sum exp(z):
+    loss = log(s) - z[target]; d loss / dx = softmax(x) - onehot(target). Forward keeps the
+    softmax for backward, so backward needs no exp.
     """
     def forward(self, x):
         xp = backend.get_array_module(x)
         z = x - x.max(axis=1, keepdims=True)
-        self.logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
-        picked = xp.take_along_axis(self.logp, self.target[:, None], axis=1)[:, 0]
-        loss = -picked * self.weight
+        e = xp.exp(z)
+        s = e.sum(axis=1, keepdims=True)
+        self.positions = _target_positions(x.shape, self.target)
+        picked = xp.take(z.reshape(-1), self.positions).reshape(self.target.shape)
+        loss = xp.log(s)[:, 0] - picked
+        e /= s
+        self.probs = e
+        if self.weight is not None:
+            loss *= self.weight
         return _reduce_array(loss, self.reduction, self.denominator)
 
     def backward(self, gy):
-        xp = backend.get_array_module(gy)
-        logp = self.logp
-        classes = xp.arange(logp.shape[1]).reshape((1, -1) + (1,) * (logp.ndim - 2))
-        onehot = classes == self.target[:, None]
-        coef = _scale(gy, self.weight, self.denominator, self.reduction)
-        return (xp.exp(logp) - onehot) * coef[:, None]
+        xp = backend.get_array_module(self.probs)
+        coef = _scale(gy, self.weight, self.denominator, self.reduction)  # scalar or a map
+        if getattr(coef, "ndim", 0):
+            g = self.probs * xp.expand_dims(coef, 1)
+            g.reshape(-1)[self.positions] -= coef.reshape(-1)
+        else:
+            g = self.probs * coef
+            g.reshape(-1)[self.positions] -= coef
+        return g
 
 
 class NLL(Function):
     """Weighted negative log-likelihood of log-probabilities (N, C, ...) over axis 1."""
     def forward(self, logp):
         xp = backend.get_array_module(logp)
-        self.shape = logp.shape
-        picked = xp.take_along_axis(logp, self.target[:, None], axis=1)[:, 0]
-        return _reduce_array(-picked * self.weight, self.reduction, self.denominator)
+        self.shape, self.dtype = logp.shape, logp.dtype
+        self.positions = _target_positions(logp.shape, self.target)
+        loss = -xp.take(logp.reshape(-1), self.positions).reshape(self.target.shape)
+        if self.weight is not None:
+            loss *= self.weight
+        return _reduce_array(loss, self.reduction, self.denominator)
 
     def backward(self, gy):
         xp = backend.get_array_module(gy)
-        classes = xp.arange(self.shape[1]).reshape((1, -1) + (1,) * (len(self.shape) - 2))
-        onehot = classes == self.target[:, None]
-        coef = _scale(gy, self.weight, self.denominator, self.reduction)
-        return -(onehot * coef[:, None])
+        coef = _scale(gy, self.weight, self.denominator, self.reduction)  # scalar or a map
+        g = xp.zeros(self.shape, dtype=self.dtype)
+        g.reshape(-1)[self.positions] = -(coef.reshape(-1) if getattr(coef, "ndim", 0) else coef)
+        return g
 
 
 def _reduce_array(loss, reduction, denominator):
