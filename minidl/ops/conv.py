@@ -444,8 +444,13 @@ def _shifted_rows(gy_p, g, span):
     return out
 
 
-def conv_input_grad(gy, weight, g, in_shape):
-    """The adjoint of conv_forward in x: gy (N, C_out, ho, wo) -> gx of in_shape (N, C, H, W)."""
+def conv_input_grad(gy, weight, g, in_shape, weight_grad=None):
+    """The adjoint of conv_forward in x: gy (N, C_out, ho, wo) -> gx of in_shape (N, C, H, W).
+
+    weight_grad: a _WeightGrad to feed with the row route's shifted stacks of gy as they are
+    built (Conv2d.backward: one stack per piece for both gradients); it stays unfed on the
+    other routes.
+    """
     xp, kern = backend.get_array_module(gy), kernels.for_array(gy)
     gy, weight = xp.ascontiguousarray(gy), xp.ascontiguousarray(weight)
     device = backend.device_of(gy)
@@ -477,6 +482,8 @@ def conv_input_grad(gy, weight, g, in_shape):
         gy_p = gy_blocks[n0:n1, :, :, r0 * wo:r1 * wo]
         if extra:
             gy_p = _shifted_rows(gy_p, g, r1 - r0 + extra)
+            if weight_grad is not None:
+                weight_grad.add(gy_p, n0, n1, r0, r1, shifted=True)
         gcols = xp.matmul(w_t, gy_p).reshape(n1 - n0, k, -1)
         if r0 == 0 and r1 == g.ho:
             part = kern.col2im(gcols, c, h, w, *unfold.args(), unfold.ho, wo)
@@ -492,6 +499,88 @@ def conv_input_grad(gy, weight, g, in_shape):
     return gx
 
 
+class _WeightGrad:
+    """d<gy, conv2d(x, W)>/dW, summed piece by piece: x (N, C, H, W) -> (C_out, C/G, kh, kw).
+
+    cols: the columns conv_forward kept (same geometry, so the same route); else each
+    piece's columns are rebuilt from x. `add` takes gy for samples n0:n1, output rows r0:r1;
+    on the row route it may get gy's shifted stack (built by conv_input_grad) instead.
+    """
+
+    def __init__(self, x, g, w_shape, cols, device, dtype):
+        xp = self.xp = backend.get_array_module(x if cols is None else cols)
+        self.x, self.g, self.w_shape, self.cols = x, g, w_shape, cols
+        G = g.groups
+        if cols is None and _is_pointwise(g, x.shape[2:]):
+            self.unfold, self.extra = None, 0
+        elif _row_route(g, w_shape[1] * G, w_shape[0], device):
+            self.unfold, self.extra = _row_geometry(g), (g.kh - 1) * g.dh
+        else:
+            self.unfold, self.extra = g, 0
+        taps = g.kh * g.kw if self.unfold is None else self.unfold.kh * self.unfold.kw
+        self.k = w_shape[1] * G * taps
+        self.fed = False
+        # What is summed is a transpose of gW: cols @ gy.T puts the long K side first, where
+        # BLAS's kernels want it. gy @ cols.T, the same product with C_out (often 8-64)
+        # first, ran 1.3-1.7x slower on every layer shape of the example U-Net.
+        self.rows = g.kh if self.extra else 1
+        self.gw_t = xp.zeros((G, self.k // G, self.rows * (w_shape[0] // G)), dtype=dtype)
+
+    def columns(self, n0, n1, r0, r1):
+        """The columns of samples n0:n1, output rows r0:r1: (n, G, K/G, rows*wo)."""
+        G, wo, k, xp = self.g.groups, self.g.wo, self.k, self.xp
+        if self.cols is not None:               # kept by conv_forward
+            return self.cols[n0:n1, :, :, r0 * wo:(r1 + self.extra) * wo]
+        if self.unfold is None:                 # 1x1: the input is its own column matrix
+            x = xp.ascontiguousarray(self.x[n0:n1]).reshape(n1 - n0, G, k // G, -1)
+            return x[..., r0 * wo:r1 * wo]
+        x = self.x = xp.ascontiguousarray(self.x)
+        return _columns(x, self.unfold, n0, n1, r0, r1 + self.extra).reshape(
+            n1 - n0, G, k // G, -1)
+
+    def add(self, gy_p, n0, n1, r0, r1, shifted=False):
+        """gy_p: gy (n, G, C_out/G, rows*wo) of those samples and rows, or (shifted=True, row
+        route only) its shifted stack."""
+        xp, G, self.fed = self.xp, self.g.groups, True
+        cols_p = self.columns(n0, n1, r0, r1)
+        if self.extra:
+            # The row route: gy's rows shifted by each kernel row i, stacked (i, o), so one
+            # product gives every kernel row's gradient (here the C_out side first measured
+            # 3% faster: it is kh times longer than in a plain conv).
+            if not shifted:
+                gy_p = _shifted_rows(gy_p, self.g, cols_p.shape[-1] // self.g.wo)
+            prod = xp.matmul(gy_p, cols_p.transpose(0, 1, 3, 2))   # (n, G, kh*C_out/G, K/G)
+            self.gw_t[...] += prod.sum(axis=0).transpose(0, 2, 1)
+        elif G == 1:
+            # 2-D per sample: the .T of a C-contiguous matrix is F-contiguous, which BLAS and
+            # cuBLAS take as a transpose flag, so nothing is copied (a batched 3-D matmul on a
+            # transposed view may copy, CuPy's does); one sample keeps the temporary small.
+            for s in range(n1 - n0):
+                self.gw_t[0] += xp.matmul(cols_p[s, 0], gy_p[s, 0].T)
+        else:  # grouped convs: small blocks, one batched product per sample
+            for s in range(n1 - n0):
+                self.gw_t[...] += xp.matmul(cols_p[s], gy_p[s].transpose(0, 2, 1))
+
+    def add_all(self, gy):
+        """Every piece of gy (N, C_out, ho, wo): kept or 1x1 columns in one, else chunks."""
+        g, n = self.g, gy.shape[0]
+        gy_blocks = gy.reshape(n, g.groups, -1, g.ho * g.wo)
+        if self.cols is not None or self.unfold is None:
+            self.add(gy_blocks, 0, n, 0, g.ho)
+            return
+        for n0, n1, r0, r1 in _chunks(n, g.ho, g.wo, self.k * g.wo * self.x.itemsize,
+                                      backend.device_of(self.x), g.kh if self.extra else 1):
+            self.add(gy_blocks[n0:n1, :, :, r0 * g.wo:r1 * g.wo], n0, n1, r0, r1)
+
+    def result(self):
+        # (G, C/G * kh' * kw', kh'' * C_out/G) -> (C_out, C/G, kh, kw), where the row route
+        # has kh' = 1 and kh'' = kh (the kernel row is the stacked axis), the other kh' = kh.
+        G, c_out, c_in_g = self.g.groups, self.w_shape[0], self.w_shape[1]
+        gw = self.gw_t.reshape(G, c_in_g, self.k // G // c_in_g, self.rows, c_out // G)
+        gw = gw.transpose(0, 4, 1, 3, 2)        # (G, C_out/G, C/G, kh'', kh'*kw')
+        return self.xp.ascontiguousarray(gw).reshape(self.w_shape)
+
+
 def conv_weight_grad(x, gy, g, w_shape, cols=None):
     """d<gy, conv2d(x, W)>/dW: x (N, C, H, W), gy (N, C_out, ho, wo) -> (C_out, C/G, kh, kw).
 
@@ -499,61 +588,10 @@ def conv_weight_grad(x, gy, g, w_shape, cols=None):
     """
     xp = backend.get_array_module(gy)
     gy = xp.ascontiguousarray(gy)
-    n = gy.shape[0]
-    G, c_out = g.groups, w_shape[0]
-    cog, wo = c_out // G, g.wo
-    gy_blocks = gy.reshape(n, G, cog, g.ho * wo)
     dtype = xp.result_type(gy.dtype, x.dtype if cols is None else cols.dtype)
-    if cols is None and _is_pointwise(g, x.shape[2:]):
-        unfold, extra = None, 0
-    elif _row_route(g, w_shape[1] * G, c_out, backend.device_of(gy)):
-        unfold, extra = _row_geometry(g), (g.kh - 1) * g.dh
-    else:
-        unfold, extra = g, 0
-    k = w_shape[1] * G * (g.kh * g.kw if unfold is None else unfold.kh * unfold.kw)
-    # What is summed is a transpose of gW: cols @ gy.T puts the long K side first, where
-    # BLAS's kernels want it. gy @ cols.T, the same product with C_out (often 8-64) first,
-    # ran 1.3-1.7x slower on every layer shape of the example U-Net.
-    rows = g.kh if extra else 1
-    gw_t = xp.zeros((G, k // G, rows * cog), dtype=dtype)
-
-    def accumulate(cols_p, n0, n1, r0, r1):
-        """gw_t += the products of samples n0:n1, output rows r0:r1 (cols_p: their columns)."""
-        gy_p = gy_blocks[n0:n1, :, :, r0 * wo:r1 * wo]
-        if extra:
-            # The row route: gy's rows shifted by each kernel row i, stacked (i, o), so one
-            # product per sample gives every kernel row's gradient.
-            shifted = _shifted_rows(gy_p, g, cols_p.shape[-1] // wo)
-            # (Here the C_out side first measured 3% faster: it is kh times longer than in a
-            # plain conv.)
-            prod = xp.matmul(shifted, cols_p.transpose(0, 1, 3, 2))   # (n, G, kh*C_out/G, K/G)
-            gw_t[...] += prod.sum(axis=0).transpose(0, 2, 1)
-        elif G == 1:
-            # 2-D per sample: the .T of a C-contiguous matrix is F-contiguous, which BLAS and
-            # cuBLAS take as a transpose flag, so nothing is copied (a batched 3-D matmul on a
-            # transposed view may copy, CuPy's does); one sample keeps the temporary small.
-            for s in range(n1 - n0):
-                gw_t[0] += xp.matmul(cols_p[s, 0], gy_p[s, 0].T)
-        else:  # grouped convs: small blocks, one batched product per sample
-            for s in range(n1 - n0):
-                gw_t[...] += xp.matmul(cols_p[s], gy_p[s].transpose(0, 2, 1))
-
-    if cols is not None:                        # kept by conv_forward
-        accumulate(cols, 0, n, 0, g.ho)
-    elif unfold is None:                        # 1x1: the input is its own column matrix
-        accumulate(xp.ascontiguousarray(x).reshape(n, G, k // G, -1), 0, n, 0, g.ho)
-    else:
-        x = xp.ascontiguousarray(x)
-        for n0, n1, r0, r1 in _chunks(n, g.ho, wo, k * wo * x.itemsize, backend.device_of(x),
-                                      g.kh if extra else 1):
-            part = _columns(x, unfold, n0, n1, r0, r1 + extra).reshape(n1 - n0, G, k // G, -1)
-            accumulate(part, n0, n1, r0, r1)
-    # (G, C/G * kh' * kw', kh'' * C_out/G) -> (C_out, C/G, kh, kw), where the row route
-    # has kh' = 1 and kh'' = kh (the kernel row is the stacked axis), the other kh' = kh.
-    c_in_g = w_shape[1]
-    gw = gw_t.reshape(G, c_in_g, k // G // c_in_g, rows, cog)
-    gw = gw.transpose(0, 4, 1, 3, 2)            # (G, C_out/G, C/G, kh'', kh'*kw')
-    return xp.ascontiguousarray(gw).reshape(w_shape)
+    acc = _WeightGrad(x, g, w_shape, cols, backend.device_of(gy), dtype)
+    acc.add_all(gy)
+    return acc.result()
 
 
 # ---------------------------------------------------------------------- Functions
@@ -587,10 +625,20 @@ class Conv2d(Function):
 
     def backward(self, gy):
         need = self.needs_input_grad
-        gy = backend.get_array_module(gy).ascontiguousarray(gy)   # once, for all three
-        gx = conv_input_grad(gy, self.weight, self.geom, self.x_shape) if need[0] else None
-        gw = (conv_weight_grad(self.x, gy, self.geom, self.w_shape, cols=self.cols)
-              if need[1] else None)
+        xp = backend.get_array_module(gy)
+        gy = xp.ascontiguousarray(gy)               # once, for all three
+        gx = gw = None
+        if need[1]:
+            dtype = xp.result_type(gy.dtype, (self.x if self.cols is None else self.cols).dtype)
+            acc = _WeightGrad(self.x, self.geom, self.w_shape, self.cols,
+                              backend.device_of(gy), dtype)
+        if need[0]:   # on the row route this also feeds acc, with the stacks of gy it builds
+            gx = conv_input_grad(gy, self.weight, self.geom, self.x_shape,
+                                 weight_grad=acc if need[1] else None)
+        if need[1]:
+            if not acc.fed:
+                acc.add_all(gy)
+            gw = acc.result()
         gb = _bias_grad(gy) if len(need) > 2 and need[2] else None
         return gx, gw, gb
 
