@@ -10,9 +10,13 @@ Read reference.py first for *what* each kernel computes; this file is about doin
 * im2col writes straight into the layout the GEMM wants, (N, C*kh*kw, ho*wo), so
   `weight2d @ cols[n]` produces NCHW output with no transpose or copy.
 * 2x2 / stride-2 max pooling (every pooling layer of U-Net, SegNet, VGG) has its own loop.
-* Small jobs run on one thread (see _threads_for): waking the thread team costs more than
-  a few thousand elements of work, and much more on a machine shared with other jobs.
-  The public functions at the end are thin wrappers that make that choice.
+* Each prange kernel is compiled two ways (`_serial_and_parallel`): serial, which is what
+  runs by default (minidl/__init__.py gives Numba one thread: a second one next to the BLAS
+  threads made training slower on 2 cores), and parallel, used only when NUMBA_NUM_THREADS
+  is raised and the job is big enough to be worth waking the thread team. A parallel loop
+  takes 4-10x longer to compile, so the serial default cut the cold start (first training
+  step with an empty Numba cache) from 15-19 s to about 6 s. The public functions at the
+  end are thin wrappers that pick the variant.
 
 Everything is `@njit(cache=True)`: compiled once per dtype, then loaded from kernels/__pycache__.
 With NUMBA_DISABLE_JIT=1 the same code runs as plain Python (prange becomes range), which is
@@ -28,40 +32,45 @@ import os
 # matters when NUMBA_NUM_THREADS is raised.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import types  # noqa: E402
+
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import reference  # noqa: E402  (the fallback for what a kernel does not cover)
 from numba import njit, prange  # noqa: E402
 
-# Below this many output elements a kernel runs on one thread: starting the thread team
-# costs tens of microseconds (milliseconds on a busy machine), more than the work itself.
+# Below this many output elements a kernel runs serially even when Numba has a thread team:
+# starting the team costs tens of microseconds (milliseconds on a busy machine), more than
+# the work itself.
 PARALLEL_MIN_ELEMENTS = 1 << 16
+# Tests set this to run the parallel variants (on however many threads Numba has).
+FORCE_PARALLEL = False
 
 
-class _threads_for:
-    """`with _threads_for(n):` runs the enclosed kernel call on one thread when the job is
-    small. A class rather than a @contextmanager generator: it is entered around every
-    kernel call, and this costs a third as much."""
-    __slots__ = ("previous",)
+class _serial_and_parallel:
+    """A kernel written with prange, compiled serially and (on first use) in parallel.
 
-    def __init__(self, n_elements):
-        self.previous = None
+    `kernel.for_size(n)` returns the compiled function to call for a job of n output
+    elements. The parallel twin is a copy of the function under its own name, so the two
+    have separate entries in Numba's on-disk cache.
+    """
+
+    def __init__(self, fn):
+        self.serial = njit(cache=True)(fn)
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_parallel",
+                                  fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_parallel"
+        self.parallel = njit(cache=True, parallel=True)(twin)
+
+    def for_size(self, n_elements):
         # numba.config.NUMBA_NUM_THREADS (the team's size, fixed at start) is read first:
         # get_num_threads() costs microseconds, and by default the team has one thread.
-        if (n_elements < PARALLEL_MIN_ELEMENTS and numba.config.NUMBA_NUM_THREADS > 1
-                and not numba.config.DISABLE_JIT):
-            threads = numba.get_num_threads()
-            if threads > 1:
-                self.previous = threads
-                numba.set_num_threads(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            numba.set_num_threads(self.previous)
+        if FORCE_PARALLEL or (n_elements >= PARALLEL_MIN_ELEMENTS
+                              and numba.config.NUMBA_NUM_THREADS > 1
+                              and not numba.config.DISABLE_JIT and numba.get_num_threads() > 1):
+            return self.parallel
+        return self.serial
 
 
 @njit(cache=True)
@@ -83,7 +92,7 @@ def _valid_range(off, stride, size, n_out):
 _u = np.uint64
 
 
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """x (N, C, H, W), C-contiguous -> cols (N, C*kh*kw, ho*wo); see reference.im2col."""
     n, c, h, w = x.shape
@@ -121,7 +130,7 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     return cols
 
 
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """cols (N, C*kh*kw, ho*wo), C-contiguous -> x (N, C, h, w), summing overlaps; see
     reference.col2im.
@@ -156,7 +165,7 @@ def _col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
 
 
 # ---------------------------------------------------------------------- max pooling
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _maxpool2x2(x, ho, wo):
     """2x2 windows, stride 2, no padding, every window fully inside the input."""
     n, c, h, w = x.shape
@@ -187,7 +196,7 @@ def _maxpool2x2(x, ho, wo):
     return y, idx
 
 
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _maxpool_general(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     n, c, h, w = x.shape
     y = np.empty((n, c, ho, wo), dtype=x.dtype)
@@ -220,14 +229,13 @@ def _maxpool_general(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
 def maxpool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """x (N, C, H, W) -> (y, idx int64), both (N, C, ho, wo); see reference.maxpool2d_forward."""
     h, w = x.shape[2], x.shape[3]
-    with _threads_for(x.size):
-        if (kh == kw == 2 and sh == sw == 2 and ph == pw == 0 and dh == dw == 1
-                and 2 * ho <= h and 2 * wo <= w):
-            return _maxpool2x2(x, ho, wo)
-        return _maxpool_general(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    if (kh == kw == 2 and sh == sw == 2 and ph == pw == 0 and dh == dw == 1
+            and 2 * ho <= h and 2 * wo <= w):
+        return _maxpool2x2.for_size(x.size)(x, ho, wo)
+    return _maxpool_general.for_size(x.size)(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
 
 
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _maxpool2d_backward(gy, idx, h, w):
     """gy, idx (N, C, ho, wo) -> gx (N, C, h, w); one thread per plane, so repeats add safely."""
     n, c, ho, wo = gy.shape
@@ -245,7 +253,7 @@ def _maxpool2d_backward(gy, idx, h, w):
     return gx.reshape(n, c, h, w)
 
 
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _maxunpool2d_forward(x, idx, ho, wo):
     """x, idx (N, C, h, w) -> y (N, C, ho, wo): a scatter per plane, zeros elsewhere.
 
@@ -265,7 +273,7 @@ def _maxunpool2d_forward(x, idx, ho, wo):
     return y.reshape(n, c, ho, wo)
 
 
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _maxunpool2d_backward(gy, idx):
     """gy (N, C, ho, wo), idx (N, C, h, w) -> gx (N, C, h, w): a gather per plane."""
     n, c, ho, wo = gy.shape
@@ -308,7 +316,7 @@ def _bilinear_weights(n_in, n_out, align_corners):
     return i0, i1, l0, l1
 
 
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _bilinear_forward(x, ho, wo, align_corners):
     """x (N, C, h, w) -> y (N, C, ho, wo)."""
     n, c, h, w = x.shape
@@ -329,7 +337,7 @@ def _bilinear_forward(x, ho, wo, align_corners):
     return y
 
 
-@njit(cache=True, parallel=True)
+@_serial_and_parallel
 def _bilinear_backward(gy, h, w, align_corners):
     """gy (N, C, ho, wo) -> gx (N, C, h, w), the adjoint of bilinear_forward."""
     n, c, ho, wo = gy.shape
@@ -468,63 +476,56 @@ def _adam_update(p, g, m, v, v_max, amsgrad, coef):
 
 
 # ---------------------------------------------------------------------- the public entry points
-# Thin wrappers with reference.py's signatures: they pick the thread count for the job size.
+# Thin wrappers with reference.py's signatures: they pick the serial or parallel variant.
 def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """x (N, C, H, W) -> cols (N, C*kh*kw, ho*wo); see reference.im2col."""
     x = np.ascontiguousarray(x)       # the kernel indexes the flat buffer
-    with _threads_for(x.shape[0] * x.shape[1] * kh * kw * ho * wo):
-        return _im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    return _im2col.for_size(x.shape[0] * x.shape[1] * kh * kw * ho * wo)(
+        x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
 
 
 def col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """cols (N, C*kh*kw, ho*wo) -> x (N, C, h, w), summing overlaps; see reference.col2im."""
     cols = np.ascontiguousarray(cols)
-    with _threads_for(cols.size):
-        return _col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    return _col2im.for_size(cols.size)(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
 
 
 def maxpool2d_backward(gy, idx, h, w):
     """gy, idx (N, C, ho, wo) -> gx (N, C, h, w); see reference.maxpool2d_backward."""
-    with _threads_for(gy.shape[0] * gy.shape[1] * h * w):
-        return _maxpool2d_backward(gy, idx, h, w)
+    return _maxpool2d_backward.for_size(gy.shape[0] * gy.shape[1] * h * w)(gy, idx, h, w)
 
 
 def maxunpool2d_forward(x, idx, ho, wo):
     """x, idx (N, C, h, w) -> y (N, C, ho, wo); see reference.maxunpool2d_forward."""
-    with _threads_for(x.shape[0] * x.shape[1] * ho * wo):
-        return _maxunpool2d_forward(x, idx, ho, wo)
+    return _maxunpool2d_forward.for_size(x.shape[0] * x.shape[1] * ho * wo)(x, idx, ho, wo)
 
 
 def maxunpool2d_backward(gy, idx):
     """gy (N, C, ho, wo), idx (N, C, h, w) -> gx (N, C, h, w); see reference."""
-    with _threads_for(idx.size):
-        return _maxunpool2d_backward(gy, idx)
+    return _maxunpool2d_backward.for_size(idx.size)(gy, idx)
 
 
 def bilinear_forward(x, ho, wo, align_corners):
     """x (N, C, h, w) -> y (N, C, ho, wo); see reference.bilinear_forward."""
-    with _threads_for(x.shape[0] * x.shape[1] * ho * wo):
-        return _bilinear_forward(x, ho, wo, bool(align_corners))
+    return _bilinear_forward.for_size(x.shape[0] * x.shape[1] * ho * wo)(
+        x, ho, wo, bool(align_corners))
 
 
 def bilinear_backward(gy, h, w, align_corners):
     """gy (N, C, ho, wo) -> gx (N, C, h, w); see reference.bilinear_backward."""
-    with _threads_for(gy.size):
-        return _bilinear_backward(gy, h, w, bool(align_corners))
+    return _bilinear_backward.for_size(gy.size)(gy, h, w, bool(align_corners))
 
 
 def batchnorm_stats(x):
     """x (N, C, S) -> (mean, biased var), each (C,); see reference.batchnorm_stats."""
-    with _threads_for(x.size):
-        return _batchnorm_stats(np.ascontiguousarray(x))
+    return _batchnorm_stats(np.ascontiguousarray(x))
 
 
 def batchnorm_forward(x, mean, inv_std, scale, shift, relu=False):
     """x (N, C, S), per-channel (C,) vectors -> (y, xhat); see reference.batchnorm_forward."""
     dt = x.dtype
-    with _threads_for(x.size):
-        return _batchnorm_forward(np.ascontiguousarray(x), mean.astype(dt), inv_std.astype(dt),
-                                  scale.astype(dt), shift.astype(dt), bool(relu))
+    return _batchnorm_forward(np.ascontiguousarray(x), mean.astype(dt), inv_std.astype(dt),
+                              scale.astype(dt), shift.astype(dt), bool(relu))
 
 
 def batchnorm_backward(gy, xhat, inv_std, scale, training, relu_shift=None):
@@ -532,10 +533,8 @@ def batchnorm_backward(gy, xhat, inv_std, scale, training, relu_shift=None):
     dt = gy.dtype
     relu = relu_shift is not None
     shift = relu_shift.astype(dt) if relu else scale.astype(dt)   # unread unless relu
-    with _threads_for(gy.size):
-        return _batchnorm_backward(np.ascontiguousarray(gy), np.ascontiguousarray(xhat, dtype=dt),
-                                   inv_std.astype(dt), scale.astype(dt), bool(training), relu,
-                                   shift)
+    return _batchnorm_backward(np.ascontiguousarray(gy), np.ascontiguousarray(xhat, dtype=dt),
+                               inv_std.astype(dt), scale.astype(dt), bool(training), relu, shift)
 
 
 _adam_coef = {}    # the last step's coefficient array per (hyper-parameters, dtype)

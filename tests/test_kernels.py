@@ -233,6 +233,42 @@ def test_adam_update_matches_reference(device, xp, shape, amsgrad, weight_decay,
         np.testing.assert_allclose(to_numpy(a), b, rtol=tol, atol=tol, err_msg=name)
 
 
+@given(g=geometry(), dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 99))
+def test_parallel_cpu_kernels_give_the_serial_results(g, dtype, seed):
+    """Every prange kernel of kernels/cpu.py also has a parallel build, used when
+    NUMBA_NUM_THREADS is raised (see _serial_and_parallel): bit for bit the serial results,
+    which the tests above hold against the reference."""
+    cpu = importlib.import_module("kernels.cpu")
+    rng = np.random.default_rng(seed)
+    n, c, h, w = g["n"], g["c"], g["h"], g["w"]
+    kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = g["args"]
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    cols = rng.standard_normal((n, c * kh * kw, ho * wo)).astype(dtype)
+    up = rng.standard_normal((n, c, 2 * h + 1, 2 * w)).astype(dtype)
+    unpool_idx = np.stack([rng.permutation((2 * h + 1) * 2 * w)[:h * w]
+                           for _ in range(n * c)]).reshape(n, c, h, w)
+    pool_ok = ph <= kh // 2 and pw <= kw // 2
+    results = []
+    for parallel in (False, True):
+        saved, cpu.FORCE_PARALLEL = cpu.FORCE_PARALLEL, parallel
+        try:
+            out = [cpu.im2col(x, *g["args"]), cpu.col2im(cols, c, h, w, *g["args"]),
+                   cpu.maxunpool2d_forward(x, unpool_idx, 2 * h + 1, 2 * w),
+                   cpu.maxunpool2d_backward(up, unpool_idx),
+                   cpu.bilinear_forward(x, ho, wo, bool(seed % 2)),
+                   cpu.bilinear_backward(up, h, w, bool(seed % 2))]
+            if pool_ok:
+                y, idx = cpu.maxpool2d_forward(x, *g["args"])
+                out += [y, idx, cpu.maxpool2d_backward(y, idx, h, w)]
+            if h >= 2 and w >= 2:
+                out += list(cpu.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, 1, 1, h // 2, w // 2))
+        finally:
+            cpu.FORCE_PARALLEL = saved
+        results.append(out)
+    for serial, parallel in zip(*results):
+        np.testing.assert_array_equal(serial, parallel)
+
+
 def test_cpu_kernels_run_without_jit():
     """NUMBA_DISABLE_JIT=1 turns kernels/cpu.py into plain Python (for a debugger): same results."""
     code = (
