@@ -509,7 +509,7 @@ class _WeightGrad:
 
     def __init__(self, x, g, w_shape, cols, device, dtype):
         xp = self.xp = backend.get_array_module(x if cols is None else cols)
-        self.x, self.g, self.w_shape, self.cols = x, g, w_shape, cols
+        self.x, self.g, self.w_shape, self.cols, self.device = x, g, w_shape, cols, device
         G = g.groups
         if cols is None and _is_pointwise(g, x.shape[2:]):
             self.unfold, self.extra = None, 0
@@ -551,10 +551,14 @@ class _WeightGrad:
                 gy_p = _shifted_rows(gy_p, self.g, cols_p.shape[-1] // self.g.wo)
             prod = xp.matmul(gy_p, cols_p.transpose(0, 1, 3, 2))   # (n, G, kh*C_out/G, K/G)
             self.gw_t[...] += prod.sum(axis=0).transpose(0, 2, 1)
+        elif self.device == "cpu":
+            # One batched product (NumPy hands each sample's transposed view to BLAS as a
+            # transpose flag), then the sum over samples.
+            self.gw_t[...] += xp.matmul(cols_p, gy_p.transpose(0, 1, 3, 2)).sum(axis=0)
         elif G == 1:
-            # 2-D per sample: the .T of a C-contiguous matrix is F-contiguous, which BLAS and
-            # cuBLAS take as a transpose flag, so nothing is copied (a batched 3-D matmul on a
-            # transposed view may copy, CuPy's does); one sample keeps the temporary small.
+            # 2-D per sample: the .T of a C-contiguous matrix is F-contiguous, which cuBLAS
+            # takes as a transpose flag, so nothing is copied (CuPy's batched matmul copies
+            # a transposed view); one sample keeps the temporary small.
             for s in range(n1 - n0):
                 self.gw_t[0] += xp.matmul(cols_p[s, 0], gy_p[s, 0].T)
         else:  # grouped convs: small blocks, one batched product per sample
