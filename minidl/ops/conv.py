@@ -382,8 +382,8 @@ def conv_forward(x, weight, g, keep_columns=False):
         return cols
 
     kept = None
-    if (keep_columns and device == "cpu"
-            and n * k * unfold.ho * wo * x.itemsize <= min(KEEP_COLUMNS_BYTES, COLUMN_BUFFER_BYTES)):
+    keep_bound = min(KEEP_COLUMNS_BYTES, COLUMN_BUFFER_BYTES)
+    if keep_columns and device == "cpu" and n * k * unfold.ho * wo * x.itemsize <= keep_bound:
         kept = piece(0, n, 0, g.ho)
     else:
         for n0, n1, r0, r1 in _chunks(n, g.ho, wo, k * wo * x.itemsize, device,
@@ -423,8 +423,10 @@ def _adjoint_weight(weight, groups):
 # the concatenation, 2C -> C), its input gradient is computed as a convolution of gy: im2col
 # of gy, then a GEMM whose output is gx itself. The usual W2.T @ gy then col2im writes and
 # re-reads a column matrix of C*kh*kw rows; this one has C_out*kh*kw rows, read once.
-# Measured per layer on the 2-core box (README, "Performance"): 1.2-1.6x
-# faster for C_out = C/2, about even for C_out = C, 0.6-0.8x for C_out = 2C (hence the rule).
+# Measured per layer on the 2-core box: 1.2-1.6x faster for C_out = C/2, about even for
+# C_out = C, 0.6-0.8x for C_out = 2C (hence the rule); with the row route (above) the
+# example U-Net's step is still 1-2% faster with it than without. CPU only, like the row
+# route: not yet measured on a GPU, where col2im is the route the README's figures used.
 # Set to False to compare.
 ADJOINT_AS_CONV = True
 
@@ -456,8 +458,8 @@ def conv_input_grad(gy, weight, g, in_shape, weight_grad=None):
     device = backend.device_of(gy)
     n, c, h, w = in_shape
     G, c_out = g.groups, weight.shape[0]
-    adjoint = (_adjoint_geometry(g, (h, w)) if ADJOINT_AS_CONV and c_out < c
-               and not _is_pointwise(g, (h, w)) else None)
+    adjoint = (_adjoint_geometry(g, (h, w)) if ADJOINT_AS_CONV and device == "cpu"
+               and c_out < c and not _is_pointwise(g, (h, w)) else None)
     if adjoint is not None:
         return conv_forward(gy, _adjoint_weight(weight, G), adjoint)
     L, wo = g.ho * g.wo, g.wo
