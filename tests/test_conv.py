@@ -168,6 +168,25 @@ def test_stride1_input_gradient_as_a_convolution(device, case, c_in):
     check_grad(lambda x, w: F.conv2d(x, w, **kw), [x, w], device)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["columns-kept", "columns-rebuilt"])
+@given(case=conv_case(max_hw=5))
+def test_weight_gradient_in_either_layout(device, keep, case, monkeypatch):
+    """The weight gradient is summed transposed for narrow layers and in its own layout for
+    wide ones (_WeightGrad.TRANSPOSED_MAX_OUT): both give the gradient-checked result."""
+    x, w, _ = arrays_for(case)
+    kw = conv_kwargs(case)
+    grads = []
+    for bound in (10 ** 9, 0):
+        monkeypatch.setattr(conv_ops._WeightGrad, "TRANSPOSED_MAX_OUT", bound)
+        wt = t(w, device, True)
+        with columns_kept(keep):
+            F.conv2d(t(x, device), wt, **kw).sum().backward()
+        grads.append(to_numpy(wt.grad))
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+    with columns_kept(keep):
+        check_grad(lambda w: F.conv2d(t(x, device), w, **kw), [w], device)
+
+
 def test_conv2d_float32_default_and_bias_gradient_is_sum(device):
     rng = np.random.default_rng(0)
     x = t(rng.standard_normal((2, 3, 6, 5)).astype(np.float32), device, grad=True)

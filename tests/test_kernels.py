@@ -60,6 +60,20 @@ def test_im2col_col2im_match_reference_and_are_adjoint(device, xp, g, dtype, see
     assert abs(lhs - rhs) <= 1e-10 * (1 + abs(lhs))
 
 
+@given(g=geometry(), seed=st.integers(0, 99), data=st.data())
+def test_im2col_of_a_band_by_negative_padding(device, xp, g, seed, data):
+    """im2col with padding ph - r0*sh (negative past the top) gives output rows r0.. of the
+    full unfolding: conv.py unfolds bands of rows that way, without copying x's rows."""
+    kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = g["args"]
+    r0 = data.draw(st.integers(0, ho - 1))
+    x = np.random.default_rng(seed).standard_normal((g["n"], g["c"], g["h"], g["w"]))
+    full = ref.im2col(x, *g["args"])
+    band_args = (kh, kw, sh, sw, ph - r0 * sh, pw, dh, dw, ho - r0, wo)
+    np.testing.assert_array_equal(ref.im2col(x, *band_args), full[:, :, r0 * wo:])
+    np.testing.assert_array_equal(to_numpy(bundle(xp).im2col(xp.asarray(x), *band_args)),
+                                  full[:, :, r0 * wo:])
+
+
 def test_im2col_layout_is_the_gemm_layout():
     """Row (c, i, j) of the columns pairs with column (c, i, j) of weight.reshape(C_out, -1)."""
     x = np.arange(2 * 4 * 4, dtype=np.float64).reshape(1, 2, 4, 4)

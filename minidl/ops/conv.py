@@ -266,16 +266,14 @@ def _band(g, h, r0, r1):
 
 
 def _columns(x, g, n0, n1, r0, r1):
-    """im2col of samples n0:n1 for output rows r0:r1 -> (n, K, (r1-r0)*wo)."""
-    xp, kern = backend.get_array_module(x), kernels.for_array(x)
-    h = x.shape[2]
-    if r0 == 0 and r1 == g.ho:
-        return kern.im2col(x[n0:n1], *g.args(), g.ho, g.wo)
-    a, b, top = _band(g, h, r0, r1)
-    if b == a:   # these rows read only padding
-        return xp.zeros((n1 - n0, x.shape[1] * g.kh * g.kw, (r1 - r0) * g.wo), dtype=x.dtype)
-    band = xp.ascontiguousarray(x[n0:n1, :, a:b])
-    return kern.im2col(band, g.kh, g.kw, g.sh, g.sw, top, g.pw, g.dh, g.dw, r1 - r0, g.wo)
+    """im2col of samples n0:n1 for output rows r0:r1 -> (n, K, (r1-r0)*wo).
+
+    A band of rows is asked for by moving the padding: with ph - r0*sh (negative past the
+    top) the kernel's first output row is row r0, and rows outside the image read zeros, so
+    no band of x is copied (that copy cost 2% of the big U-Net's step).
+    """
+    return kernels.for_array(x).im2col(x[n0:n1], g.kh, g.kw, g.sh, g.sw, g.ph - r0 * g.sh,
+                                       g.pw, g.dh, g.dw, r1 - r0, g.wo)
 
 
 def _weight_blocks(weight, groups):
@@ -507,12 +505,20 @@ class _WeightGrad:
     cols: the columns conv_forward kept (same geometry, so the same route); else each
     piece's columns are rebuilt from x. `add` takes gy for samples n0:n1, output rows r0:r1;
     on the row route it may get gy's shifted stack (built by conv_input_grad) instead.
+
+    The sum is kept as gW itself, (G, rows*C_out/G, K/G) with rows = kh on the row route
+    (its stacked kernel rows) and 1 otherwise, or, for a full-route layer of at most
+    TRANSPOSED_MAX_OUT output channels, as its transpose (G, K/G, C_out/G): cols @ gy.T puts
+    the long K side first, where BLAS's kernels want it (gy @ cols.T ran 1.3-1.7x slower on
+    the example U-Net's 8-32-channel layers). A wide layer keeps gW's own layout: turning a
+    transposed sum back costs a strided copy of the whole weight (7% of the big U-Net's step).
     """
+    TRANSPOSED_MAX_OUT = 32
 
     def __init__(self, x, g, w_shape, cols, device, dtype):
         xp = self.xp = backend.get_array_module(x if cols is None else cols)
         self.x, self.g, self.w_shape, self.cols, self.device = x, g, w_shape, cols, device
-        G = g.groups
+        G, cog = g.groups, w_shape[0] // g.groups
         if cols is None and _is_pointwise(g, x.shape[2:]):
             self.unfold, self.extra = None, 0
         elif _row_route(g, w_shape[1] * G, w_shape[0], device):
@@ -522,11 +528,10 @@ class _WeightGrad:
         taps = g.kh * g.kw if self.unfold is None else self.unfold.kh * self.unfold.kw
         self.k = w_shape[1] * G * taps
         self.fed = False
-        # What is summed is a transpose of gW: cols @ gy.T puts the long K side first, where
-        # BLAS's kernels want it. gy @ cols.T, the same product with C_out (often 8-64)
-        # first, ran 1.3-1.7x slower on every layer shape of the example U-Net.
         self.rows = g.kh if self.extra else 1
-        self.gw_t = xp.zeros((G, self.k // G, self.rows * (w_shape[0] // G)), dtype=dtype)
+        self.transposed = not self.extra and cog <= self.TRANSPOSED_MAX_OUT
+        shape = (G, self.k // G, cog) if self.transposed else (G, self.rows * cog, self.k // G)
+        self.gw = xp.zeros(shape, dtype=dtype)
 
     def columns(self, n0, n1, r0, r1):
         """The columns of samples n0:n1, output rows r0:r1: (n, G, K/G, rows*wo)."""
@@ -545,27 +550,24 @@ class _WeightGrad:
         route only) its shifted stack."""
         xp, G, self.fed = self.xp, self.g.groups, True
         cols_p = self.columns(n0, n1, r0, r1)
-        if self.extra:
+        if self.extra and not shifted:
             # The row route: gy's rows shifted by each kernel row i, stacked (i, o), so one
-            # product gives every kernel row's gradient (here the C_out side first measured
-            # 3% faster: it is kh times longer than in a plain conv).
-            if not shifted:
-                gy_p = _shifted_rows(gy_p, self.g, cols_p.shape[-1] // self.g.wo)
-            prod = xp.matmul(gy_p, cols_p.transpose(0, 1, 3, 2))   # (n, G, kh*C_out/G, K/G)
-            self.gw_t[...] += prod.sum(axis=0).transpose(0, 2, 1)
-        elif self.device == "cpu":
+            # product gives every kernel row's gradient.
+            gy_p = _shifted_rows(gy_p, self.g, cols_p.shape[-1] // self.g.wo)
+        a, b = (cols_p, gy_p) if self.transposed else (gy_p, cols_p)
+        if self.device == "cpu":
             # One batched product (NumPy hands each sample's transposed view to BLAS as a
             # transpose flag), then the sum over samples.
-            self.gw_t[...] += xp.matmul(cols_p, gy_p.transpose(0, 1, 3, 2)).sum(axis=0)
+            self.gw += xp.matmul(a, b.transpose(0, 1, 3, 2)).sum(axis=0)
         elif G == 1:
-            # 2-D per sample: the .T of a C-contiguous matrix is F-contiguous, which cuBLAS
-            # takes as a transpose flag, so nothing is copied (CuPy's batched matmul copies
-            # a transposed view); one sample keeps the temporary small.
+            # 2-D products per sample: the .T of a C-contiguous matrix is F-contiguous, which
+            # cuBLAS takes as a transpose flag, so nothing is copied (CuPy's batched matmul
+            # copies a transposed view); the temporary stays small.
             for s in range(n1 - n0):
-                self.gw_t[0] += xp.matmul(cols_p[s, 0], gy_p[s, 0].T)
-        else:  # grouped convs: small blocks, one batched product per sample
+                self.gw[0] += xp.matmul(a[s, 0], b[s, 0].T)
+        else:   # grouped convs: small blocks, one batched product per sample
             for s in range(n1 - n0):
-                self.gw_t[...] += xp.matmul(cols_p[s], gy_p[s].transpose(0, 2, 1))
+                self.gw += xp.matmul(a[s], b[s].transpose(0, 2, 1))
 
     def add_all(self, gy):
         """Every piece of gy (N, C_out, ho, wo): kept or 1x1 columns in one, else chunks."""
@@ -579,11 +581,12 @@ class _WeightGrad:
             self.add(gy_blocks[n0:n1, :, :, r0 * g.wo:r1 * g.wo], n0, n1, r0, r1)
 
     def result(self):
-        # (G, C/G * kh' * kw', kh'' * C_out/G) -> (C_out, C/G, kh, kw), where the row route
-        # has kh' = 1 and kh'' = kh (the kernel row is the stacked axis), the other kh' = kh.
         G, c_out, c_in_g = self.g.groups, self.w_shape[0], self.w_shape[1]
-        gw = self.gw_t.reshape(G, c_in_g, self.k // G // c_in_g, self.rows, c_out // G)
-        gw = gw.transpose(0, 4, 1, 3, 2)        # (G, C_out/G, C/G, kh'', kh'*kw')
+        cog, taps = c_out // G, self.k // G // c_in_g      # taps: kh*kw, or kw (row route)
+        if self.transposed:                     # (G, C/G * taps, C_out/G)
+            gw = self.gw.reshape(G, c_in_g, taps, cog).transpose(0, 3, 1, 2)
+        else:                                   # (G, rows * C_out/G, C/G * taps)
+            gw = self.gw.reshape(G, self.rows, cog, c_in_g, taps).transpose(0, 2, 3, 1, 4)
         return self.xp.ascontiguousarray(gw).reshape(self.w_shape)
 
 
