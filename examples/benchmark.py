@@ -26,9 +26,9 @@ Sections (printed as tables, and written to --json, default runs/benchmark.json)
 5. overhead microseconds per op (forward, and forward + backward) on tiny tensors: the cost
             of Python, the autograd graph and the kernel dispatch, not of arithmetic.
 
-Timings are the best of --repeat runs after a warm-up; a layer's conv and GEMM runs are
-interleaved (a, b, a, b, ...) so both see the same load on a shared machine. The load
-average is printed with the figures.
+Timings are the best of --repeat runs after a warm-up (training steps: of as many rounds as
+fit in STEP_SECONDS); a layer's conv and GEMM runs are interleaved (a, b, a, b, ...) so
+both see the same load on a shared machine. The load average is printed with the figures.
 
 Run:  python examples/benchmark.py [--quick] [--repeat 3] [--json runs/benchmark.json]
       python examples/benchmark.py --device gpu     # runs examples/benchmark_gpu.py
@@ -65,16 +65,22 @@ MODELS = {   # name -> (builder options, input shape (N, C, H, W), loss)
             (1, 1, 256, 256), "ce"),
 }
 QUICK_BIG = (dict(depth=4, features_root=32, padding="same", batch_norm=False), (1, 1, 128, 128), "ce")
+# A training step is timed (interleaved with its GEMMs) for at least this long: the default
+# model's 40 ms step then gets about 40 rounds instead of 3, and one slow second of the
+# shared VM no longer decides its figure (it did: 0.33x in one run against 0.62x in the next).
+STEP_SECONDS = 4.0
 
 
 # ---------------------------------------------------------------------------- helpers
-def best_times(fns, repeat, min_seconds=0.02):
+def best_times(fns, repeat, min_seconds=0.02, min_total_seconds=0.0, max_repeat=50):
     """Best-of-`repeat` seconds per call of each function, the runs interleaved (a, b, c, a,
     b, c, ...) so that every function sees the same machine load.
 
     A warm-up call each first (it also sizes the sample); then every sample calls the
     function often enough to last about min_seconds, because one call of a sub-millisecond
     layer is mostly timer noise and first-touch page faults of freshly allocated buffers.
+    min_total_seconds: keep taking rounds (up to max_repeat) until the timing has lasted
+    that long, so that a cheap measurement is not decided by one slow second of a shared VM.
     """
     calls = []
     for fn in fns:
@@ -82,12 +88,15 @@ def best_times(fns, repeat, min_seconds=0.02):
         fn()
         calls.append(max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-9))))
     best = [float("inf")] * len(fns)
-    for _ in range(repeat):
+    start, rounds = time.perf_counter(), 0
+    while rounds < repeat or (time.perf_counter() - start < min_total_seconds
+                              and rounds < max_repeat):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             for _ in range(calls[i]):
                 fn()
             best[i] = min(best[i], (time.perf_counter() - t0) / calls[i])
+        rounds += 1
     return best
 
 
@@ -340,7 +349,8 @@ def main(argv=None):
         layers = record_layers(model, x)
         step()
         rss = peak_rss_mib()
-        t_step, t_gemm = best_times([step, step_gemms(layers, rng)], repeat)
+        t_step, t_gemm = best_times([step, step_gemms(layers, rng)], repeat,
+                                    min_total_seconds=STEP_SECONDS)
         train_gflop = 3 * sum(2 * conv_macs(layer) for layer in layers) / 1e9
         steps[name] = dict(step_s=t_step, peak_rss_mib=rss, layers=layers,
                            train_gflop=train_gflop, step_gflops=train_gflop / t_step,

@@ -21,6 +21,16 @@ def test_best_times_reports_seconds_per_call():
     assert t > 0 and len(calls) >= 3     # warm-up + at least one call per repeat
 
 
+def test_best_times_takes_more_rounds_for_a_time_budget_up_to_a_cap():
+    calls = []
+    benchmark.best_times([lambda: calls.append(1)], repeat=2, min_seconds=0.0)
+    assert len(calls) == 1 + 2            # warm-up + one call per round
+    calls.clear()
+    benchmark.best_times([lambda: calls.append(1)], repeat=2, min_seconds=0.0,
+                         min_total_seconds=60.0, max_repeat=7)
+    assert len(calls) == 1 + 7            # the budget is not spent: the cap ends it
+
+
 def test_op_overhead_table_has_every_op():
     out = benchmark.op_overhead(repeat=1)
     assert set(out) == {"add", "mul", "relu", "sum", "matmul"}
