@@ -14,7 +14,9 @@ columns. With W2 = weight.reshape(C_out, K):
                                 roles of input and output swapped (for the weight)
 
 so three array routines below (`conv_forward`, `conv_input_grad`, `conv_weight_grad`) serve
-both Functions. Groups split K and C_out into `groups` independent blocks; the (c, i, j)
+both Functions. On the CPU, stride-1 convs with few channels take the "row route" (see
+`_row_route`): im2col along the width only, and the kernel rows as one GEMM of stacked
+weights whose shifted windows are summed. Groups split K and C_out into `groups` independent blocks; the (c, i, j)
 row order keeps each group's rows contiguous, so a group is just one more batch axis of
 the matmul: (G, C_out/G, K/G) @ (n, G, K/G, L).
 
