@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 import minidl
 from seg import losses
@@ -146,6 +147,60 @@ def test_soft_dice_gradient():
     assert minidl.gradcheck(lambda z: losses.soft_dice_loss(z, target, include_background=True,
                                                             class_weights=[1, 2, 3]), [x])
     assert minidl.gradcheck(lambda z: losses.ce_dice_loss(z, target), [x])
+
+
+def _composed_soft_dice(logits, target, first, weights, smooth, per_image):
+    """The same loss written with tensor ops (softmax, products, sums): the oracle for the
+    fused SoftDice op."""
+    c = logits.shape[1]
+    onehot = (target[:, None] == np.arange(c).reshape(1, -1, 1, 1)).astype(np.float64)
+    probs = minidl.functional.softmax(logits, dim=1)
+    axes = (2, 3) if per_image else (0, 2, 3)
+    inter = (probs * onehot).sum(axis=axes)
+    dice = (inter * 2.0 + smooth) / (probs.sum(axis=axes) + onehot.sum(axis=axes) + smooth)
+    w = np.asarray(weights, dtype=np.float64)[first:]
+    return 1.0 - (dice[..., first:] * (w / w.sum())).sum(axis=-1).mean()
+
+
+@given(n=st.integers(1, 3), c=st.integers(2, 4), h=st.integers(1, 4), w=st.integers(1, 4),
+       background=st.booleans(), weighted=st.booleans(), per_image=st.booleans(),
+       smooth=st.sampled_from([0.5, 1.0]), seed=st.integers(0, 999))
+def test_fused_soft_dice_matches_the_composed_formula(n, c, h, w, background, weighted,
+                                                      per_image, smooth, seed):
+    """SoftDice (one op, analytic backward) against the formula composed of tensor ops:
+    the loss and its gradient agree, and the gradient passes the float64 check."""
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, c, size=(n, h, w))
+    x = rng.normal(size=(n, c, h, w)) * 2
+    weights = rng.uniform(0.5, 2.0, size=c) if weighted else np.ones(c)
+    first = 0 if background else 1
+    options = dict(include_background=background, smooth=smooth, per_image=per_image,
+                   class_weights=weights if weighted else None)
+    fused_x = minidl.tensor(x, requires_grad=True)
+    fused = losses.soft_dice_loss(fused_x, target, **options)
+    composed_x = minidl.tensor(x, requires_grad=True)
+    composed = _composed_soft_dice(composed_x, target, first, weights, smooth, per_image)
+    assert fused.item() == pytest.approx(composed.item(), rel=1e-12, abs=1e-12)
+    fused.backward()
+    composed.backward()
+    np.testing.assert_allclose(fused_x.grad, composed_x.grad, rtol=1e-10, atol=1e-12)
+    assert minidl.gradcheck(lambda z: losses.soft_dice_loss(z, target, **options),
+                            [minidl.tensor(x, requires_grad=True)])
+
+
+def test_soft_dice_runs_on_each_device_in_float32(device):
+    target = np.random.default_rng(0).integers(0, 2, size=(2, 6, 6))
+    x = np.random.default_rng(1).normal(size=(2, 2, 6, 6)).astype(np.float32)
+    logits = minidl.tensor(x, requires_grad=True, device=device)
+    loss = losses.soft_dice_loss(logits, minidl.tensor(target, device=device))
+    loss.backward()
+    ref_x = minidl.tensor(x.astype(np.float64), requires_grad=True)
+    ref = _composed_soft_dice(ref_x, target, 1, np.ones(2), 1.0, True)
+    ref.backward()
+    assert loss.dtype == np.float32 and logits.grad.dtype == np.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    np.testing.assert_allclose(minidl.backend.to_numpy(logits.grad), ref_x.grad, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_ce_dice_is_the_sum_and_get_loss():
