@@ -314,9 +314,10 @@ def _is_pointwise(g, in_hw):
 #     64 -> 64 on 4 x 8 x 11           0.82           512 -> 512 on 1 x 32^2      0.88
 #     1 -> 64 on 1 x 256^2             0.18           1024 -> 1024 on 1 x 16^2    0.66
 #
-# hence the rule below (the example U-Net's step: 8-11% faster; the big U-Net's unchanged,
-# it has its wide and small-map layers on the full route). CPU only: on the GPU im2col is
-# cheap and one bigger GEMM is the better trade.
+# (forward and weight gradient on the row route), hence the rule below. With the input
+# gradient on it too (conv_input_grad), interleaved A/B runs of a training step gave the
+# example U-Net 13-20% and the big U-Net 8% (its layers of <= 256 channels on large maps).
+# CPU only: on the GPU im2col is cheap next to the GEMM, and this was not measured there.
 def _row_route(g, c_in, c_out, device):
     return (ROW_COLUMNS and device == "cpu" and g.sh == 1 and g.kh > 1
             and c_in // g.groups >= ROW_MIN_CHANNELS and c_out <= ROW_MAX_OUT_CHANNELS
