@@ -80,7 +80,8 @@ class BatchNormReLU2d(BatchNorm2d):
 
     The same parameters, buffers and state-dict keys as BatchNorm2d (a checkpoint of one
     loads into the other); the ReLU is computed in batch norm's own pass over memory and
-    its backward needs no saved mask (minidl/ops/normalization.py). U-Net's conv blocks use it.
+    its backward needs no saved mask (minidl/ops/normalization.py). U-Net's conv blocks and
+    the VGG encoder (SegNet, DeconvNet) use it.
     """
 
     def forward(self, x):
