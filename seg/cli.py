@@ -367,13 +367,9 @@ def predict_image(model, image, size=None, crf=False):
     from .data import resize
     from .tiling import predict_tiled
 
-    from .train import explain_gpu_out_of_memory
-
     H, W = image.shape
     small = image if size is None else resize(image, None, tuple(size))[0]
-    with explain_gpu_out_of_memory("prediction", small[None],
-                                   advice="predicting on the CPU (--device cpu)"):
-        probs = predict_tiled(model, small)
+    probs = predict_tiled(model, small, oom_advice="predicting on the CPU (--device cpu)")
     if probs.shape[1:] != (H, W):
         up = resize(np.moveaxis(probs, 0, -1), None, (H, W), antialias=False)[0]
         probs = np.moveaxis(up, -1, 0)

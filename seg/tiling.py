@@ -110,7 +110,7 @@ def _softmax(logits, axis):
 
 
 def predict_tiled(model, image, tile_size=None, num_classes=None, batch_size=4, context=None,
-                  output="probs"):
+                  output="probs", oom_advice=None):
     """Predict an image of any size tile by tile with the overlap-tile strategy.
 
     model: maps (N, C, h, w) to (N, K, h', w'); set to eval mode here (and restored after).
@@ -125,8 +125,12 @@ def predict_tiled(model, image, tile_size=None, num_classes=None, batch_size=4, 
         model's own margin already gives full context); for others tile/8 with an explicit
         tile_size, else max(8, 2 * the model's down-sampling factor).
     output: "probs" (softmax over classes) or "logits".
+    oom_advice: what the error suggests when the GPU runs out of memory on a batch of tiles
+        (default: a smaller batch_size or tile_size, or the CPU); the error is
+        seg.train.GPUOutOfMemoryError, one sentence naming the batch.
     Returns float32 NumPy (K, H, W).
     """
+    from .train import explain_gpu_out_of_memory    # here: seg.train imports this module
     if output not in ("probs", "logits"):
         raise ValueError(f"output must be 'probs' or 'logits', got {output!r}.")
     img = np.asarray(backend.to_numpy(image.data if isinstance(image, Tensor) else image),
@@ -196,8 +200,11 @@ def predict_tiled(model, image, tile_size=None, num_classes=None, batch_size=4, 
             for k in range(0, len(origins), max(1, int(batch_size))):
                 chunk = origins[k:k + batch_size]
                 batch = np.stack([padded[:, y:y + tile[0], x:x + tile[1]] for y, x in chunk])
-                out = model(Tensor(backend.to_device(batch, device)))
-                logits = backend.to_numpy(out.data).astype(np.float32, copy=False)
+                advice = oom_advice or (f"a smaller batch_size (it is {batch_size}) or "
+                                        "tile_size, or the CPU (model.to('cpu'))")
+                with explain_gpu_out_of_memory("tile prediction", batch, advice=advice):
+                    out = model(Tensor(backend.to_device(batch, device)))
+                    logits = backend.to_numpy(out.data).astype(np.float32, copy=False)
                 if logits.shape[2:] != tuple(out_tile):
                     raise ValueError(f"the model returned tiles of {logits.shape[2:]} for input "
                                      f"tiles of {tile}, expected {out_tile}.")

@@ -6,7 +6,7 @@ import pytest
 
 import minidl
 from minidl import backend, optim
-from seg import cli, data, losses
+from seg import cli, data, losses, tiling
 from seg.models.unet import UNet
 from seg.train import (GPUOutOfMemoryError, NonFiniteLossError, Trainer, load_checkpoint,
                        read_checkpoint_meta, save_checkpoint)
@@ -164,16 +164,21 @@ def test_gpu_out_of_memory_names_the_batch_and_what_to_lower(tmp_path):
         trainer.fit(1)
 
 
-def test_gpu_out_of_memory_in_prediction_suggests_the_cpu(monkeypatch):
+def test_gpu_out_of_memory_in_prediction_names_the_tiles_and_what_to_lower(monkeypatch):
     model = UNet(2, 1, depth=2, features_root=4, padding="same")
 
     def forward(x):
         raise _cupy_out_of_memory()
     monkeypatch.setattr(model, "forward", forward)
     image = np.zeros((20, 24), np.float32)
-    with pytest.raises(GPUOutOfMemoryError, match=r"prediction batch of 1 image\(s\) of 16x16 "
-                       r"pixels .*; try predicting on the CPU \(--device cpu\)\."):
+    with pytest.raises(GPUOutOfMemoryError, match=r"tile prediction batch of 1 image\(s\) of "
+                       r"\d+x\d+ pixels .*; try predicting on the CPU \(--device cpu\)\."):
         cli.predict_image(model, image, size=(16, 16))
+    # Called directly, predict_tiled names the batch of tiles and what to lower.
+    with pytest.raises(GPUOutOfMemoryError, match=r"tile prediction batch of 2 image\(s\) of "
+                       r"40x40 pixels .*; try a smaller batch_size \(it is 2\) or tile_size, or "
+                       r"the CPU"):
+        tiling.predict_tiled(model, np.zeros((60, 60), np.float32), tile_size=40, batch_size=2)
 
 
 def test_is_out_of_memory_recognises_only_gpu_allocation_failures():
