@@ -511,10 +511,11 @@ class _WeightGrad:
 
     The sum is kept as gW itself, (G, rows*C_out/G, K/G) with rows = kh on the row route
     (its stacked kernel rows) and 1 otherwise, or, for a full-route layer of at most
-    TRANSPOSED_MAX_OUT output channels, as its transpose (G, K/G, C_out/G): cols @ gy.T puts
-    the long K side first, where BLAS's kernels want it (gy @ cols.T ran 1.3-1.7x slower on
-    the example U-Net's 8-32-channel layers). A wide layer keeps gW's own layout: turning a
-    transposed sum back costs a strided copy of the whole weight (7% of the big U-Net's step).
+    TRANSPOSED_MAX_OUT output channels on the CPU, as its transpose (G, K/G, C_out/G):
+    cols @ gy.T puts the long K side first, where OpenBLAS's kernels want it (gy @ cols.T ran
+    1.3-1.7x slower on the example U-Net's 8-32-channel layers). A wide layer keeps gW's own
+    layout: turning a transposed sum back costs a strided copy of the whole weight (7% of the
+    big U-Net's step). The GPU keeps it too (cuBLAS was not measured either way).
     """
     TRANSPOSED_MAX_OUT = 32
 
@@ -532,7 +533,8 @@ class _WeightGrad:
         self.k = w_shape[1] * G * taps
         self.fed = False
         self.rows = g.kh if self.extra else 1
-        self.transposed = not self.extra and cog <= self.TRANSPOSED_MAX_OUT
+        self.transposed = (device == "cpu" and not self.extra
+                           and cog <= self.TRANSPOSED_MAX_OUT)
         shape = (G, self.k // G, cog) if self.transposed else (G, self.rows * cog, self.k // G)
         self.gw = xp.zeros(shape, dtype=dtype)
 
