@@ -191,6 +191,8 @@ def predict_tiled(model, image, tile_size=None, num_classes=None, batch_size=4, 
     padded = mirror_pad(img, (pads[0][0], pads[0][1], pads[1][0], pads[1][1]))
 
     device = getattr(model, "device", "cpu")
+    advice = oom_advice or (f"a smaller batch_size (it is {batch_size}) or tile_size, or the "
+                            "CPU (model.to('cpu'))")
     was_training = getattr(model, "training", False)
     model.eval()
     result = None
@@ -200,8 +202,6 @@ def predict_tiled(model, image, tile_size=None, num_classes=None, batch_size=4, 
             for k in range(0, len(origins), max(1, int(batch_size))):
                 chunk = origins[k:k + batch_size]
                 batch = np.stack([padded[:, y:y + tile[0], x:x + tile[1]] for y, x in chunk])
-                advice = oom_advice or (f"a smaller batch_size (it is {batch_size}) or "
-                                        "tile_size, or the CPU (model.to('cpu'))")
                 with explain_gpu_out_of_memory("tile prediction", batch, advice=advice):
                     out = model(Tensor(backend.to_device(batch, device)))
                     logits = backend.to_numpy(out.data).astype(np.float32, copy=False)
