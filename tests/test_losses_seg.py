@@ -181,6 +181,15 @@ def test_fused_soft_dice_matches_the_composed_formula(n, c, h, w, background, we
     composed_x = minidl.tensor(x, requires_grad=True)
     composed = _composed_soft_dice(composed_x, target, first, weights, smooth, per_image)
     assert fused.item() == pytest.approx(composed.item(), rel=1e-12, abs=1e-12)
+    # And the value in plain NumPy.
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    p = e / e.sum(axis=1, keepdims=True)
+    t = (target[:, None] == np.arange(c).reshape(1, -1, 1, 1))
+    axes = (2, 3) if per_image else (0, 2, 3)
+    dice = (2 * (p * t).sum(axis=axes) + smooth) / (p.sum(axis=axes) + t.sum(axis=axes) + smooth)
+    share = weights[first:] / weights[first:].sum()
+    assert fused.item() == pytest.approx(1 - (dice[..., first:] * share).sum(axis=-1).mean(),
+                                         rel=1e-12, abs=1e-12)
     fused.backward()
     composed.backward()
     np.testing.assert_allclose(fused_x.grad, composed_x.grad, rtol=1e-10, atol=1e-12)
