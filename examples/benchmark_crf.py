@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from minidl.backend import gpu_available  # noqa: E402
 from seg.crf import DenseCRF  # noqa: E402
 
 HEIGHT, WIDTH = 420, 580
@@ -72,15 +73,6 @@ def time_crf(image, probs, device, repeats):
         best_build, best_inf = min(best_build, t1 - t0), min(best_inf, t2 - t1)
     del q
     return best_build, best_inf
-
-
-def gpu_available():
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 def main(argv=None):

@@ -3,6 +3,9 @@
     reference.py  plain NumPy, written to be read; the oracle the tests compare against
     cpu.py        the same kernels compiled with Numba (used for NumPy arrays)
     gpu.py        the same kernels as CUDA source compiled by CuPy (used for CuPy arrays)
+    cuda.py       the CuPy loader (imported on first use; minidl.backend re-exports it)
+    permutohedral_{reference,cpu,gpu}.py   the dense CRF's lattice filter, the same three ways;
+                  cpu.py and gpu.py expose theirs as PermutohedralLattice and softmax_rows
 
 Every bundle offers the same functions with the same signatures; `for_array(x)` returns
 the bundle that matches where `x` lives. This is the only place that chooses.

@@ -560,3 +560,12 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     flat = p.reshape(-1)
     _adam_update(flat, np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), m.reshape(-1),
                  v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad), coef)
+
+
+# ---------------------------------------------------------------------------- dense CRF
+# The permutohedral lattice is an algorithm of its own, with its own modules (the oracle
+# permutohedral_reference.py, permutohedral_cpu.py, permutohedral_gpu.py). Each bundle exposes
+# its device's version, so that seg/crf picks it with kernels.for_array like every other kernel:
+# PermutohedralLattice(features) is built once per image, softmax_rows(x, out) is the
+# per-pixel softmax of a mean-field step.
+from .permutohedral_cpu import PermutohedralLattice, softmax_rows  # noqa: E402,F401

@@ -21,7 +21,7 @@ Read reference.py first for *what* each kernel computes; this file is about doin
   `typedef long long I;`. Compiled once each (CuPy also keeps the binaries in
   ~/.cupy/kernel_cache, so later runs skip NVRTC).
 
-CuPy is imported lazily (through minidl.backend.require_cupy), so `import kernels.gpu`
+CuPy is imported lazily (through kernels/cuda.py's require_cupy), so `import kernels.gpu`
 works on a machine without CuPy; calling a kernel there raises the clear "install CuPy" error.
 
 Testing without a GPU: tests/test_gpu_source.py compiles this same CUDA source as plain C++
@@ -33,7 +33,7 @@ import functools
 
 import numpy as np
 
-from minidl import backend
+from .cuda import require_cupy
 
 # ---------------------------------------------------------------------------- CUDA source
 # The whole bundle is one source string, compiled into one RawModule per (T, I): `T` is the
@@ -320,14 +320,14 @@ def _i(*values):
 
 def _xp():
     """The array module the wrappers allocate with (CuPy; the host test swaps in NumPy)."""
-    return backend.require_cupy()
+    return require_cupy()
 
 
 def _module(dtype, itype):
     key = (np.dtype(dtype), np.dtype(itype))
     mod = _modules.get(key)
     if mod is None:
-        cp = backend.require_cupy()
+        cp = require_cupy()
         mod = cp.RawModule(code=cuda_source(dtype, itype))
         _modules[key] = mod
     return mod
@@ -532,3 +532,8 @@ from .reference import batchnorm_backward, batchnorm_forward, batchnorm_stats  #
 
 # Adam likewise: a handful of CuPy element-wise kernels per parameter (in place).
 from .reference import adam_update  # noqa: E402,F401
+
+# The dense CRF's lattice and row softmax (see the end of kernels/cpu.py): the lattice is built
+# on the CPU, its filter runs as CUDA kernels.
+from .permutohedral_gpu import PermutohedralLatticeGPU as PermutohedralLattice  # noqa: E402,F401
+from .permutohedral_gpu import softmax_rows  # noqa: E402,F401

@@ -13,13 +13,15 @@ normalisation and the measured approximation error). The split of work:
 A pure CuPy-array version (``cupy.add.at`` and fancy-index gathers) is kept as
 ``filter(values, use_raw_kernels=False)``: slower, but useful to cross-check the kernels.
 
-CuPy is imported lazily, so this module imports fine on machines without it.
+CuPy is imported lazily (kernels/cuda.py), so this module imports fine on machines without
+it; using it there raises the same RuntimeError, saying how to install CuPy, as every GPU path.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from kernels.permutohedral_cpu import PermutohedralLattice
+from .cuda import require_cupy
+from .permutohedral_cpu import PermutohedralLattice
 
 _MODULE = None  # compiled cupy.RawModule, built on first use
 
@@ -70,24 +72,6 @@ __global__ void lattice_slice(const float* lat, const int* offsets, const float*
 
 }
 """
-
-
-def require_cupy():
-    """Import and return CuPy, or raise a clear error when it (or a GPU) is missing."""
-    try:
-        import cupy
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise ImportError(
-            "device='gpu' needs CuPy; install the cupy package matching your CUDA version "
-            "(e.g. pip install cupy-cuda12x) or use device='cpu'."
-        ) from exc
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # CUDA driver missing or broken
-        count = 0
-    if count == 0:
-        raise RuntimeError("device='gpu' was requested but CuPy sees no CUDA GPU; use device='cpu'.")
-    return cupy
 
 
 def _kernels():

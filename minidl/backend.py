@@ -2,56 +2,15 @@
 
 Every other module asks this one for the array module that matches its arrays
 (`get_array_module(x)`), so an op written once with `xp.` runs on both devices.
-CuPy is imported lazily: a CPU-only machine never needs it.
+CuPy is imported lazily (kernels/cuda.py): a CPU-only machine never needs it.
 """
 import numpy
 
+# The CuPy loader lives at the bottom of the layers (kernels < minidl < seg), where the GPU
+# kernels need it too; it is re-exported here so that `backend.require_cupy()` reads naturally.
+from kernels.cuda import gpu_available, load_cupy, require_cupy  # noqa: F401
+
 DEVICES = ("cpu", "gpu")
-_cupy = None
-_cupy_error = None
-
-
-def _load_cupy():
-    """Import CuPy once; remember why it failed so the error can say so."""
-    global _cupy, _cupy_error
-    if _cupy is None and _cupy_error is None:
-        try:
-            import cupy
-            _cupy = cupy
-        except Exception as exc:  # ImportError, or a CUDA library that will not load
-            _cupy_error = exc
-    return _cupy
-
-
-def gpu_available():
-    """True when CuPy imports and at least one CUDA device is visible."""
-    cp = _load_cupy()
-    if cp is None:
-        return False
-    try:
-        return cp.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-def require_cupy():
-    """Return the cupy module, or raise one clear sentence saying how to get it."""
-    cp = _load_cupy()
-    if cp is None:
-        raise RuntimeError(
-            "device 'gpu' needs CuPy, which could not be imported "
-            f"({type(_cupy_error).__name__}: {_cupy_error}); install it with "
-            "`pip install -e \".[gpu]\"` (cupy-cuda12x; use cupy-cuda13x for CUDA 13) "
-            "or run with device 'cpu'.")
-    try:
-        count = cp.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        raise RuntimeError(f"device 'gpu' needs a CUDA device, but CuPy found none ({exc}); "
-                           "run with device 'cpu' or on a machine with an NVIDIA GPU.") from None
-    if count == 0:
-        raise RuntimeError("device 'gpu' needs a CUDA device, but CuPy found none; "
-                           "run with device 'cpu' or on a machine with an NVIDIA GPU.")
-    return cp
 
 
 def normalize_device(device):
@@ -80,7 +39,7 @@ def get_array_module(*arrays):
     """numpy or cupy, whichever the given arrays live on (numpy when none are device arrays)."""
     for a in arrays:
         if is_gpu_array(a):
-            return _load_cupy()
+            return load_cupy()
     return numpy
 
 

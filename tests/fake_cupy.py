@@ -310,11 +310,11 @@ def _make_modules():
 
 
 def install():
-    """Put the fake into sys.modules (as `cupy` and `cupyx`) and into minidl.backend's cache."""
+    """Put the fake into sys.modules (as `cupy` and `cupyx`) and into the CuPy loader's cache."""
     cp, cupyx = _make_modules()
     sys.modules["cupy"], sys.modules["cupyx"] = cp, cupyx
-    from minidl import backend
-    backend._cupy, backend._cupy_error = cp, None
+    from kernels import cuda
+    cuda._cupy, cuda._cupy_error = cp, None
     return cp
 
 

@@ -2,7 +2,8 @@
 
 * normalize_device's spelling rules;
 * without CuPy, every way of asking for the GPU fails with one sentence saying how to install
-  it (CuPy hidden with sys.modules["cupy"] = None, and minidl.backend's cache reset);
+  it (CuPy hidden with sys.modules["cupy"] = None, and the loader's cache in kernels/cuda.py
+  reset), the dense CRF included;
 * `import minidl` / `import kernels.gpu` never import CuPy and work without it;
 * with a *fake* CuPy (a module named cupy whose arrays keep NumPy storage but whose type lives
   in a module called "cupy", which is how minidl.backend recognises device arrays), tensors
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import kernels
+import kernels.cuda
 import kernels.gpu
 import minidl
 from minidl import backend
@@ -71,8 +73,8 @@ def fake_cupy(monkeypatch):
     """Install a fake CuPy reporting one device, as if `import cupy` had worked."""
     cp = _fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(backend, "_cupy", cp)
-    monkeypatch.setattr(backend, "_cupy_error", None)
+    monkeypatch.setattr(kernels.cuda, "_cupy", cp)
+    monkeypatch.setattr(kernels.cuda, "_cupy_error", None)
     return cp
 
 
@@ -80,8 +82,8 @@ def fake_cupy(monkeypatch):
 def no_cupy(monkeypatch):
     """Make `import cupy` fail (as on a machine without it) and forget any cached import."""
     monkeypatch.setitem(sys.modules, "cupy", None)   # None in sys.modules: import raises ImportError
-    monkeypatch.setattr(backend, "_cupy", None)
-    monkeypatch.setattr(backend, "_cupy_error", None)
+    monkeypatch.setattr(kernels.cuda, "_cupy", None)
+    monkeypatch.setattr(kernels.cuda, "_cupy_error", None)
 
 
 def _one_sentence(message):
@@ -125,8 +127,9 @@ def test_require_cupy_without_cupy_says_how_to_install(no_cupy):
 
 
 @pytest.mark.parametrize("how", ["Tensor.to", "tensor(device=)", "zeros(device=)", "array_module",
-                                 "Module.to", "kernels.gpu"])
+                                 "Module.to", "kernels.gpu", "CRF lattice", "DenseCRF"])
 def test_every_way_to_the_gpu_without_cupy_gives_the_install_message(no_cupy, how):
+    from seg.crf import DenseCRF
     t = minidl.tensor([1.0, 2.0])
     calls = {
         "Tensor.to": lambda: t.to("gpu"),
@@ -136,6 +139,8 @@ def test_every_way_to_the_gpu_without_cupy_gives_the_install_message(no_cupy, ho
         "Module.to": lambda: minidl.nn.Conv2d(1, 2, 3).to("gpu"),
         "kernels.gpu": lambda: kernels.gpu.im2col(np.zeros((1, 1, 3, 3), np.float32),
                                                   1, 1, 1, 1, 0, 0, 1, 1, 3, 3),
+        "CRF lattice": lambda: kernels.gpu.PermutohedralLattice(np.zeros((4, 2))),
+        "DenseCRF": lambda: DenseCRF(3, 2, 2, device="gpu"),
     }
     with pytest.raises(RuntimeError, match=r"needs CuPy.*pip install") as err:
         calls[how]()
@@ -145,8 +150,8 @@ def test_every_way_to_the_gpu_without_cupy_gives_the_install_message(no_cupy, ho
 def test_cupy_without_a_device_says_so(monkeypatch):
     cp = _fake_cupy(device_count=0)
     monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(backend, "_cupy", cp)
-    monkeypatch.setattr(backend, "_cupy_error", None)
+    monkeypatch.setattr(kernels.cuda, "_cupy", cp)
+    monkeypatch.setattr(kernels.cuda, "_cupy_error", None)
     assert backend.gpu_available() is False
     with pytest.raises(RuntimeError, match=r"needs a CUDA device.*run with device 'cpu'") as err:
         minidl.tensor([1.0]).to("gpu")
@@ -157,8 +162,8 @@ def test_cupy_whose_driver_fails_says_so(monkeypatch):
     cp = _fake_cupy(device_count=RuntimeError("cudaErrorInsufficientDriver: CUDA driver version "
                                               "is insufficient"))
     monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(backend, "_cupy", cp)
-    monkeypatch.setattr(backend, "_cupy_error", None)
+    monkeypatch.setattr(kernels.cuda, "_cupy", cp)
+    monkeypatch.setattr(kernels.cuda, "_cupy_error", None)
     assert backend.gpu_available() is False
     with pytest.raises(RuntimeError, match=r"needs a CUDA device.*InsufficientDriver"):
         backend.require_cupy()

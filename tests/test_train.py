@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import minidl
+from kernels import cuda
 from minidl import backend, optim
 from seg import cli, data, losses, tiling
 from seg.models.unet import UNet
@@ -239,8 +240,8 @@ def test_cli_checked_errors_exit_2(tmp_path, capsys, monkeypatch):
                      "--output", str(tmp_path / "o")]) == 2
     assert "holds no" in capsys.readouterr().err
     # No CuPy: one sentence telling how to install the gpu extra.
-    monkeypatch.setattr(backend, "_cupy", None)
-    monkeypatch.setattr(backend, "_cupy_error", ImportError("No module named 'cupy'"))
+    monkeypatch.setattr(cuda, "_cupy", None)
+    monkeypatch.setattr(cuda, "_cupy_error", ImportError("No module named 'cupy'"))
     assert cli.main(["train", "--device", "gpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "pip install" in err and ".[gpu]" in err and len(err.splitlines()) == 1

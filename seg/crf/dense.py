@@ -47,8 +47,8 @@ import warnings
 
 import numpy as np
 
-from kernels import permutohedral_cpu
-from kernels.permutohedral_cpu import PermutohedralLattice
+import kernels
+from minidl import backend
 
 # Parameter sets (from the dense-CRF example code and the DeepLab papers/releases).
 PRESETS = {
@@ -60,38 +60,6 @@ PRESETS = {
     "deeplab_v2": {"gaussian": (1.0, 3.0), "bilateral": (67.0, 3.0, 4.0), "iterations": 10},
 }
 
-_DEVICES = ("cpu", "gpu")
-
-
-def _array_module(device):
-    if device == "gpu":
-        from kernels.permutohedral_gpu import require_cupy
-
-        return require_cupy()
-    return np
-
-
-def _is_cupy(a):
-    return type(a).__module__.startswith("cupy")
-
-
-def _to_numpy(a):
-    return a.get() if _is_cupy(a) else np.asarray(a)
-
-
-def _softmax_rows(x, out, device):
-    """out = softmax over the last axis of x (N, L) float32, log-sum-exp style (may alias).
-
-    Numba on the CPU: NumPy's reductions over a short last axis (L = 2) cost more than the
-    whole lattice filter.
-    """
-    if device == "gpu":
-        from kernels.permutohedral_gpu import softmax_rows
-
-        return softmax_rows(x, out)
-    return permutohedral_cpu.softmax_rows(x, out)
-
-
 def _pair(value, name):
     """A theta given as one number or one per axis -> float array; checks positivity."""
     arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
@@ -102,7 +70,7 @@ def _pair(value, name):
 
 def _check_image(image, height, width):
     """image: (H, W), (H, W, 1) or (H, W, C) of any real dtype -> (H, W, C) float64."""
-    img = _to_numpy(image)
+    img = backend.to_numpy(image)
     if img.dtype.kind not in "biuf":
         raise TypeError(f"image must hold real numbers (uint8 or float); got dtype {img.dtype}.")
     if img.ndim == 2:
@@ -126,7 +94,7 @@ def _check_compat(compat, n_labels, xp):
         if not np.isfinite(compat):
             raise ValueError(f"compat must be a finite number or an (L, L) matrix; got {compat!r}.")
         return "potts", float(compat)
-    mu = np.asarray(_to_numpy(compat), dtype=np.float32)
+    mu = np.asarray(backend.to_numpy(compat), dtype=np.float32)
     if mu.ndim == 0:
         return "potts", float(mu)
     if mu.shape != (n_labels, n_labels):
@@ -218,12 +186,12 @@ class DenseCRF:
         for name, v in (("width", width), ("height", height), ("n_labels", n_labels)):
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}.")
-        if device not in _DEVICES:
+        if device not in backend.DEVICES:
             raise ValueError(f"device must be 'cpu' or 'gpu'; got {device!r}.")
         self.width, self.height, self.n_labels = int(width), int(height), int(n_labels)
         self.n_pixels = self.width * self.height
         self.device = device
-        self.xp = _array_module(device)
+        self.xp = backend.array_module(device)
         self.unary = None  # (N, L) float32 on the device: pixel-major, as the lattice filters
         self.kernels = []
         yy, xx = np.mgrid[0 : self.height, 0 : self.width]
@@ -232,7 +200,7 @@ class DenseCRF:
     # ----------------------------------------------------------------- unary
     def set_unary_energy(self, unary):
         """unary: (L, N) or (L, H, W) energies (lower = more likely), e.g. -log(p); made float32."""
-        u = _to_numpy(unary)
+        u = backend.to_numpy(unary)
         if u.dtype.kind not in "biuf":
             raise TypeError(f"unary energy must be real numbers; got dtype {u.dtype}.")
         if u.ndim == 3:
@@ -255,7 +223,7 @@ class DenseCRF:
         clip: smallest probability kept (1e-5 as in common dense-CRF wrappers) so that a
         confidently wrong network output can still be overturned by the pairwise terms.
         """
-        p = _to_numpy(probs)
+        p = backend.to_numpy(probs)
         if p.ndim == 2 and p.shape == (self.n_labels, self.n_pixels):
             p = p.reshape(self.n_labels, self.height, self.width)
         elif p.ndim == 3:
@@ -282,12 +250,9 @@ class DenseCRF:
         feats = np.asarray(features, dtype=np.float64)
         if feats.ndim != 2 or feats.shape[0] != self.n_pixels:
             raise ValueError(f"features must be (N, d) with N = {self.n_pixels}; got shape {feats.shape}.")
-        lattice = PermutohedralLattice(feats)
-        if self.device == "gpu":
-            from kernels.permutohedral_gpu import PermutohedralLatticeGPU
-
-            lattice = PermutohedralLatticeGPU(cpu_lattice=lattice)
         ones = self.xp.ones((self.n_pixels, 1), dtype=self.xp.float32)
+        # The lattice of the CRF's device: built on the CPU either way, filtering on the device.
+        lattice = kernels.for_array(ones).PermutohedralLattice(feats)
         # n = 1 / sqrt(K 1): fixed per kernel, so computed once here rather than every iteration.
         norm = 1.0 / self.xp.sqrt(lattice.filter(ones) + 1e-20)
         self.kernels.append(_Kernel(lattice, norm.astype(self.xp.float32).reshape(-1), kind, c))
@@ -314,7 +279,8 @@ class DenseCRF:
         r = _pair(srgb, "srgb")
         if r.size not in (1, c):
             raise ValueError(f"srgb must be one number or one per channel ({c}); got {srgb!r}.")
-        if np.issubdtype(_to_numpy(image).dtype, np.floating) and 0.0 < img.max() <= 1.0 and r.min() > 1.0:
+        floating = np.issubdtype(backend.to_numpy(image).dtype, np.floating)
+        if floating and 0.0 < img.max() <= 1.0 and r.min() > 1.0:
             warnings.warn(
                 f"the image lies in [0, 1] but srgb={srgb} is meant for 0-255 intensities; "
                 "multiply the image by 255 or use a smaller srgb.",
@@ -334,7 +300,10 @@ class DenseCRF:
             raise ValueError(f"n_iterations must be a non-negative integer; got {n_iterations!r}.")
         xp = self.xp
         acc = -self.unary  # (N, L) scores; reused every iteration to avoid allocations
-        q = _softmax_rows(acc, xp.empty_like(acc), self.device)  # Q = softmax(-U)
+        # A compiled row softmax on both devices: on the CPU, NumPy's reductions over a short
+        # last axis (L = 2) cost more than the whole lattice filter.
+        bundle = kernels.for_array(acc)
+        q = bundle.softmax_rows(acc, xp.empty_like(acc))  # Q = softmax(-U)
         for _ in range(int(n_iterations)):
             xp.negative(self.unary, out=acc)
             for k in self.kernels:
@@ -346,7 +315,7 @@ class DenseCRF:
                     msg = xp.zeros_like(acc)
                     k.lattice.accumulate_filter(q, msg, scale=k.norm)
                     acc -= msg @ k.compat.T  # acc[:, l] -= sum_l' mu[l, l'] msg[:, l']
-            _softmax_rows(acc, q, self.device)
+            bundle.softmax_rows(acc, q)
         return xp.ascontiguousarray(q.T).reshape(self.n_labels, self.height, self.width)
 
 
@@ -378,9 +347,9 @@ def dense_crf(probs, image, gaussian=None, bilateral=None, iterations=None, devi
         raise ValueError(f"gaussian must be a pair (sxy, compat); got {gaussian!r}.")
     if not isinstance(bilateral, (tuple, list)) or len(bilateral) != 3:
         raise ValueError(f"bilateral must be a triple (sxy, srgb, compat); got {bilateral!r}.")
-    was_cupy = _is_cupy(probs)
-    p = _to_numpy(probs)
-    img = _to_numpy(image)
+    was_cupy = backend.is_gpu_array(probs)
+    p = backend.to_numpy(probs)
+    img = backend.to_numpy(image)
     if img.ndim not in (2, 3):
         raise ValueError(f"image must be (H, W) grayscale or (H, W, C) colour; got shape {img.shape}.")
     height, width = img.shape[:2]
@@ -392,4 +361,4 @@ def dense_crf(probs, image, gaussian=None, bilateral=None, iterations=None, devi
     q = crf.inference(iterations)
     if was_cupy:
         return crf.xp.asarray(q)
-    return _to_numpy(q)
+    return backend.to_numpy(q)
