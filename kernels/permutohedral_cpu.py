@@ -58,6 +58,120 @@ _HASH_MUL = 2531011  # odd multiplier for the key hash
 _HASH_MASK = 0x7FFFFFFF  # keep the running hash in 31 bits: no int64 overflow, same in Python
 
 
+# ------------------------------------------------------------------ one pixel: its simplex
+# The steps of `simplex_of` in kernels/permutohedral_reference.py, written into preallocated
+# (d+1,) work arrays so that the loop over pixels allocates nothing.
+
+@njit(cache=True)
+def _embedding_scale(d):
+    """(d,) factors of the embedding: column i of the orthonormal basis of {sum x = 0} is scaled
+    by sqrt(2/3)(d+1) / sqrt((i+1)(i+2)), so the blurred lattice approximates a unit Gaussian
+    (``embedding_matrix`` in the reference module says why)."""
+    scale = np.empty(d, dtype=np.float64)
+    for i in range(d):
+        scale[i] = np.sqrt(2.0 / 3.0) * (d + 1) / np.sqrt((i + 1.0) * (i + 2.0))
+    return scale
+
+
+@njit(cache=True)
+def _elevate(features, i, scale, elevated):
+    """elevated (d+1,) = E f for pixel i's features f = features[i] (d,), as a running sum:
+    E is zero above its first subdiagonal, so each coordinate needs only the later features."""
+    d = features.shape[1]
+    sm = 0.0
+    for j in range(d, 0, -1):
+        cf = features[i, j - 1] * scale[j - 1]
+        elevated[j] = sm - j * cf
+        sm += cf
+    elevated[0] = sm
+
+
+@njit(cache=True)
+def _nearest_remainder0(elevated, rem0):
+    """Step 1: rem0 = every coordinate rounded to a multiple of d+1 (ties down); returns how
+    many steps of d+1 the coordinate sum of rem0 is off the hyperplane (the "excess")."""
+    d1 = elevated.shape[0]
+    total = 0.0
+    for j in range(d1):
+        v = elevated[j] / d1
+        up = np.ceil(v) * d1
+        down = np.floor(v) * d1
+        if up - elevated[j] < elevated[j] - down:
+            rem0[j] = up
+        else:
+            rem0[j] = down
+        total += rem0[j]
+    return int(round(total / d1))
+
+
+@njit(cache=True)
+def _rank_residuals(elevated, rem0, rank):
+    """Step 2: rank[j] = how many residuals elevated - rem0 are larger than coordinate j's
+    (0 = largest; of two equal ones the lower index counts as larger)."""
+    d1 = elevated.shape[0]
+    rank[:] = 0
+    for a in range(d1):
+        da = elevated[a] - rem0[a]
+        for b in range(a + 1, d1):
+            if da < elevated[b] - rem0[b]:
+                rank[a] += 1
+            else:
+                rank[b] += 1
+
+
+@njit(cache=True)
+def _onto_hyperplane(rem0, rank, excess):
+    """Step 3: move rem0 onto the hyperplane: the `excess` coordinates rounded up the most
+    go down by d+1 (or, for a negative excess, those rounded down the most go up), and the
+    ranks rotate to match."""
+    d1 = rem0.shape[0]
+    if excess > 0:
+        for j in range(d1):
+            if rank[j] >= d1 - excess:
+                rank[j] += excess - d1
+                rem0[j] -= d1
+            else:
+                rank[j] += excess
+    elif excess < 0:
+        for j in range(d1):
+            if rank[j] < -excess:
+                rank[j] += d1 + excess
+                rem0[j] += d1
+            else:
+                rank[j] += excess
+
+
+@njit(cache=True)
+def _barycentric(elevated, rem0, rank, bary):
+    """Step 4: bary[:d+1] = the barycentric weights, the gaps between the sorted residuals
+    (bary has d+2 entries: the last one wraps around to the first)."""
+    d1 = elevated.shape[0]
+    d = d1 - 1
+    bary[:] = 0.0
+    for j in range(d1):
+        v = (elevated[j] - rem0[j]) / d1
+        bary[d - rank[j]] += v
+        bary[d1 - rank[j]] -= v
+    bary[0] += 1.0 + bary[d1]
+
+
+@njit(cache=True)
+def _vertex_key(rem0, rank, k, key):
+    """Step 5: key (d,) = the first d coordinates of the simplex's vertex of remainder k (the
+    last coordinate is minus their sum, so it is not stored)."""
+    d1 = rem0.shape[0]
+    for c in range(d1 - 1):
+        if rank[c] >= d1 - k:
+            key[c] = np.int32(rem0[c] + k - d1)
+        else:
+            key[c] = np.int32(rem0[c] + k)
+
+
+# ----------------------------------------------------------- the hash table of lattice points
+# Open addressing with linear probing. Point p's key is keys[p*d:(p+1)*d]; table[slot] is a
+# point index, or -1 for an empty slot. The table size is a power of two at least twice the
+# key capacity (load factor <= 1/2 keeps probe chains short).
+
 @njit(cache=True)
 def _hash_key(keys, base, d):
     """Hash of the d int32 coordinates keys[base:base+d] (non-negative, < 2^31)."""
@@ -68,24 +182,70 @@ def _hash_key(keys, base, d):
 
 
 @njit(cache=True)
-def _find(table, keys, cand, d, mask):
-    """Index of the lattice point whose key equals cand[:d], or -1 if absent."""
-    slot = _hash_key(cand, 0, d) & mask
+def _slot(table, keys, key, d):
+    """The slot holding the point whose key is key[:d], or the empty slot where it belongs."""
+    mask = table.shape[0] - 1
+    slot = _hash_key(key, 0, d) & mask
     while True:
         idx = table[slot]
         if idx < 0:
-            return -1
+            return slot
         same = True
-        base = idx * d
         for c in range(d):
-            if keys[base + c] != cand[c]:
+            if keys[idx * d + c] != key[c]:
                 same = False
                 break
         if same:
-            return idx
-        slot = (slot + 1) & mask  # linear probing
+            return slot
+        slot = (slot + 1) & mask
 
 
+@njit(cache=True)
+def _table_of(keys, m, d):
+    """A table for the first m points of keys, sized for the capacity of keys."""
+    capacity = keys.shape[0] // d
+    size = 1
+    while size < 2 * capacity:
+        size *= 2
+    table = np.full(size, -1, dtype=np.int32)
+    mask = size - 1
+    for p in range(m):  # the keys are distinct: the first empty slot is the point's
+        slot = _hash_key(keys, p * d, d) & mask
+        while table[slot] >= 0:
+            slot = (slot + 1) & mask
+        table[slot] = p
+    return table
+
+
+@njit(cache=True)
+def _grown(keys, m, d):
+    """Twice the key storage (the first m keys copied) and its table, rehashed."""
+    grown = np.empty(2 * keys.shape[0], dtype=np.int32)
+    grown[: m * d] = keys[: m * d]
+    return grown, _table_of(grown, m, d)
+
+
+@njit(cache=True)
+def _blur_neighbours(table, keys, m, d):
+    """neighbours (d+1, M, 2) int32: for every point, the point one step back and one step
+    forward along each lattice direction u_j = (d+1) e_j - (1, ..., 1); M where there is none.
+
+    On the d stored coordinates u_j reads -1 everywhere and +d at position j (j < d)."""
+    neighbours = np.empty((d + 1, m, 2), dtype=np.int32)
+    key = np.empty(d, dtype=np.int32)
+    for p in range(m):
+        for j in range(d + 1):
+            for sgn in range(2):
+                s = -1 if sgn == 0 else 1
+                for c in range(d):
+                    step = d if c == j else -1
+                    key[c] = keys[p * d + c] + s * step
+                idx = table[_slot(table, keys, key, d)]
+                neighbours[j, p, sgn] = idx if idx >= 0 else m
+    return neighbours
+
+
+# --------------------------------------------------------------------------- the lattice
 @njit(cache=True)
 def build_lattice(features):
     """Build the lattice for one image.
@@ -93,141 +253,44 @@ def build_lattice(features):
     features: (N, d) float64, divided by their thetas.
     returns: offsets (N, d+1) int32, weights (N, d+1) float32,
              neighbours (d+1, M, 2) int32, n_lattice M.
+
+    Every pixel is elevated onto the hyperplane, the simplex holding it located, and the d+1
+    vertices numbered in order of first appearance; then each point's blur neighbours are found.
     """
     n, d = features.shape
-    d1 = d + 1
-    # Embedding: columns of an orthonormal basis of {sum x = 0}, scaled by sqrt(2/3)(d+1) so
-    # the blurred lattice approximates a unit Gaussian (see the reference module).
-    scale = np.empty(d, dtype=np.float64)
-    for i in range(d):
-        scale[i] = np.sqrt(2.0 / 3.0) * d1 / np.sqrt((i + 1.0) * (i + 2.0))
-
-    # Start with room for about N points (typical: M is 0.01 N to 1.2 N) and double when full,
-    # rather than reserving the worst case N * (d+1), which is large for big colour images.
-    kcap = n + 1024
-    cap = 1
-    while cap < 2 * kcap:  # table load factor <= 1/2 keeps probe chains short
-        cap *= 2
-    mask = cap - 1
-    table = np.full(cap, -1, dtype=np.int32)  # slot -> point index, -1 = empty
-    keys = np.empty(kcap * d, dtype=np.int32)  # key of point p at keys[p*d:(p+1)*d]
+    scale = _embedding_scale(d)
+    # Room for about N points at first (M is typically 0.01 N to 1.2 N), doubled when full,
+    # rather than the worst case N * (d+1), which is large for big colour images.
+    keys = np.empty((n + 1024) * d, dtype=np.int32)
+    table = _table_of(keys, 0, d)
     m = 0
-
-    offsets = np.empty((n, d1), dtype=np.int32)
-    weights = np.empty((n, d1), dtype=np.float32)
-    elevated = np.empty(d1, dtype=np.float64)
-    rem0 = np.empty(d1, dtype=np.float64)
-    rank = np.empty(d1, dtype=np.int64)
-    bary = np.empty(d1 + 1, dtype=np.float64)
-    cand = np.empty(d, dtype=np.int32)
-
+    offsets = np.empty((n, d + 1), dtype=np.int32)
+    weights = np.empty((n, d + 1), dtype=np.float32)
+    elevated = np.empty(d + 1, dtype=np.float64)  # one pixel's work arrays, reused
+    rem0 = np.empty(d + 1, dtype=np.float64)
+    rank = np.empty(d + 1, dtype=np.int64)
+    bary = np.empty(d + 2, dtype=np.float64)
+    key = np.empty(d, dtype=np.int32)
     for i in range(n):
-        # Elevate: elevated = E f, written as a running sum (E is lower-triangular-ish).
-        sm = 0.0
-        for j in range(d, 0, -1):
-            cf = features[i, j - 1] * scale[j - 1]
-            elevated[j] = sm - j * cf
-            sm += cf
-        elevated[0] = sm
-        # Nearest remainder-0 point and how far its coordinate sum is off the hyperplane.
-        total = 0.0
-        for j in range(d1):
-            v = elevated[j] / d1
-            up = np.ceil(v) * d1
-            down = np.floor(v) * d1
-            if up - elevated[j] < elevated[j] - down:
-                rem0[j] = up
-            else:
-                rem0[j] = down
-            total += rem0[j]
-            rank[j] = 0
-        excess = int(round(total / d1))
-        # Rank residuals (0 = largest), then move rem0 onto the hyperplane.
-        for a in range(d1):
-            da = elevated[a] - rem0[a]
-            for b in range(a + 1, d1):
-                if da < elevated[b] - rem0[b]:
-                    rank[a] += 1
-                else:
-                    rank[b] += 1
-        if excess > 0:
-            for j in range(d1):
-                if rank[j] >= d1 - excess:
-                    rank[j] += excess - d1
-                    rem0[j] -= d1
-                else:
-                    rank[j] += excess
-        elif excess < 0:
-            for j in range(d1):
-                if rank[j] < -excess:
-                    rank[j] += d1 + excess
-                    rem0[j] += d1
-                else:
-                    rank[j] += excess
-        # Barycentric weights from the sorted residuals.
-        for k in range(d1 + 1):
-            bary[k] = 0.0
-        for j in range(d1):
-            v = (elevated[j] - rem0[j]) / d1
-            bary[d - rank[j]] += v
-            bary[d1 - rank[j]] -= v
-        bary[0] += 1.0 + bary[d1]
-        # The d+1 vertices: insert into the hash table (or find them).
-        for k in range(d1):
-            if m == kcap:  # full: double the key storage and the table, then rehash
-                kcap *= 2
-                grown = np.empty(kcap * d, dtype=np.int32)
-                grown[: m * d] = keys[: m * d]
-                keys = grown
-                cap *= 2
-                mask = cap - 1
-                table = np.full(cap, -1, dtype=np.int32)
-                for p in range(m):
-                    slot = _hash_key(keys, p * d, d) & mask
-                    while table[slot] >= 0:
-                        slot = (slot + 1) & mask
-                    table[slot] = p
-            for c in range(d):
-                if rank[c] >= d1 - k:
-                    cand[c] = np.int32(rem0[c] + k - d1)
-                else:
-                    cand[c] = np.int32(rem0[c] + k)
-            slot = _hash_key(cand, 0, d) & mask
-            while True:
-                idx = table[slot]
-                if idx < 0:  # empty slot: a new lattice point
-                    idx = m
-                    table[slot] = idx
-                    for c in range(d):
-                        keys[idx * d + c] = cand[c]
-                    m += 1
-                    break
-                same = True
-                for c in range(d):
-                    if keys[idx * d + c] != cand[c]:
-                        same = False
-                        break
-                if same:
-                    break
-                slot = (slot + 1) & mask
-            offsets[i, k] = idx
+        # Room for this pixel's d+1 vertices? (Checked per pixel: growing inside the loop over
+        # vertices made Numba's code of the whole loop about 2x slower.)
+        if (m + d + 1) * d > keys.shape[0]:
+            keys, table = _grown(keys, m, d)
+        _elevate(features, i, scale, elevated)
+        excess = _nearest_remainder0(elevated, rem0)
+        _rank_residuals(elevated, rem0, rank)
+        _onto_hyperplane(rem0, rank, excess)
+        _barycentric(elevated, rem0, rank, bary)
+        for k in range(d + 1):
+            _vertex_key(rem0, rank, k, key)
+            slot = _slot(table, keys, key, d)
+            if table[slot] < 0:  # a new lattice point
+                table[slot] = m
+                keys[m * d:(m + 1) * d] = key
+                m += 1
+            offsets[i, k] = table[slot]
             weights[i, k] = bary[k]
-
-    # Blur neighbours: point +- u_j with u_j = (d+1) e_j - (1, ..., 1); only d coordinates are
-    # stored, where u_j reads -1 everywhere and +d at position j (j < d).
-    neighbours = np.empty((d1, m, 2), dtype=np.int32)
-    for p in range(m):
-        for j in range(d1):
-            for sgn in range(2):
-                s = -1 if sgn == 0 else 1
-                for c in range(d):
-                    step = -1
-                    if c == j:
-                        step = d
-                    cand[c] = keys[p * d + c] + s * step
-                idx = _find(table, keys, cand, d, mask)
-                neighbours[j, p, sgn] = idx if idx >= 0 else m
-    return offsets, weights, neighbours, m
+    return offsets, weights, _blur_neighbours(table, keys, m, d), m
 
 
 @njit(cache=True)
