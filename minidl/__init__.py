@@ -7,7 +7,7 @@ import os as _os
 
 # Thread policy, set here and nowhere else: OpenBLAS keeps its default (one thread per
 # core) and the Numba kernels run on one thread, unless the environment says otherwise.
-# Measured with examples/benchmark.py on the 2-core machine (README, "Performance"): BLAS on
+# Measured with examples/benchmark.py on the 2-core machine (docs/PERFORMANCE.md): BLAS on
 # both cores makes the big U-Net's training step 25% faster than one thread, while a Numba
 # thread team on top of it (im2col, pooling, ...) spins against the BLAS threads and makes a
 # step 1.2-13x slower. Must run before Numba loads; an explicit NUMBA_NUM_THREADS wins

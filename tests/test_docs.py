@@ -1,4 +1,5 @@
-"""The documentation's code runs: every ```python block of docs/TOUR.md and README.md.
+"""The documentation's code runs: every ```python block of docs/TOUR.md and README.md; and
+its links (README.md, docs/*.md) lead to files that exist.
 
 Blocks of one file run in order in one shared namespace (a later block may use names an
 earlier one defined), inside a temporary working directory so files they write go nowhere.
@@ -12,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["docs/TOUR.md", "README.md"]
+LINKED = ["README.md", "docs/TOUR.md", "docs/PERFORMANCE.md", "CONTRIBUTING.md"]
 
 # An optional no-test marker on the line(s) before the fence, the fence, the code, the end fence.
 _BLOCK = re.compile(r"(?P<marker><!--\s*no-test\s*-->[ \t]*\n[ \t]*\n?)?^```python[^\n]*\n(?P<code>.*?)^```",
@@ -32,6 +34,24 @@ def test_block_extraction():
             "```bash\nls\n```\n```python\ny = x + 1\n```\n")
     assert python_blocks(text) == [(3, "x = 1\n", False), (8, "raise SystemExit\n", True),
                                    (14, "y = x + 1\n", False)]
+
+
+# The target of a Markdown link or image, `[text](target)`, without a `#section` part.
+_LINK = re.compile(r"\]\((?P<target>[^)#\s]+)")
+
+
+def test_link_extraction():
+    text = "see [the tour](docs/TOUR.md), ![a plot](images/p.png) and [it](https://x.org/a#b)"
+    assert [m.group("target") for m in _LINK.finditer(text)] == [
+        "docs/TOUR.md", "images/p.png", "https://x.org/a"]
+
+
+@pytest.mark.parametrize("name", LINKED)
+def test_relative_links_lead_to_files(name):
+    path = ROOT / name
+    targets = [m.group("target") for m in _LINK.finditer(path.read_text(encoding="utf-8"))]
+    missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
+    assert not missing, f"{name} links to files that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("name", DOCUMENTS)
