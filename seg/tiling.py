@@ -16,6 +16,7 @@ pass over the whole (mirror-padded) image gives, just with bounded memory.
 (zero-padding affected) predictions are thrown away: plain tiling with overlap.
 
     probs = predict_tiled(model, image, tile_size=572)          # (num_classes, H, W)
+    plan = tile_plan(model, H, W, tile_size=572)                 # where those tiles go (pure)
     logits = forward_full(model, x)                              # (N, K, H, W) for x (N, C, H, W)
 """
 import math
