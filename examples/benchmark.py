@@ -5,7 +5,7 @@ a conv can do is the speed of float32 GEMM on the same matrix shapes. Two models
 
     big      U-Net depth 5, 64 features (64 ... 1024), 1 x 1 x 256 x 256, padding "same",
              no BatchNorm (the paper's network on a size "same" padding allows), 2 classes
-    default  the example's model (examples/train_unet.py, seg.cli.TRAIN_DEFAULTS): U-Net depth
+    default  the example's model (examples/train_unet.py, seg.setup.TRAIN_DEFAULTS): U-Net depth
              4, 8 root features, BatchNorm, padding "same", batch 4 x 1 x 64 x 88, 2 classes
 
 Sections (printed as tables, and written to --json, default runs/benchmark.json):

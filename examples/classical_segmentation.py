@@ -39,7 +39,9 @@ from seg import classical as C  # noqa: E402
 from seg import metrics, models, plots  # noqa: E402
 from seg.data import DataLoader, Dataset, synthetic_image  # noqa: E402
 from seg.losses import CEDiceLoss  # noqa: E402
-from seg.train import load_checkpoint, read_checkpoint_meta, train  # noqa: E402
+from seg.checkpoints import load_checkpoint, read_checkpoint_meta  # noqa: E402
+from seg.inference import predict_image  # noqa: E402
+from seg.train import train  # noqa: E402
 
 UNET_OPTIONS = {"depth": 3, "features_root": 8, "padding": "same", "batch_norm": True}
 
@@ -137,7 +139,6 @@ def describe(config):
 
 def unet_predict(model, config, image):
     """Label map (H, W) for one image, resized to the size the model was trained at and back."""
-    from seg.cli import predict_image
     return predict_image(model, image, config.get("size")).argmax(axis=0)
 
 

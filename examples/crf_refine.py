@@ -7,7 +7,7 @@
    it, the same helpers train the default small U-Net (8 epochs, about a minute on 2 CPU
    cores) into runs/crf/unet, which later runs reuse.
 2. A handful of validation frames of the synthetic ultrasound data, predicted at their full
-   580x420 size (seg.cli.predict_image: resize to the training size, predict, resize back).
+   580x420 size (seg.inference.predict_image: resize to the training size, predict, resize back).
 3. seg.crf.dense_crf refines the softmax probabilities with the image: every pixel is linked
    to every other one, and pixels that are close (Gaussian kernel, sxy pixels) or close *and*
    of similar brightness (bilateral kernel, sxy pixels and srgb grey levels) are pushed
@@ -15,7 +15,7 @@
 4. A table of Dice before/after per image (Kaggle rule: an empty prediction on an empty mask
    scores 1) and runs/crf/crf_before_after.png (image / ground truth / U-Net / U-Net + CRF).
 
-Choosing the parameters (seg.cli.CRF_PARAMS, also used by `python -m seg predict/evaluate
+Choosing the parameters (seg.inference.CRF_PARAMS, also used by `python -m seg predict/evaluate
 --crf`): the image is converted from [0, 1] floats to 0-255, the scale the published thetas
 were tuned on. A grid search with the runs/unet/best.npz U-Net on the first two validation
 patients (40 frames; sxy 20/49/80, srgb 3/5/13, bilateral weight 3/5/10, Gaussian (3, 3),
@@ -37,12 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import minidl  # noqa: E402  (first: it sets the BLAS/Numba thread policy before NumPy loads)
+import minidl  # noqa: E402,F401  (first: it sets the BLAS/Numba thread policy before NumPy loads)
 import numpy as np  # noqa: E402
-from seg import cli  # noqa: E402
+from seg import cli, inference, setup  # noqa: E402
 from seg.data import KaggleUltrasound  # noqa: E402
 from seg.crf import PRESETS, dense_crf  # noqa: E402
-from seg.losses import get_loss  # noqa: E402
 from seg.metrics import dice_score  # noqa: E402
 from seg.train import train  # noqa: E402
 
@@ -51,11 +50,11 @@ def refine_and_score(probs, image, mask, **crf):
     """Dice of the network's labels and of the CRF-refined labels for one image.
 
     probs: (2, H, W) softmax probabilities; image: (H, W) float in [0, 1]; mask: (H, W) in {0, 1}.
-    crf: dense_crf keywords (gaussian, bilateral, iterations, preset); default seg.cli.CRF_PARAMS.
+    crf: dense_crf keywords (gaussian, bilateral, iterations, preset); default seg.inference.CRF_PARAMS.
     returns (dice_before, dice_after, refined probabilities (2, H, W)).
     """
     image255 = np.clip(image * 255.0, 0, 255).astype(np.uint8)   # thetas are for 0-255 images
-    refined = dense_crf(probs, image255, labels_axis=0, **(crf or cli.CRF_PARAMS))
+    refined = dense_crf(probs, image255, labels_axis=0, **(crf or inference.CRF_PARAMS))
     return dice_score(probs.argmax(0), mask), dice_score(refined.argmax(0), mask), refined
 
 
@@ -63,14 +62,9 @@ def train_briefly(out_dir, epochs):
     """The steps of examples/train_unet.py with its defaults, for `epochs` epochs."""
     args = cli.parse_train_args(["--epochs", str(epochs), "--out", str(out_dir), "--plot-every",
                                  str(epochs)], prog="crf_refine.py")
-    minidl.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    data = cli.prepare_data(args, synthetic_root=ROOT / "data" / "synthetic")
-    model = cli.build_model_from_args(args, data.num_classes)
-    optimizer = cli.make_optimizer(args, model)
-    train(model, data.train_loader, data.val_loader, get_loss(args.loss), optimizer,
-          cli.make_scheduler(args, optimizer), epochs=args.epochs, out_dir=args.out,
-          config=cli.run_config(args, data.num_classes), plot_every=args.plot_every)
+    run = setup.set_up_training(args, synthetic_root=ROOT / "data" / "synthetic")
+    train(run.model, run.data.train_loader, run.data.val_loader, run.loss_fn, run.optimizer,
+          run.scheduler, config=run.config, **setup.trainer_options(args))
     return Path(out_dir) / "best.npz"
 
 
@@ -107,10 +101,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="runs/unet/best.npz")
     parser.add_argument("--images", type=int, default=8, help="validation frames to show")
-    parser.add_argument("--epochs", type=int, default=cli.TRAIN_DEFAULTS["epochs"],
+    parser.add_argument("--epochs", type=int, default=setup.TRAIN_DEFAULTS["epochs"],
                         help="training epochs when there is no checkpoint; default %(default)s")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="use a dense_crf preset instead of seg.cli.CRF_PARAMS")
+                        help="use a dense_crf preset instead of seg.inference.CRF_PARAMS")
     parser.add_argument("--out", default="runs/crf")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -122,24 +116,24 @@ def main(argv=None):
         if not checkpoint.exists():
             print(f"{args.checkpoint} not found: training the default U-Net for {args.epochs} epochs")
             checkpoint = train_briefly(checkpoint.parent, args.epochs)
-    model, config = cli.load_for_inference(checkpoint)
+    model, config = inference.load_for_inference(checkpoint)
     print(f"U-Net from {checkpoint}")
 
     # 2. frames of the validation patient the CRF parameters were not chosen on
-    reader = KaggleUltrasound(cli.ensure_synthetic(ROOT / "data" / "synthetic"))
+    reader = KaggleUltrasound(setup.ensure_synthetic(ROOT / "data" / "synthetic"))
     val = reader.split(config.get("val_fraction", 0.25), seed=0)[1]
     val = [s for s in val if s.subject == val[-1].subject]
     picked = [val[i] for i in np.linspace(0, len(val) - 1, min(args.images, len(val))).astype(int)]
 
     # 3. predict, refine, score
-    crf = {"preset": args.preset} if args.preset else cli.CRF_PARAMS
+    crf = {"preset": args.preset} if args.preset else inference.CRF_PARAMS
     print(f"dense CRF: {crf}\n")
     print(f"{'':>10} {'pixels of nerve:':>27}  {'Dice:':>8}")
     print(f"{'image':>10} {'truth':>7} {'U-Net':>9} {'+ CRF':>9} {'U-Net':>8} {'+ CRF':>7}")
     rows, crf_seconds = [], 0.0
     for sample in picked:
         image, mask = reader.load(sample)
-        probs = cli.predict_image(model, image, config["size"])
+        probs = inference.predict_image(model, image, config["size"])
         t = time.perf_counter()
         before, after, refined = refine_and_score(probs, image, mask, **crf)
         crf_seconds += time.perf_counter() - t

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import minidl  # noqa: E402
-from seg import cli, models  # noqa: E402
+from seg import cli, models, setup  # noqa: E402
+from seg.errors import UsageError  # noqa: E402
 from seg.losses import get_loss  # noqa: E402
 from seg.train import train  # noqa: E402
 
@@ -38,25 +39,25 @@ def main(argv=None):
     try:
         cli.check_train_args(args)
         if args.model not in models.available():
-            raise cli.UsageError(f"unknown model {args.model!r}; choose one of: "
+            raise UsageError(f"unknown model {args.model!r}; choose one of: "
                                  f"{', '.join(models.available())}.")
         minidl.manual_seed(args.seed)
         np.random.seed(args.seed)
-        data = cli.prepare_data(args, synthetic_root=ROOT / "data" / "synthetic")
+        data = setup.prepare_data(args, synthetic_root=ROOT / "data" / "synthetic")
         if args.model == "unet":
-            model = cli.build_model_from_args(args, data.num_classes, in_channels=1)
+            model = setup.build_model_from_args(args, data.num_classes, in_channels=1)
         else:
             model = models.build(args.model, data.num_classes, in_channels=1, width=args.width)
-    except (cli.UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, FileNotFoundError) as exc:
         print(f"train_any.py: error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.model} at width {args.width:g}: {model.num_parameters():,} parameters "
           f"(output stride {getattr(model, 'output_stride', 1)})")
-    config = cli.run_config(args, data.num_classes)
+    config = setup.run_config(args, data.num_classes)
     if args.model != "unet":               # so `python -m seg predict` rebuilds the same width
         config["model_options"] = {"width": args.width}
     result = train(model, data.train_loader, data.val_loader, get_loss(args.loss),
-                   cli.make_optimizer(args, model), epochs=args.epochs, out_dir=args.out,
+                   setup.make_optimizer(args, model), epochs=args.epochs, out_dir=args.out,
                    device=args.device, resume=args.resume, plot_every=args.plot_every,
                    progress=args.progress, config=config)
     if result.history:

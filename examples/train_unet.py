@@ -6,7 +6,7 @@
     python examples/train_unet.py --preset seed-unet       # the talk's settings table (long!)
     python examples/train_unet.py --resume runs/unet/last.npz --epochs 30   # train on
 
-What happens, step by step (each step is one call into `seg`):
+What happens, step by step (steps 1-3: `seg.setup.set_up_training`, step 4: `seg.train.train`):
 
 1. Data. Without --data, a synthetic stand-in for the Kaggle Ultrasound Nerve Segmentation
    set is generated once into data/synthetic (580x420 grayscale TIFFs with 0/255 masks, about
@@ -49,13 +49,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import minidl  # noqa: E402  (first: it sets the Numba thread policy, see minidl/__init__.py)
-import numpy as np  # noqa: E402
-from seg import cli  # noqa: E402
-from seg.losses import get_loss  # noqa: E402
-from seg.train import NonFiniteLossError, train  # noqa: E402
+import minidl  # noqa: E402,F401  (first: it sets the Numba thread policy, see minidl/__init__.py)
+from seg import cli, setup  # noqa: E402
+from seg.errors import NonFiniteLossError, UsageError  # noqa: E402
+from seg.inference import crf_report  # noqa: E402
+from seg.train import train  # noqa: E402
 
-# The defaults (seg.cli.TRAIN_DEFAULTS, shared with `python -m seg train`) were tuned to finish
+# The defaults (seg.setup.TRAIN_DEFAULTS, shared with `python -m seg train`) were tuned to finish
 # in under 5 minutes on a 2-core CPU with a validation Dice of at least 0.85 on the synthetic
 # data: 64x88 images, U-Net depth 4 with 8 root features and BatchNorm, batch 4, Adam 2e-3
 # with poly decay, cross-entropy + Dice, 8 epochs.
@@ -66,33 +66,24 @@ def main(argv=None):
     start = time.perf_counter()
     args = cli.parse_train_args(argv, prog="train_unet.py", defaults=DEFAULTS,
                                 description="Train a U-Net on (synthetic) ultrasound nerve images.")
-    minidl.manual_seed(args.seed)          # weights, dropout
-    np.random.seed(args.seed)
-
     try:
-        # 1. data: generated once, read back with the Kaggle reader, split by patient
-        data = cli.prepare_data(args, synthetic_root=ROOT / "data" / "synthetic")
-        # 2. model
-        model = cli.build_model_from_args(args, num_classes=data.num_classes, in_channels=1)
-    except (cli.UsageError, ValueError, FileNotFoundError) as exc:
+        # 1. data: generated once, read back with the Kaggle reader, split by patient;
+        # 2. model; 3. loss, optimizer and learning-rate schedule (seg/setup.py), after seeding
+        #    the random streams (weights, dropout, augmentation)
+        run = setup.set_up_training(args, synthetic_root=ROOT / "data" / "synthetic")
+    except (UsageError, ValueError, FileNotFoundError) as exc:
         print(f"train_unet.py: error: {exc}", file=sys.stderr)
         return 2
+    data, model = run.data, run.model
     print(f"U-Net depth {args.depth}, {args.features_root} root features, {args.padding} padding: "
           f"{model.num_parameters():,} parameters")
     print(f"{data.n_train} training / {data.n_val} validation images ({data.kind} data in "
           f"{data.root}), resized to {args.size[0]}x{args.size[1]}")
 
-    # 3. loss, optimizer and learning-rate schedule
-    loss_fn = get_loss(args.loss)
-    optimizer = cli.make_optimizer(args, model)
-    scheduler = cli.make_scheduler(args, optimizer)
-
     # 4. train (checkpoints, metrics.csv and plots go to args.out)
     try:
-        result = train(model, data.train_loader, data.val_loader, loss_fn, optimizer, scheduler,
-                       epochs=args.epochs, out_dir=args.out, device=args.device,
-                       resume=args.resume, config=cli.run_config(args, data.num_classes),
-                       plot_every=args.plot_every, progress=args.progress)
+        result = train(model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
+                       run.scheduler, config=run.config, **setup.trainer_options(args))
     except NonFiniteLossError as exc:
         print(f"train_unet.py: {exc}", file=sys.stderr)
         return 1
@@ -103,7 +94,7 @@ def main(argv=None):
         print(f"\nfinal validation Dice {result.last['val_dice']:.4f} (best {result.best_score:.4f} "
               f"at epoch {result.best_epoch}), {minutes:.1f} minutes; outputs in {args.out}")
     if args.crf and not result.interrupted:
-        cli.crf_report(args, data)
+        crf_report(args, data)
     return 130 if result.interrupted else 0
 
 

@@ -1,13 +1,13 @@
 """seg: image segmentation models, data, losses, metrics and training built on minidl.
 
 `import seg` then `seg.models.build(...)`, `seg.crf.dense_crf(...)`, `seg.data`, `seg.losses`,
-`seg.metrics`, `seg.tiling`, `seg.train`: each submodule is imported on first use, so
+`seg.metrics`, `seg.tiling`, `seg.train`, `seg.setup`, `seg.inference`: each submodule is imported on first use, so
 `import seg` itself stays quick.
 """
 import importlib
 
 _SUBMODULES = ("models", "data", "losses", "metrics", "tiling", "train", "crf", "plots",
-               "classical", "autoencoders", "cli")
+               "classical", "autoencoders", "cli", "setup", "inference", "checkpoints", "errors")
 
 
 def __getattr__(name):

@@ -7,50 +7,32 @@
     python -m seg evaluate --checkpoint runs/unet/best.npz --data data/synthetic
     python -m seg models
 
-The helpers below (parse_train_args, prepare_data, build_model_from_args, make_optimizer,
-make_scheduler, load_for_inference, predict_image, evaluate_samples) are shared with examples/train_unet.py.
-Bad arguments end the program with one sentence on stderr and exit code 2.
+This module parses the arguments and runs the commands; the work is done by seg.setup
+(training set-up: data, model, optimizer, schedule), seg.train (the loop) and seg.inference
+(predicting and scoring with a checkpoint). The training options are shared with the examples
+(parse_train_args, build_train_parser). Bad arguments end the program with one sentence on
+stderr and exit code 2.
 """
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from tqdm.auto import tqdm
 
-__all__ = ["main", "parse_train_args", "build_train_parser", "prepare_data", "build_model_from_args",
-           "make_optimizer", "make_scheduler", "run_config", "load_for_inference", "predict_image",
-           "evaluate_samples", "crf_refine", "CRF_PARAMS",
-           "PRESETS", "UsageError"]
+from minidl import backend
 
-#: Where the synthetic stand-in for the Kaggle data is generated (once) when --data is not given.
-DEFAULT_SYNTHETIC = "data/synthetic"
+from . import models
+from .data import IMAGE_SUFFIXES, load_image
+from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
+from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
+from .losses import LOSSES
+from .models import summary
+from .setup import DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_dataset, set_up_training, trainer_options
+from .train import train
 
-#: --preset values. "seed-unet" is the talk's U-Net settings table (tf_unet: layers 3,
-#: features_root 8, keep_prob 0.6, learning rate 1e-4, batch 16, 400 epochs, original image
-#: size, valid convolutions, dropout after every conv, plain softmax cross-entropy).
-PRESETS = {
-    "seed-unet": {"depth": 3, "features_root": 8, "dropout": 0.4, "dropout_mode": "every_conv",
-                  "lr": 1e-4, "lr_schedule": "none", "batch_size": 16, "epochs": 400,
-                  "size": "420x580", "padding": "valid", "batch_norm": False, "loss": "ce",
-                  "optimizer": "adam"},
-}
-
-#: Defaults of `train`, shared with examples/train_unet.py. Measured to reach a validation
-#: Dice above 0.85 on the synthetic data within a few minutes on a 2-core CPU: 64x88 images
-#: (the Kaggle frames' aspect ratio; the well-known Kaggle U-Net starter used 64x80), a
-#: depth-4 U-Net with 8 root features and BatchNorm, batch 4, Adam 2e-3 with poly decay.
-TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "batch_size": 4,
-                  "lr": 2e-3, "lr_schedule": "poly", "size": "64x88", "depth": 4, "features_root": 8,
-                  "padding": "same", "batch_norm": True, "dropout": 0.0, "dropout_mode": "bottleneck",
-                  "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
-                  "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
-                  "plot_every": 4, "progress": True, "preset": None}
-
-
-class UsageError(Exception):
-    """A bad command-line argument: printed as one sentence, exit code 2."""
+__all__ = ["main", "parse_train_args", "build_train_parser", "add_train_arguments", "check_train_args",
+           "UsageError"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,40 +58,31 @@ def _size(text):
     return tuple(parts)
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+def _number(convert, ok, requirement):
+    """An argparse type: text -> convert(text), rejected with `requirement` unless ok(value)."""
+    noun = "an integer" if convert is int else "a number"
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
+        return value
+    return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
+_positive_float = _number(float, lambda v: v > 0, "must be positive")
+_fraction = _number(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 def add_train_arguments(parser, defaults=None):
-    """Add the training options (shared by `python -m seg train` and examples/train_unet.py)."""
-    from .losses import LOSSES
+    """Add the training options (shared by `python -m seg train` and the examples).
 
+    A new option gets its default in seg.setup.TRAIN_DEFAULTS and its use in seg.setup.
+    """
     d = dict(TRAIN_DEFAULTS, **(defaults or {}))
     p = parser
     p.add_argument("--model", default=d["model"],
@@ -164,273 +137,68 @@ def build_train_parser(prog="python -m seg train", description=None, defaults=No
     return add_train_arguments(parser, defaults)
 
 
-def _apply_preset(parser, argv):
-    """Parse twice: the preset sets new defaults, so options given explicitly still win."""
-    args = parser.parse_args(argv)
-    if args.preset:
+def _parse(parser, argv, train_parser):
+    """Parse argv. A --preset sets new defaults on the train options and argv is parsed again,
+    so options given explicitly still win.
+
+    train_parser: the parser holding the train options (parser itself, or its train command);
+    it also reports unknown options of a train command line, as it lists the known ones.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "preset", None):
         preset = dict(PRESETS[args.preset])
         if "size" in preset:
             preset["size"] = _size(preset["size"])
-        parser.set_defaults(**preset)
-        args = parser.parse_args(argv)
+        train_parser.set_defaults(**preset)
+        args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        owner = train_parser if getattr(args, "command", "train") == "train" else parser
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
+
+
+def require_device(device):
+    """The one GPU check of the command line: --device gpu needs CuPy and a GPU."""
+    if device == "gpu":
+        try:
+            backend.require_cupy()
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def check_train_args(args):
     """Checks that need more than one option, or the outside world; UsageError on failure."""
-    from minidl import backend
-
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be a probability in [0, 1), got {args.dropout}.")
     if args.resume is not None and not os.path.exists(args.resume):
         raise UsageError(f"--resume checkpoint {args.resume} does not exist.")
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
-    if args.device == "gpu":
-        try:
-            backend.require_cupy()
-        except RuntimeError as exc:
-            raise UsageError(str(exc)) from None
+    require_device(args.device)
     return args
 
 
 def parse_train_args(argv=None, prog="python -m seg train", description=None, defaults=None):
     """Parse and check the training options (with --preset applied). Exits 2 on bad input."""
     parser = build_train_parser(prog, description, defaults)
-    args = _apply_preset(parser, argv)
+    args = _parse(parser, argv, parser)
     try:
         return check_train_args(args)
     except UsageError as exc:
         parser.exit(2, f"{prog}: error: {exc}\n")
 
 
-# ----------------------------------------------------------------------------- data
-
-@dataclass
-class Data:
-    """What prepare_data returns."""
-    train_loader: object
-    val_loader: object
-    root: str
-    num_classes: int
-    kind: str                 # "kaggle" or "folder"
-    n_train: int
-    n_val: int
-
-
-def _open_dataset(root, num_classes=None):
-    """A Kaggle-layout or images/masks data set -> (reader, kind, num_classes)."""
-    from . import data as sdata
-
-    root = Path(root)
-    if (root / "images").is_dir():
-        classes = num_classes or 2
-        return sdata.ImageMaskFolder(root, num_classes=classes, binary=classes == 2), "folder", classes
-    return sdata.KaggleUltrasound(root), "kaggle", 2
-
-
-def ensure_synthetic(root=DEFAULT_SYNTHETIC, log=print):
-    """Generate the synthetic Kaggle-layout data set into `root` once (later calls reuse it)."""
-    from .data import write_synthetic_dataset
-
-    root = Path(root)
-    if not (root / "synthetic.json").exists():
-        log(f"Generating the synthetic ultrasound data set in {root} (once) ...")
-    return write_synthetic_dataset(root)
-
-
-def prepare_data(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
-    """Loaders for training (augmented, shuffled) and validation, split by subject.
-
-    Images are read with the real readers (the synthetic data goes through the Kaggle reader),
-    resized once to args.size and cached in memory.
-    """
-    from . import data as sdata
-
-    root = args.data if args.data is not None else ensure_synthetic(synthetic_root, log)
-    reader, kind, num_classes = _open_dataset(root, args.num_classes)
-    train_samples, val_samples = reader.split(args.val_fraction, seed=0)
-    if not val_samples:
-        raise UsageError(f"the data in {root} has too few subjects for a validation split; "
-                         "add data or raise --val-fraction.")
-    h, w = args.size
-    # Elastic deformation as in the paper, scaled from their 572-px tiles to our image size.
-    augment = sdata.Augment(hflip=0.5, rotate=10.0, shift=0.05, elastic_sigma=10.0 * w / 572) \
-        if args.augment else None
-    resize = sdata.Resize((h, w))
-    train_set = sdata.Dataset(train_samples, reader.load, transform=augment, cache=True, preprocess=resize)
-    val_set = sdata.Dataset(val_samples, reader.load, cache=True, preprocess=resize)
-    train_loader = sdata.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed)
-    val_loader = sdata.DataLoader(val_set, batch_size=args.batch_size, shuffle=False)
-    return Data(train_loader, val_loader, str(root), num_classes, kind, len(train_set), len(val_set))
-
-
-# ----------------------------------------------------------------------------- model + optimizer
-
-def model_options(args):
-    """Builder options from the arguments (U-Net options only for the U-Net)."""
-    if args.model != "unet":
-        return {}
-    return {"depth": args.depth, "features_root": args.features_root, "padding": args.padding,
-            "batch_norm": args.batch_norm, "dropout": args.dropout, "dropout_mode": args.dropout_mode}
-
-
-def build_model_from_args(args, num_classes, in_channels=1):
-    from . import models
-
-    try:
-        return models.build(args.model, num_classes=num_classes, in_channels=in_channels,
-                            **model_options(args))
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def make_optimizer(args, model):
-    from minidl import optim
-
-    if args.optimizer == "sgd":
-        return optim.SGD(model.parameters(), lr=args.lr, momentum=0.99)   # the paper's momentum
-    return optim.Adam(model.parameters(), lr=args.lr)
-
-
-def make_scheduler(args, optimizer):
-    """The learning-rate schedule, stepped once per epoch (None for a constant rate)."""
-    from minidl.optim.lr_scheduler import PolyLR
-
-    class RunPolyLR(PolyLR):
-        """PolyLR whose length follows --epochs also after --resume: resuming with the same
-        --epochs continues exactly, a larger --epochs stretches the remaining decay."""
-
-        def load_state_dict(self, state_dict):
-            total = self.total_iters
-            super().load_state_dict(state_dict)
-            self.total_iters = total
-            for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-                group["lr"] = lr
-
-    if args.lr_schedule == "poly":
-        return RunPolyLR(optimizer, total_iters=args.epochs, power=0.9)
-    return None
-
-
-def run_config(args, num_classes, in_channels=1):
-    """What a checkpoint needs to rebuild the model and preprocess new images."""
-    return {"model": args.model, "num_classes": int(num_classes), "in_channels": int(in_channels),
-            "model_options": model_options(args), "size": list(args.size), "loss": args.loss,
-            "lr": args.lr, "lr_schedule": args.lr_schedule, "epochs": args.epochs,
-            "batch_size": args.batch_size, "seed": args.seed,
-            "val_fraction": args.val_fraction, "data": None if args.data is None else str(args.data)}
-
-
-# ----------------------------------------------------------------------------- inference
-
-def load_for_inference(checkpoint, device="cpu"):
-    """Rebuild the model stored in a seg.train checkpoint -> (model in eval mode, config)."""
-    from . import models
-    from .train import load_checkpoint, read_checkpoint_meta
-
-    config = read_checkpoint_meta(checkpoint).get("config") or {}
-    if "model" not in config:
-        raise UsageError(f"checkpoint {checkpoint} has no model configuration; it was not written by "
-                         "`python -m seg train` or examples/train_unet.py.")
-    model = models.build(config["model"], num_classes=config["num_classes"],
-                         in_channels=config.get("in_channels", 1), **config.get("model_options", {}))
-    load_checkpoint(checkpoint, model)
-    model.to(device)
-    model.eval()
-    return model, config
-
-
-#: Dense-CRF settings of --crf (thetas for 0-255 intensities), chosen by a grid search on the
-#: synthetic data's validation patients (see examples/crf_refine.py): the presets' smoothness
-#: kernel (sxy 3, weight 3), DeepLab v1's bilateral sxy 49 / srgb 5 with weight 3, 5 iterations.
-#: The "default" preset (bilateral sxy 80, weight 10, made for colour photos) lets the
-#: background swallow the small nerve in these speckled grayscale frames.
-CRF_PARAMS = {"gaussian": (3.0, 3.0), "bilateral": (49.0, 5.0, 3.0), "iterations": 5}
-
-
-def crf_refine(probs, image):
-    """The --crf hook: dense-CRF refinement of probs (K, H, W) using the image (H, W) in [0, 1]."""
-    try:
-        from .crf import dense_crf
-    except ImportError as exc:
-        raise UsageError(f"--crf needs seg.crf, which could not be imported ({exc}).") from None
-    return dense_crf(probs, np.clip(image * 255.0, 0, 255).astype(np.uint8), labels_axis=0, **CRF_PARAMS)
-
-
-def predict_image(model, image, size=None, crf=False):
-    """Class probabilities (K, H, W) for one image (H, W) float in [0, 1], at its own size.
-
-    The image is resized to the training size, predicted (overlap-tile, so any size works),
-    and the probabilities are resized back (bilinear); crf=True refines them with the dense CRF.
-    """
-    from .data import resize
-    from .tiling import predict_tiled
-
-    H, W = image.shape
-    small = image if size is None else resize(image, None, tuple(size))[0]
-    probs = predict_tiled(model, small, oom_advice="predicting on the CPU (--device cpu)")
-    if probs.shape[1:] != (H, W):
-        up = resize(np.moveaxis(probs, 0, -1), None, (H, W), antialias=False)[0]
-        probs = np.moveaxis(up, -1, 0)
-        probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-12)
-    if crf:
-        probs = crf_refine(probs, image)
-    return np.ascontiguousarray(probs, dtype=np.float32)
-
-
-def evaluate_samples(model, reader, samples, size=None, num_classes=2, crf=False, progress=True):
-    """Metrics at the images' own resolution: Kaggle mean Dice, mean IoU, pixel accuracy."""
-    from tqdm.auto import tqdm
-
-    from . import metrics
-
-    dice, confusion = [], np.zeros((num_classes, num_classes), dtype=np.int64)
-    for sample in tqdm(samples, desc="evaluate", unit="image", disable=not progress, leave=False):
-        image, mask = reader.load(sample)
-        pred = predict_image(model, image, size, crf=crf).argmax(axis=0)
-        dice.append(metrics.dice_score(pred, mask))
-        confusion += metrics.confusion_matrix(pred, mask, num_classes)
-    iou = metrics.iou_from_confusion(confusion)
-    present = ~np.isnan(iou)
-    return {"images": len(samples), "dice": float(np.mean(dice)) if dice else float("nan"),
-            "iou": float(iou[present].mean()) if present.any() else float("nan"),
-            "accuracy": metrics.accuracy_from_confusion(confusion)}
-
-
-def _write_mask(path, labels, binary, fmt):
-    """Write a label map: binary -> 0/255 (the Kaggle convention), else class ids, uint8."""
-    array = (labels != 0).astype(np.uint8) * 255 if binary else labels.astype(np.uint8)
-    tmp = f"{path}.tmp"
-    if fmt == "png":
-        from PIL import Image
-        Image.fromarray(array).save(tmp, format="PNG")
-    else:
-        import tifffile
-        tifffile.imwrite(tmp, array, metadata=None)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- subcommands
+# ----------------------------------------------------------------------------- commands
 
 def cmd_train(args, log=print):
     """`python -m seg train`: the same steps as examples/train_unet.py."""
-    import minidl
-    from .losses import get_loss
-    from .train import train
-
-    minidl.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    data = prepare_data(args, log)
-    model = build_model_from_args(args, data.num_classes)
-    log(f"{args.model}: {model.num_parameters():,} parameters; {data.n_train} training / "
+    check_train_args(args)
+    run = set_up_training(args, log)
+    data = run.data
+    log(f"{args.model}: {run.model.num_parameters():,} parameters; {data.n_train} training / "
         f"{data.n_val} validation images of {args.size[0]}x{args.size[1]} from {data.root}")
-    optimizer = make_optimizer(args, model)
-    result = train(model, data.train_loader, data.val_loader, get_loss(args.loss), optimizer,
-                   make_scheduler(args, optimizer), epochs=args.epochs, out_dir=args.out,
-                   device=args.device, resume=args.resume,
-                   config=run_config(args, data.num_classes), plot_every=args.plot_every,
-                   progress=args.progress, log=log)
+    result = train(run.model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
+                   run.scheduler, config=run.config, log=log, **trainer_options(args))
     if result.history:
         log(f"final validation Dice {result.last['val_dice']:.4f} (best {result.best_score:.4f} at "
             f"epoch {result.best_epoch}); checkpoints and plots in {args.out}")
@@ -439,21 +207,14 @@ def cmd_train(args, log=print):
     return 130 if result.interrupted else 0
 
 
-def crf_report(args, data, log=print):
-    """Score the validation images at full resolution without and with the dense CRF."""
-    model, config = load_for_inference(os.path.join(args.out, "best.npz"), args.device)
-    reader, _, num_classes = _open_dataset(data.root, args.num_classes)
-    _, val_samples = reader.split(args.val_fraction, seed=0)
-    for crf in (False, True):
-        scores = evaluate_samples(model, reader, val_samples, config["size"], num_classes, crf=crf,
-                                  progress=args.progress)
-        log(f"best model, validation at full resolution{' + dense CRF' if crf else ''}: "
-            f"Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  accuracy {scores['accuracy']:.4f}")
+def _load_model_arg(args):
+    if not os.path.exists(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist.")
+    require_device(args.device)
+    return load_for_inference(args.checkpoint, args.device)
 
 
 def cmd_predict(args, log=print):
-    from .data import IMAGE_SUFFIXES, load_image
-
     if not os.path.isdir(args.input):
         raise UsageError(f"--input folder {args.input} does not exist.")
     files = sorted(p for p in Path(args.input).iterdir()
@@ -464,10 +225,9 @@ def cmd_predict(args, log=print):
     os.makedirs(args.output, exist_ok=True)
     binary = config["num_classes"] == 2
     suffix = ".png" if args.format == "png" else ".tif"
-    from tqdm.auto import tqdm
     for path in tqdm(files, desc="predict", unit="image", disable=not args.progress):
         probs = predict_image(model, load_image(path), config.get("size"), crf=args.crf)
-        _write_mask(os.path.join(args.output, path.stem + suffix), probs.argmax(axis=0), binary, args.format)
+        write_mask(os.path.join(args.output, path.stem + suffix), probs.argmax(axis=0), binary, args.format)
     log(f"wrote {len(files)} mask(s) to {args.output}")
     return 0
 
@@ -476,7 +236,7 @@ def cmd_evaluate(args, log=print):
     if not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
     model, config = _load_model_arg(args)
-    reader, _, num_classes = _open_dataset(args.data, config["num_classes"])
+    reader, _, num_classes = open_dataset(args.data, config["num_classes"])
     samples = reader.samples
     if args.split == "val":
         samples = reader.split(config.get("val_fraction", 0.25), seed=0)[1]
@@ -492,9 +252,6 @@ def cmd_evaluate(args, log=print):
 def cmd_models(args, log=print):
     """`python -m seg models`: every model with its parameter count at the reference
     configuration and output stride; `--explain NAME` lists NAME's layers (seg.models.summary)."""
-    from . import models
-    from .models import summary
-
     if getattr(args, "explain", None):
         if args.explain not in models.available():
             raise UsageError(f"--explain: unknown model {args.explain!r}; choose one of: "
@@ -505,19 +262,8 @@ def cmd_models(args, log=print):
     return 0
 
 
-def _load_model_arg(args):
-    if not os.path.exists(args.checkpoint):
-        raise UsageError(f"--checkpoint {args.checkpoint} does not exist.")
-    if args.device == "gpu":
-        from minidl import backend
-        try:
-            backend.require_cupy()
-        except RuntimeError as exc:
-            raise UsageError(str(exc)) from None
-    return load_for_inference(args.checkpoint, args.device)
-
-
-def build_parser():
+def build_parsers():
+    """The `python -m seg` parser and its train command's parser -> (parser, train_parser)."""
     parser = _Parser(prog="python -m seg", description="Image segmentation with minidl.")
     sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,models}",
                                 parser_class=_Parser)
@@ -543,13 +289,14 @@ def build_parser():
                           help="list NAME's conv layers: parameters, output sizes, receptive field")
     models_p.add_argument("--input-size", dest="input_size", type=_size, default=None, metavar="HxW",
                           help="input size for --explain; default: the paper's")
-    return parser
+    return parser, train_p
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "models": cmd_models}
 
 
 def run_main(fn, args, prog):
     """Run a command, turning the expected failures into one line and an exit code."""
-    from .train import GPUOutOfMemoryError, NonFiniteLossError
-
     try:
         return fn(args)
     except UsageError as exc:
@@ -567,20 +314,6 @@ def run_main(fn, args, prog):
 
 
 def main(argv=None):
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "train":
-        # Re-parse the train options with the preset applied (explicit options win).
-        train_parser = build_train_parser()
-        args = _apply_preset(train_parser, argv[1:])
-        args.command = "train"
-        try:
-            check_train_args(args)
-        except UsageError as exc:
-            print(f"python -m seg train: error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        args = parser.parse_args(argv)
-    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                "models": cmd_models}
-    return run_main(commands[args.command], args, f"python -m seg {args.command}")
+    parser, train_parser = build_parsers()
+    args = _parse(parser, sys.argv[1:] if argv is None else list(argv), train_parser)
+    return run_main(COMMANDS[args.command], args, f"python -m seg {args.command}")

@@ -31,6 +31,7 @@ __all__ = [
     "dice_score",
     "mean_dice",
     "pixel_accuracy",
+    "RunningScores",
 ]
 
 
@@ -136,7 +137,11 @@ def mean_iou(pred, target, num_classes, ignore_index=None):
 
     Returns a Python float; NaN only when no pixel was counted at all.
     """
-    iou = iou_per_class(pred, target, num_classes, ignore_index)
+    return _mean_present(iou_per_class(pred, target, num_classes, ignore_index))
+
+
+def _mean_present(iou):
+    """Mean of the non-NaN entries of a per-class IoU; NaN when every class is absent."""
     present = ~np.isnan(iou)
     # np.nanmean would warn on an all-NaN input; an explicit check keeps the output quiet.
     return float(iou[present].mean()) if present.any() else float("nan")
@@ -180,3 +185,32 @@ def pixel_accuracy(pred, target, ignore_index=None):
     if n == 0:
         return float("nan")
     return float(np.count_nonzero((pred == target) & keep) / n)
+
+
+class RunningScores:
+    """A data set's scores, added up batch by batch (the validation loop and `seg evaluate`).
+
+        scores = RunningScores(num_classes)
+        for pred, target in batches:            # label maps (H, W) or (N, H, W)
+            scores.add(pred, target)
+        scores.summary()    # {"images", "dice" (Kaggle mean), "iou" (mean), "accuracy" (pixels)}
+
+    Dice is averaged over images; IoU and accuracy come from the summed confusion matrix, so
+    every pixel counts the same whatever the batch sizes.
+    """
+
+    def __init__(self, num_classes):
+        self.num_classes = int(num_classes)
+        self.dice = []
+        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def add(self, pred, target):
+        self.dice.extend(np.atleast_1d(dice_score(pred, target)).tolist())
+        self.confusion += confusion_matrix(pred, target, self.num_classes)
+
+    def summary(self):
+        """{"images": n, "dice", "iou", "accuracy"}: Python floats, NaN where nothing was added."""
+        return {"images": len(self.dice),
+                "dice": float(np.mean(self.dice)) if self.dice else float("nan"),
+                "iou": _mean_present(iou_from_confusion(self.confusion)),
+                "accuracy": accuracy_from_confusion(self.confusion)}

@@ -16,10 +16,10 @@ What one epoch does:
 3. logging: one row appended to out_dir/metrics.csv; out_dir/curves.png redrawn; an
    "X / Y / Pred" panel of a few validation images (out_dir/samples_epochNNN.png).
 4. checkpoints: out_dir/last.npz every epoch and out_dir/best.npz when the validation Dice
-   improves. A checkpoint holds the model, optimizer and scheduler state, the random states
-   (NumPy's and minidl's), the epoch, the best score, the history and the run's config, and is
-   written to a temporary file first and then renamed, so a crash mid-write never leaves a
-   broken file in place of the previous one.
+   improves (seg.checkpoints). A checkpoint holds the model, optimizer and scheduler state, the
+   random states (NumPy's and minidl's), the epoch, the best score, the history and the run's
+   config, and is written to a temporary file first and then renamed, so a crash mid-write
+   never leaves a broken file in place of the previous one.
 
 `resume="runs/unet/last.npz"` continues exactly where that checkpoint ended: the remaining
 epochs produce the same losses as an uninterrupted run (the data loader's order and
@@ -28,9 +28,7 @@ augmentation depend only on (seed, epoch), which the loop sets each epoch).
 A NaN or infinite loss stops the run before the bad update is applied, with one message; the
 last good checkpoint stays. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
 """
-import contextlib
 import csv
-import json
 import math
 import os
 import time
@@ -39,48 +37,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import minidl
-import minidl.random
 from minidl import backend
 from minidl.tensor import Tensor
 
 from . import metrics as seg_metrics
+from .checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from .errors import NonFiniteLossError, explain_gpu_out_of_memory
 from .tiling import forward_full
 
-__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "save_checkpoint",
-           "load_checkpoint", "read_checkpoint_meta", "METRIC_FIELDS"]
+__all__ = ["train", "Trainer", "TrainResult", "METRIC_FIELDS"]
 
 #: Columns of metrics.csv, in order.
 METRIC_FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy", "lr",
                  "seconds", "images_per_s")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message says where and what to do."""
-
-
-class GPUOutOfMemoryError(MemoryError):
-    """The GPU ran out of memory; the message names the batch and what to lower."""
-
-
-@contextlib.contextmanager
-def explain_gpu_out_of_memory(what, images, advice=None):
-    """Turn CuPy's out-of-memory error inside the block into one sentence naming the batch
-    (its size and image size) that did not fit and what to change (`advice`; by default the
-    training options that shrink memory)."""
-    try:
-        yield
-    except Exception as exc:
-        if not backend.is_out_of_memory(exc):
-            raise
-        n = len(images)
-        h, w = np.shape(images)[-2:]
-        if advice is None:
-            smaller = (f"a smaller batch (--batch-size {n // 2}), " if n > 1 else "")
-            advice = (f"{smaller}smaller images (--size) or a smaller model "
-                      "(--features-root, --depth)")
-        raise GPUOutOfMemoryError(
-            f"The GPU ran out of memory on a {what} batch of {n} image(s) of {h}x{w} pixels "
-            f"({exc}); try {advice}.") from exc
 
 
 @dataclass
@@ -95,101 +64,6 @@ class TrainResult:
     @property
     def last(self):
         return self.history[-1] if self.history else {}
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-
-def _json_array(obj):
-    """JSON text stored as a uint8 array: every .npz reader can load it without pickle."""
-    return np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8).copy()
-
-
-def _json_from_array(a):
-    return json.loads(bytes(np.asarray(a, dtype=np.uint8)).decode("utf-8"))
-
-
-def _rng_state():
-    """NumPy's global RNG state, as JSON-able data (minidl's own state is stored as arrays by
-    save_checkpoint, see minidl.get_rng_state)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"numpy_global": {"name": name, "keys": keys.tolist(), "pos": int(pos),
-                             "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-
-
-def _set_rng_state(state):
-    g = state.get("numpy_global")
-    if g:
-        np.random.set_state((g["name"], np.asarray(g["keys"], dtype=np.uint32), g["pos"],
-                             g["has_gauss"], g["cached_gaussian"]))
-    if "minidl" in state:
-        minidl.set_rng_state(state["minidl"])
-    elif "minidl_cpu" in state:   # older checkpoints: the raw bit_generator state in the JSON
-        minidl.set_rng_state({"seed": minidl.random.initial_seed(), "numpy": state["minidl_cpu"]})
-
-
-def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
-    """Write model/optimizer/scheduler state + meta (JSON-able dict) to `path` atomically.
-
-    The file is written under a temporary name in the same folder and renamed over `path`,
-    so `path` always holds either the previous complete checkpoint or the new one.
-    """
-    path = os.fspath(path)
-    state = {"model": dict(model.state_dict()),
-             # meta (history, config, NumPy's global RNG state) travels as JSON text.
-             "meta": _json_array(meta or {}),
-             # minidl's random streams (dropout masks, ...), so a resumed run draws the same.
-             "rng": minidl.get_rng_state()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        minidl.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _read(path):
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    try:
-        state = minidl.load(path)
-        state["meta"] = _json_from_array(state["meta"])
-        state["model"]
-    except (KeyError, ValueError, OSError, EOFError, TypeError) as exc:
-        raise ValueError(f"Checkpoint {path} is damaged or was not written by seg.train "
-                         f"({type(exc).__name__}: {exc}).") from None
-    return state
-
-
-def read_checkpoint_meta(path):
-    """The meta dict of a checkpoint (epoch, best score, config, history) without a model."""
-    return _read(path)["meta"]
-
-
-def load_checkpoint(path, model, optimizer=None, scheduler=None):
-    """Load a checkpoint into model (and optimizer/scheduler when given); return its meta dict.
-
-    The meta's "rng" entry gets minidl's stored random state under "minidl" (restore it with
-    minidl.set_rng_state); loading does not change the random streams by itself.
-    """
-    state = _read(path)
-    model.load_state_dict(state["model"])
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    meta = state["meta"]
-    if state.get("rng") is not None:
-        meta.setdefault("rng", {})["minidl"] = state["rng"]
-    return meta
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -249,7 +123,7 @@ class Trainer:
 
     def _meta(self, **extra):
         return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                "history": self.history, "config": self.config, "rng": _rng_state(), **extra}
+                "history": self.history, "config": self.config, "rng": rng_state(), **extra}
 
     def save(self, name, **extra):
         return save_checkpoint(self.path(name), self.model, self.optimizer, self.scheduler,
@@ -263,7 +137,7 @@ class Trainer:
         self.best_score = float(meta["best_score"])
         self.best_epoch = int(meta.get("best_epoch", 0))
         self.history = [dict(row) for row in meta.get("history", [])]
-        _set_rng_state(meta.get("rng", {}))
+        restore_rng_state(meta.get("rng", {}))
         # metrics.csv must match the restored history (a crashed run may have written more).
         self._write_metrics_csv()
         return meta
@@ -348,8 +222,7 @@ class Trainer:
         """
         self.model.eval()
         total_loss, n_images = 0.0, 0
-        dice_scores = []
-        confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        scores = seg_metrics.RunningScores(self.num_classes)
         kept = ([], [], [])
         with minidl.no_grad():
             for images, masks in loader:
@@ -361,8 +234,7 @@ class Trainer:
                 masks = np.asarray(backend.to_numpy(masks))
                 total_loss += value * len(images)
                 n_images += len(images)
-                dice_scores.extend(np.atleast_1d(seg_metrics.dice_score(pred, masks)).tolist())
-                confusion += seg_metrics.confusion_matrix(pred, masks, self.num_classes)
+                scores.add(pred, masks)
                 have = len(kept[0])
                 if have < keep_samples:
                     take = keep_samples - have
@@ -372,12 +244,9 @@ class Trainer:
         self.model.train()
         if n_images == 0:
             raise ValueError("the validation loader gave no batches; check the split.")
-        iou = seg_metrics.iou_from_confusion(confusion)
-        present = ~np.isnan(iou)
-        result = {"val_loss": total_loss / n_images,
-                  "val_dice": float(np.mean(dice_scores)),
-                  "val_iou": float(iou[present].mean()) if present.any() else float("nan"),
-                  "val_accuracy": seg_metrics.accuracy_from_confusion(confusion)}
+        summary = scores.summary()
+        result = {"val_loss": total_loss / n_images, "val_dice": summary["dice"],
+                  "val_iou": summary["iou"], "val_accuracy": summary["accuracy"]}
         samples = tuple(np.stack(k) for k in kept) if kept[0] else None
         return result, samples
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from seg import cli, data
+from seg import cli, data, inference
 from test_train import make   # the tiny U-Net trainer of the training tests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,10 +37,10 @@ def test_evaluate_crf_prints_dice_without_and_with_crf(tiny_run, capsys):
     refined = re.search(r"^4 images \(all\) \+ dense CRF: Dice \(Kaggle\) (\S+)", out, re.M)
     assert plain and refined, out
     # The printed numbers are the two evaluations, network alone and network + CRF.
-    model, config = cli.load_for_inference(checkpoint)
+    model, config = inference.load_for_inference(checkpoint)
     reader = data.KaggleUltrasound(root)
     for match, crf in ((plain, False), (refined, True)):
-        scores = cli.evaluate_samples(model, reader, reader.samples, config["size"], 2, crf=crf,
+        scores = inference.evaluate_samples(model, reader, reader.samples, config["size"], 2, crf=crf,
                                       progress=False)
         assert match.group(1) == f"{scores['dice']:.4f}"
     # Without --crf only the plain line.
@@ -52,10 +52,10 @@ def test_predict_crf_writes_the_refined_masks(tiny_run, tmp_path):
     checkpoint, root = tiny_run
     assert cli.main(["predict", "--checkpoint", str(checkpoint), "--input", str(root / "test"),
                      "--output", str(tmp_path), "--crf", "--format", "tiff", "--no-progress"]) == 0
-    model, config = cli.load_for_inference(checkpoint)
+    model, config = inference.load_for_inference(checkpoint)
     for name in ("1", "2"):
         image = data.load_image(root / "test" / f"{name}.tif")
-        expected = cli.predict_image(model, image, config["size"], crf=True).argmax(0)
+        expected = inference.predict_image(model, image, config["size"], crf=True).argmax(0)
         written = data.load_mask(tmp_path / f"{name}.tif", binary=True)
         np.testing.assert_array_equal(written, expected)
 

@@ -7,10 +7,11 @@ import pytest
 import minidl
 from kernels import cuda
 from minidl import backend, optim
-from seg import cli, data, losses, tiling
+from seg import cli, data, inference, losses, tiling
+from seg.checkpoints import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from seg.errors import GPUOutOfMemoryError, NonFiniteLossError
 from seg.models.unet import UNet
-from seg.train import (GPUOutOfMemoryError, NonFiniteLossError, Trainer, load_checkpoint,
-                       read_checkpoint_meta, save_checkpoint)
+from seg.train import Trainer
 
 
 def tiny_images(n=12, size=16, seed=0):
@@ -174,7 +175,7 @@ def test_gpu_out_of_memory_in_prediction_names_the_tiles_and_what_to_lower(monke
     image = np.zeros((20, 24), np.float32)
     with pytest.raises(GPUOutOfMemoryError, match=r"tile prediction batch of 1 image\(s\) of "
                        r"\d+x\d+ pixels .*; try predicting on the CPU \(--device cpu\)\."):
-        cli.predict_image(model, image, size=(16, 16))
+        inference.predict_image(model, image, size=(16, 16))
     # Called directly, predict_tiled names the batch of tiles and what to lower.
     with pytest.raises(GPUOutOfMemoryError, match=r"tile prediction batch of 2 image\(s\) of "
                        r"40x40 pixels .*; try a smaller batch_size \(it is 2\) or tile_size, or "

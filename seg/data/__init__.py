@@ -1,9 +1,11 @@
 """seg.data: reading segmentation data sets, synthetic ultrasound data, augmentation, batching.
 
-Readers (return lists of ``Sample(image_path, mask_path, subject, n)``):
-    KaggleUltrasound, find_kaggle_samples, find_kaggle_test_samples, split_by_subject, load_sample
-    ImageMaskFolder, find_folder_samples, load_folder_sample      (users' images/ + masks/)
-    load_image (-> float32 (H, W) in [0, 1]), load_mask (-> integer class ids (H, W))
+Files (seg.data.readers):
+    load_image (-> float32 (H, W) in [0, 1]), load_mask (-> integer class ids (H, W)), read_array
+Samples (seg.data.samples): ``Sample(image_path, mask_path, subject, n)``, load_sample, split_by_subject
+Data sets on disk (return lists of Samples):
+    KaggleUltrasound, find_kaggle_samples, find_kaggle_test_samples      (seg.data.kaggle)
+    ImageMaskFolder, find_folder_samples                  (users' images/ + masks/, seg.data.folder)
 Synthetic data (Kaggle layout on disk):
     write_synthetic_dataset, synthetic_image
 Augmentation (image and mask together):
@@ -26,30 +28,17 @@ from .augment import (
     resize,
     vflip,
 )
-from .folder import (
-    IMAGE_SUFFIXES,
-    ImageMaskFolder,
-    Sample,
-    find_folder_samples,
-    load_folder_sample,
-    load_image,
-    load_mask,
-    read_array,
-)
-from .kaggle import (
-    KaggleUltrasound,
-    find_kaggle_samples,
-    find_kaggle_test_samples,
-    load_sample,
-    split_by_subject,
-)
+from .folder import ImageMaskFolder, find_folder_samples
+from .kaggle import KaggleUltrasound, find_kaggle_samples, find_kaggle_test_samples
 from .loader import DataLoader, Dataset, collate
+from .readers import IMAGE_SUFFIXES, load_image, load_mask, read_array
+from .samples import Sample, load_sample, split_by_subject
 from .synthetic import DEFAULT_SIZE, synthetic_image, write_synthetic_dataset
 
 __all__ = [
     "Sample", "read_array", "load_image", "load_mask", "IMAGE_SUFFIXES",
     "KaggleUltrasound", "find_kaggle_samples", "find_kaggle_test_samples", "split_by_subject", "load_sample",
-    "ImageMaskFolder", "find_folder_samples", "load_folder_sample",
+    "ImageMaskFolder", "find_folder_samples",
     "synthetic_image", "write_synthetic_dataset", "DEFAULT_SIZE",
     "Augment", "Resize", "resize", "hflip", "vflip", "random_flip", "affine", "random_affine",
     "elastic_deform", "elastic_displacement", "intensity_jitter",

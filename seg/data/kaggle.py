@@ -26,16 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import Sample, check_same_size, load_image, load_mask
+from .readers import check_same_size
+from .samples import Sample, load_sample, split_by_subject
 
-__all__ = [
-    "Sample",
-    "find_kaggle_samples",
-    "find_kaggle_test_samples",
-    "split_by_subject",
-    "load_sample",
-    "KaggleUltrasound",
-]
+__all__ = ["find_kaggle_samples", "find_kaggle_test_samples", "KaggleUltrasound"]
 
 _TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
 _TEST_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
@@ -140,47 +134,6 @@ def find_kaggle_test_samples(root):
             raise ValueError(f"File {path} does not follow the Kaggle test naming <n>.tif.")
         samples.append(Sample(path, None, None, int(m.group(1))))
     return sorted(samples, key=lambda s: s.n)
-
-
-def split_by_subject(samples, val_fraction=0.2, seed=0):
-    """Split samples into (train, validation) so that no subject is on both sides.
-
-    samples: list of Sample (any reader's).
-    val_fraction: share of *subjects* (not images) that go to validation, in [0, 1). At least
-        one subject goes to validation when val_fraction > 0 and there are two or more, and at
-        least one always stays in training.
-    seed: the same seed always gives the same split (independent of the input order).
-    Returns two lists of Sample, each in the input order.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-    # Sort subjects by their string form so mixed int/str ids still sort, and the split does not
-    # depend on the order the samples came in.
-    subjects = sorted({s.subject for s in samples}, key=lambda v: (str(type(v)), str(v).zfill(12)))
-    n_val = int(round(val_fraction * len(subjects)))
-    if val_fraction > 0 and len(subjects) >= 2:
-        n_val = min(max(n_val, 1), len(subjects) - 1)
-    else:
-        n_val = 0
-    order = np.random.default_rng(seed).permutation(len(subjects))
-    val_subjects = {subjects[i] for i in order[:n_val]}
-    train = [s for s in samples if s.subject not in val_subjects]
-    val = [s for s in samples if s.subject in val_subjects]
-    return train, val
-
-
-def load_sample(sample):
-    """Load one Kaggle Sample.
-
-    Returns (image float32 (H, W) in [0, 1], mask uint8 (H, W) in {0, 1}), or
-    (image, None) for a test sample. Masks must hold only 0/255 (or 0/1).
-    """
-    image = load_image(sample.image_path)
-    if sample.mask_path is None:
-        return image, None
-    mask = load_mask(sample.mask_path, binary=True)
-    check_same_size(image, mask, sample.image_path, sample.mask_path)
-    return image, mask
 
 
 class KaggleUltrasound:

@@ -1,0 +1,116 @@
+"""Checkpoint files: a model's state with its optimizer, scheduler, random states and meta.
+
+    save_checkpoint("runs/unet/last.npz", model, optimizer, scheduler, meta={"epoch": 3})
+    meta = load_checkpoint("runs/unet/last.npz", model, optimizer, scheduler)
+    read_checkpoint_meta("runs/unet/best.npz")["config"]      # without building a model
+
+A checkpoint is one .npz file (minidl.save): the arrays of model/optimizer/scheduler state,
+minidl's random state, and the meta dict (epoch, best score, history, the run's config, NumPy's
+global random state) as JSON text in a uint8 array, so reading it never needs pickle. It is
+written to a temporary file first and then renamed, so a crash mid-write never leaves a broken
+file in place of the previous one.
+"""
+import json
+import os
+
+import numpy as np
+
+import minidl
+import minidl.random
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "rng_state",
+           "restore_rng_state"]
+
+
+def _json_array(obj):
+    """JSON text stored as a uint8 array: every .npz reader can load it without pickle."""
+    return np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8).copy()
+
+
+def _json_from_array(a):
+    return json.loads(bytes(np.asarray(a, dtype=np.uint8)).decode("utf-8"))
+
+
+def rng_state():
+    """NumPy's global RNG state, as JSON-able data for a checkpoint's meta (minidl's own state
+    is stored as arrays by save_checkpoint, see minidl.get_rng_state)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"numpy_global": {"name": name, "keys": keys.tolist(), "pos": int(pos),
+                             "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+
+
+def restore_rng_state(state):
+    """Restore the random states that rng_state() and save_checkpoint stored."""
+    g = state.get("numpy_global")
+    if g:
+        np.random.set_state((g["name"], np.asarray(g["keys"], dtype=np.uint32), g["pos"],
+                             g["has_gauss"], g["cached_gaussian"]))
+    if "minidl" in state:
+        minidl.set_rng_state(state["minidl"])
+    elif "minidl_cpu" in state:   # older checkpoints: the raw bit_generator state in the JSON
+        minidl.set_rng_state({"seed": minidl.random.initial_seed(), "numpy": state["minidl_cpu"]})
+
+
+def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
+    """Write model/optimizer/scheduler state + meta (JSON-able dict) to `path` atomically.
+
+    The file is written under a temporary name in the same folder and renamed over `path`,
+    so `path` always holds either the previous complete checkpoint or the new one.
+    """
+    path = os.fspath(path)
+    state = {"model": dict(model.state_dict()),
+             # meta (history, config, NumPy's global RNG state) travels as JSON text.
+             "meta": _json_array(meta or {}),
+             # minidl's random streams (dropout masks, ...), so a resumed run draws the same.
+             "rng": minidl.get_rng_state()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        minidl.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _read(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        state = minidl.load(path)
+        state["meta"] = _json_from_array(state["meta"])
+        state["model"]
+    except (KeyError, ValueError, OSError, EOFError, TypeError) as exc:
+        raise ValueError(f"Checkpoint {path} is damaged or was not written by seg.train "
+                         f"({type(exc).__name__}: {exc}).") from None
+    return state
+
+
+def read_checkpoint_meta(path):
+    """The meta dict of a checkpoint (epoch, best score, config, history) without a model."""
+    return _read(path)["meta"]
+
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None):
+    """Load a checkpoint into model (and optimizer/scheduler when given); return its meta dict.
+
+    The meta's "rng" entry gets minidl's stored random state under "minidl" (restore it with
+    minidl.set_rng_state); loading does not change the random streams by itself.
+    """
+    state = _read(path)
+    model.load_state_dict(state["model"])
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    meta = state["meta"]
+    if state.get("rng") is not None:
+        meta.setdefault("rng", {})["minidl"] = state["rng"]
+    return meta
