@@ -1,8 +1,35 @@
-"""Reductions over axes: sum, mean, max, min (NumPy's `axis` / `keepdims`)."""
+"""Reductions over dims: sum, mean, max, min, amax, amin, argmax, argmin, var, std, norm.
+
+The arguments are PyTorch's: `dim` (an int, a tuple of ints or None for every dim) and
+`keepdim`. NumPy's names `axis` / `keepdims` are accepted as aliases, so code written
+either way runs. As in PyTorch, `max(x, dim)` / `min(x, dim)` with one int dim return a
+named pair `(values, indices)`, and the gradient goes to the element the index names;
+without a dim they return the extreme value, and tied extremes share the gradient.
+"""
 import builtins
+import collections
 
 from .. import backend
 from ..function import Function
+from ..tensor import Tensor
+
+# torch.return_types.max / min: a tuple that also has .values and .indices.
+MaxResult = collections.namedtuple("max", ["values", "indices"])
+MinResult = collections.namedtuple("min", ["values", "indices"])
+
+
+def resolve_dim(name, dim, keepdim, axis=None, keepdims=None):
+    """(dim, keepdim) from PyTorch's names or NumPy's aliases; naming both is an error."""
+    if axis is not None:
+        if dim is not None:
+            raise TypeError(f"{name}() got both dim and axis; pass only dim (axis is NumPy's "
+                            "name for it).")
+        dim = axis
+    if keepdims is not None:
+        keepdim = keepdims
+    if isinstance(dim, list):
+        dim = tuple(dim)
+    return dim, bool(keepdim)
 
 
 def _normalize_axis(axis, ndim):
@@ -91,17 +118,146 @@ class Min(Max):
     take_max = False
 
 
-def sum(x, axis=None, keepdims=False):  # noqa: A001 - mirrors torch.sum
-    return Sum.apply(x, axis=axis, keepdims=keepdims)
+class MaxAlongDim(Function):
+    """max (or min) along one dim with the index of the winner (torch.max(x, dim)).
+
+    Ties: the first extreme wins the index (NumPy's argmax rule) and all of the gradient,
+    as the index says which element the value came from.
+    """
+    take_max = True
+
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        if x.shape[self.dim] == 0:
+            raise ValueError(f"max()/min() along dim {self.dim} of length 0 is undefined.")
+        idx = x.argmax(axis=self.dim) if self.take_max else x.argmin(axis=self.dim)
+        self.idx, self.shape = xp.expand_dims(idx, self.dim), x.shape
+        y = xp.take_along_axis(x, self.idx, axis=self.dim)
+        return y if self.keepdim else y.squeeze(self.dim)
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        gx = xp.zeros(self.shape, dtype=gy.dtype)
+        xp.put_along_axis(gx, self.idx, gy.reshape(self.idx.shape), axis=self.dim)
+        return gx
 
 
-def mean(x, axis=None, keepdims=False):
-    return Mean.apply(x, axis=axis, keepdims=keepdims)
+class MinAlongDim(MaxAlongDim):
+    take_max = False
 
 
-def max(x, axis=None, keepdims=False):  # noqa: A001
-    return Max.apply(x, axis=axis, keepdims=keepdims)
+def _ndim(x):
+    return x.ndim if isinstance(x, Tensor) else backend.get_array_module(x).asarray(x).ndim
 
 
-def min(x, axis=None, keepdims=False):  # noqa: A001
-    return Min.apply(x, axis=axis, keepdims=keepdims)
+def sum(x, dim=None, keepdim=False, *, axis=None, keepdims=None):  # noqa: A001 - mirrors torch.sum
+    """Sum over `dim` (int, tuple or None for all). x: any shape."""
+    dim, keepdim = resolve_dim("sum", dim, keepdim, axis, keepdims)
+    return Sum.apply(x, axis=dim, keepdims=keepdim)
+
+
+def mean(x, dim=None, keepdim=False, *, axis=None, keepdims=None):
+    dim, keepdim = resolve_dim("mean", dim, keepdim, axis, keepdims)
+    return Mean.apply(x, axis=dim, keepdims=keepdim)
+
+
+def amax(x, dim=None, keepdim=False, *, axis=None, keepdims=None):
+    """The largest value over `dim` (int, tuple or None); tied maxima share the gradient."""
+    dim, keepdim = resolve_dim("amax", dim, keepdim, axis, keepdims)
+    return Max.apply(x, axis=dim, keepdims=keepdim)
+
+
+def amin(x, dim=None, keepdim=False, *, axis=None, keepdims=None):
+    dim, keepdim = resolve_dim("amin", dim, keepdim, axis, keepdims)
+    return Min.apply(x, axis=dim, keepdims=keepdim)
+
+
+def _extreme(name, x, dim, keepdim, axis, keepdims, along, whole, result):
+    if isinstance(dim, Tensor):   # torch.max(a, b): the element-wise maximum
+        from .arithmetic import maximum, minimum
+        return (maximum if name == "max" else minimum)(x, dim)
+    dim, keepdim = resolve_dim(name, dim, keepdim, axis, keepdims)
+    if dim is None or isinstance(dim, tuple):
+        return whole.apply(x, axis=dim, keepdims=keepdim)
+    (d,) = _normalize_axis(dim, _ndim(x))
+    values = along.apply(x, dim=d, keepdim=keepdim)
+    return result(values, argextreme(name, x, d, keepdim))
+
+
+def max(x, dim=None, keepdim=False, *, axis=None, keepdims=None):  # noqa: A001
+    """max(x): the largest value. max(x, dim): the pair (values, indices) along one dim.
+    max(x, other_tensor): the element-wise maximum (as torch.max)."""
+    return _extreme("max", x, dim, keepdim, axis, keepdims, MaxAlongDim, Max, MaxResult)
+
+
+def min(x, dim=None, keepdim=False, *, axis=None, keepdims=None):  # noqa: A001
+    return _extreme("min", x, dim, keepdim, axis, keepdims, MinAlongDim, Min, MinResult)
+
+
+def argextreme(name, x, dim, keepdim):
+    """Indices (int64, outside the graph) of the first max / min along dim (None: flattened)."""
+    a = x.data if isinstance(x, Tensor) else x
+    xp = backend.get_array_module(a)
+    if dim is None:
+        idx = a.argmax() if name == "max" else a.argmin()
+        idx = xp.asarray(idx, dtype="int64")
+        return Tensor._wrap(idx.reshape((1,) * a.ndim) if keepdim else idx)
+    (d,) = _normalize_axis(dim, a.ndim)
+    idx = (a.argmax(axis=d) if name == "max" else a.argmin(axis=d)).astype("int64")
+    return Tensor._wrap(xp.expand_dims(idx, d) if keepdim else idx)
+
+
+def argmax(x, dim=None, keepdim=False, *, axis=None, keepdims=None):
+    """Index of the first maximum along `dim` (None: into the flattened tensor), int64."""
+    dim, keepdim = resolve_dim("argmax", dim, keepdim, axis, keepdims)
+    return argextreme("max", x, dim, keepdim)
+
+
+def argmin(x, dim=None, keepdim=False, *, axis=None, keepdims=None):
+    dim, keepdim = resolve_dim("argmin", dim, keepdim, axis, keepdims)
+    return argextreme("min", x, dim, keepdim)
+
+
+def var(x, dim=None, *, correction=1, keepdim=False, unbiased=None, axis=None, keepdims=None):
+    """Variance over `dim`: sum((x - mean)^2) / (count - correction).
+
+    correction=1 (the default, as torch.var) is the unbiased estimate, correction=0 the
+    population variance; `unbiased=False` is the older spelling of correction=0. Built
+    from differentiable ops, so its gradient comes from theirs.
+    """
+    dim, keepdim = resolve_dim("var", dim, keepdim, axis, keepdims)
+    if unbiased is not None:
+        correction = 1 if unbiased else 0
+    axes = _normalize_axis(dim, _ndim(x))
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+    centred = x - mean(x, axes, keepdim=True)
+    # As torch: a count not above the correction divides by max(0, count - correction).
+    return sum(centred * centred, axes, keepdim=keepdim) / float(builtins.max(count - correction, 0))
+
+
+def std(x, dim=None, *, correction=1, keepdim=False, unbiased=None, axis=None, keepdims=None):
+    """Standard deviation: sqrt(var(x, dim, correction=...))."""
+    from .arithmetic import sqrt
+    return sqrt(var(x, dim, correction=correction, keepdim=keepdim, unbiased=unbiased,
+                    axis=axis, keepdims=keepdims))
+
+
+def norm(x, p="fro", dim=None, keepdim=False, *, axis=None, keepdims=None):
+    """The vector p-norm over `dim` (all dims when None), as torch.norm / torch.linalg.vector_norm.
+
+    p: 2 or "fro" (sqrt of the sum of squares), 1 (sum of |x|), float("inf") (max |x|), or
+    any other positive number (sum(|x|^p))^(1/p).
+    """
+    from .arithmetic import abs as abs_, sqrt
+    dim, keepdim = resolve_dim("norm", dim, keepdim, axis, keepdims)
+    if p == "fro" or p == 2:
+        return sqrt(sum(x * x, dim, keepdim))
+    if p == 1:
+        return sum(abs_(x), dim, keepdim)
+    if p == float("inf"):
+        return amax(abs_(x), dim, keepdim)
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+        return sum(abs_(x) ** float(p), dim, keepdim) ** (1.0 / p)
+    raise ValueError(f"norm() supports p = a positive number, float('inf') or 'fro', got p={p!r}.")
