@@ -121,6 +121,8 @@ class Tensor:
 
     def to(self, device=None, dtype=None):
         """A copy on `device` ("cpu" or "gpu") and/or with `dtype`, differentiable."""
+        if isinstance(device, (numpy.dtype, type, dtypes._Unavailable)):   # t.to(minidl.float64)
+            device, dtype = None, device
         out = self
         if dtype is not None and out.dtype != dtypes.resolve(dtype):
             out = out.astype(dtype)
