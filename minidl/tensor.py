@@ -285,8 +285,18 @@ class Tensor:
     def min(self, dim=None, keepdim=False, **aliases): return _R.min(self, dim, keepdim, **aliases)
     def amax(self, dim=None, keepdim=False, **aliases): return _R.amax(self, dim, keepdim, **aliases)
     def amin(self, dim=None, keepdim=False, **aliases): return _R.amin(self, dim, keepdim, **aliases)
-    def argmax(self, dim=None, keepdim=False, **aliases): return _R.argmax(self, dim, keepdim, **aliases)
-    def argmin(self, dim=None, keepdim=False, **aliases): return _R.argmin(self, dim, keepdim, **aliases)
+
+    def argmax(self, dim=None, keepdim=False, **aliases):
+        """Index of the first maximum along dim (None: flattened), int64, outside the graph."""
+        dim, keepdim = _R.resolve_dim("argmax", dim, keepdim, **aliases)
+        return Tensor._wrap(_R.argextreme("max", self.data, dim, keepdim))
+
+    def argmin(self, dim=None, keepdim=False, **aliases):
+        dim, keepdim = _R.resolve_dim("argmin", dim, keepdim, **aliases)
+        return Tensor._wrap(_R.argextreme("min", self.data, dim, keepdim))
+
+    def maximum(self, other): return _A.maximum(self, other)
+    def minimum(self, other): return _A.minimum(self, other)
     def var(self, dim=None, **options): return _R.var(self, dim, **options)
     def std(self, dim=None, **options): return _R.std(self, dim, **options)
     def norm(self, p="fro", dim=None, keepdim=False, **aliases): return _R.norm(self, p, dim, keepdim, **aliases)

@@ -11,7 +11,10 @@ import collections
 
 from .. import backend
 from ..function import Function
-from ..tensor import Tensor
+
+# No import of Tensor or of the arithmetic ops here: the composites below (var, std, norm)
+# are written with Tensor operators and methods, so this module adds no strand to the
+# tensor.py <-> ops import knot (see the end of tensor.py).
 
 # torch.return_types.max / min: a tuple that also has .values and .indices.
 MaxResult = collections.namedtuple("max", ["values", "indices"])
@@ -130,8 +133,9 @@ class MaxAlongDim(Function):
         xp = backend.get_array_module(x)
         if x.shape[self.dim] == 0:
             raise ValueError(f"max()/min() along dim {self.dim} of length 0 is undefined.")
-        idx = x.argmax(axis=self.dim) if self.take_max else x.argmin(axis=self.dim)
+        idx = (x.argmax(axis=self.dim) if self.take_max else x.argmin(axis=self.dim)).astype("int64")
         self.idx, self.shape = xp.expand_dims(idx, self.dim), x.shape
+        self.indices = self.idx if self.keepdim else idx
         y = xp.take_along_axis(x, self.idx, axis=self.dim)
         return y if self.keepdim else y.squeeze(self.dim)
 
@@ -144,10 +148,6 @@ class MaxAlongDim(Function):
 
 class MinAlongDim(MaxAlongDim):
     take_max = False
-
-
-def _ndim(x):
-    return x.ndim if isinstance(x, Tensor) else backend.get_array_module(x).asarray(x).ndim
 
 
 def sum(x, dim=None, keepdim=False, *, axis=None, keepdims=None):  # noqa: A001 - mirrors torch.sum
@@ -173,15 +173,16 @@ def amin(x, dim=None, keepdim=False, *, axis=None, keepdims=None):
 
 
 def _extreme(name, x, dim, keepdim, axis, keepdims, along, whole, result):
-    if isinstance(dim, Tensor):   # torch.max(a, b): the element-wise maximum
-        from .arithmetic import maximum, minimum
-        return (maximum if name == "max" else minimum)(x, dim)
+    if hasattr(dim, "shape"):   # torch.max(a, b): the element-wise maximum
+        return x.maximum(dim) if name == "max" else x.minimum(dim)
     dim, keepdim = resolve_dim(name, dim, keepdim, axis, keepdims)
     if dim is None or isinstance(dim, tuple):
         return whole.apply(x, axis=dim, keepdims=keepdim)
-    (d,) = _normalize_axis(dim, _ndim(x))
-    values = along.apply(x, dim=d, keepdim=keepdim)
-    return result(values, argextreme(name, x, d, keepdim))
+    (d,) = _normalize_axis(dim, x.ndim)
+    op = along(dim=d, keepdim=keepdim)
+    values = op(x)
+    # The op found the indices on its way; they leave the graph as an int64 tensor.
+    return result(values, values._wrap(op.indices))
 
 
 def max(x, dim=None, keepdim=False, *, axis=None, keepdims=None):  # noqa: A001
@@ -194,28 +195,25 @@ def min(x, dim=None, keepdim=False, *, axis=None, keepdims=None):  # noqa: A001
     return _extreme("min", x, dim, keepdim, axis, keepdims, MinAlongDim, Min, MinResult)
 
 
-def argextreme(name, x, dim, keepdim):
-    """Indices (int64, outside the graph) of the first max / min along dim (None: flattened)."""
-    a = x.data if isinstance(x, Tensor) else x
+def argextreme(name, a, dim, keepdim):
+    """Indices (int64) of the first max / min of array a along dim (None: flattened)."""
     xp = backend.get_array_module(a)
     if dim is None:
-        idx = a.argmax() if name == "max" else a.argmin()
-        idx = xp.asarray(idx, dtype="int64")
-        return Tensor._wrap(idx.reshape((1,) * a.ndim) if keepdim else idx)
+        idx = xp.asarray(a.argmax() if name == "max" else a.argmin(), dtype="int64")
+        return idx.reshape((1,) * a.ndim) if keepdim else idx
     (d,) = _normalize_axis(dim, a.ndim)
     idx = (a.argmax(axis=d) if name == "max" else a.argmin(axis=d)).astype("int64")
-    return Tensor._wrap(xp.expand_dims(idx, d) if keepdim else idx)
+    return xp.expand_dims(idx, d) if keepdim else idx
 
 
 def argmax(x, dim=None, keepdim=False, *, axis=None, keepdims=None):
-    """Index of the first maximum along `dim` (None: into the flattened tensor), int64."""
-    dim, keepdim = resolve_dim("argmax", dim, keepdim, axis, keepdims)
-    return argextreme("max", x, dim, keepdim)
+    """Index of the first maximum along `dim` (None: into the flattened tensor), an int64
+    tensor outside the graph."""
+    return x.argmax(dim, keepdim, axis=axis, keepdims=keepdims)
 
 
 def argmin(x, dim=None, keepdim=False, *, axis=None, keepdims=None):
-    dim, keepdim = resolve_dim("argmin", dim, keepdim, axis, keepdims)
-    return argextreme("min", x, dim, keepdim)
+    return x.argmin(dim, keepdim, axis=axis, keepdims=keepdims)
 
 
 def var(x, dim=None, *, correction=1, keepdim=False, unbiased=None, axis=None, keepdims=None):
@@ -228,7 +226,7 @@ def var(x, dim=None, *, correction=1, keepdim=False, unbiased=None, axis=None, k
     dim, keepdim = resolve_dim("var", dim, keepdim, axis, keepdims)
     if unbiased is not None:
         correction = 1 if unbiased else 0
-    axes = _normalize_axis(dim, _ndim(x))
+    axes = _normalize_axis(dim, x.ndim)
     count = 1
     for a in axes:
         count *= x.shape[a]
@@ -239,9 +237,8 @@ def var(x, dim=None, *, correction=1, keepdim=False, unbiased=None, axis=None, k
 
 def std(x, dim=None, *, correction=1, keepdim=False, unbiased=None, axis=None, keepdims=None):
     """Standard deviation: sqrt(var(x, dim, correction=...))."""
-    from .arithmetic import sqrt
-    return sqrt(var(x, dim, correction=correction, keepdim=keepdim, unbiased=unbiased,
-                    axis=axis, keepdims=keepdims))
+    return var(x, dim, correction=correction, keepdim=keepdim, unbiased=unbiased,
+               axis=axis, keepdims=keepdims).sqrt()
 
 
 def norm(x, p="fro", dim=None, keepdim=False, *, axis=None, keepdims=None):
@@ -250,14 +247,13 @@ def norm(x, p="fro", dim=None, keepdim=False, *, axis=None, keepdims=None):
     p: 2 or "fro" (sqrt of the sum of squares), 1 (sum of |x|), float("inf") (max |x|), or
     any other positive number (sum(|x|^p))^(1/p).
     """
-    from .arithmetic import abs as abs_, sqrt
     dim, keepdim = resolve_dim("norm", dim, keepdim, axis, keepdims)
     if p == "fro" or p == 2:
-        return sqrt(sum(x * x, dim, keepdim))
+        return sum(x * x, dim, keepdim).sqrt()
     if p == 1:
-        return sum(abs_(x), dim, keepdim)
+        return sum(x.abs(), dim, keepdim)
     if p == float("inf"):
-        return amax(abs_(x), dim, keepdim)
+        return amax(x.abs(), dim, keepdim)
     if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
-        return sum(abs_(x) ** float(p), dim, keepdim) ** (1.0 / p)
+        return sum(x.abs() ** float(p), dim, keepdim) ** (1.0 / p)
     raise ValueError(f"norm() supports p = a positive number, float('inf') or 'fro', got p={p!r}.")

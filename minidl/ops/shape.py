@@ -309,7 +309,9 @@ class Gather(Function):
 def _along_axis_positions(index, dim):
     """The full integer index tuple that take_along_axis(a, index, dim) reads."""
     xp = backend.get_array_module(index)
-    grids = list(xp.indices(index.shape, sparse=True))
+    # One arange per dim, shaped to broadcast along its own dim only (an open grid).
+    grids = [xp.arange(n).reshape((1,) * d + (n,) + (1,) * (index.ndim - d - 1))
+             for d, n in enumerate(index.shape)]
     grids[dim] = index
     return tuple(grids)
 
