@@ -120,6 +120,20 @@ def test_sequential_warm_up_then_cosine():
         lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[3, 5])
 
 
+def test_sequential_keeps_each_group_its_own_lambda():
+    # Two groups with the same initial rate but different functions stay apart.
+    a, b = minidl.tensor(np.ones(1), requires_grad=True), minidl.tensor(np.ones(1), requires_grad=True)
+    opt = optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    first = lr_scheduler.LambdaLR(opt, [lambda e: 1.0, lambda e: 0.5])
+    then = lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    sched = lr_scheduler.SequentialLR(opt, [first, then], milestones=[2])
+    got = [sched.get_last_lr()]
+    for _ in range(3):
+        sched.step()
+        got.append(sched.get_last_lr())
+    assert got == pytest.approx([[0.1, 0.05], [0.1, 0.05], [0.1, 0.1], [0.05, 0.05]])
+
+
 def test_reduce_on_plateau():
     opt = sgd(1.0)
     sched = lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1, cooldown=1,

@@ -34,11 +34,16 @@ class LRScheduler:
         self.step()
 
     def lr_at(self, base_lr, epoch):
-        """The learning rate at step `epoch` for a group that started at base_lr."""
+        """The learning rate at step `epoch` for a group that started at base_lr (a schedule
+        that treats groups differently overrides lrs_at instead)."""
         raise NotImplementedError
 
+    def lrs_at(self, epoch):
+        """The learning rate of every group at step `epoch`."""
+        return [self.lr_at(base, epoch) for base in self.base_lrs]
+
     def get_lr(self):
-        return [self.lr_at(base, self.last_epoch) for base in self.base_lrs]
+        return self.lrs_at(self.last_epoch)
 
     def step(self):
         self.last_epoch += 1
@@ -146,12 +151,8 @@ class LambdaLR(LRScheduler):
         self.lr_lambdas = lambdas
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self):
-        return [base * f(self.last_epoch) for base, f in zip(self.base_lrs, self.lr_lambdas)]
-
-    def lr_at(self, base_lr, epoch):
-        # Used by SequentialLR, which asks per base rate: the group is found by position.
-        return base_lr * self.lr_lambdas[self.base_lrs.index(base_lr)](epoch)
+    def lrs_at(self, epoch):
+        return [base * f(epoch) for base, f in zip(self.base_lrs, self.lr_lambdas)]
 
     def state_dict(self):
         state = super().state_dict()
@@ -218,14 +219,11 @@ class OneCycleLR(LRScheduler):
             phase_start = phase_end
         raise AssertionError("unreachable")
 
-    def get_lr(self):
-        if self.last_epoch >= self.total_steps:
-            raise ValueError(f"OneCycleLR stepped {self.last_epoch + 1} times, beyond total_steps="
+    def lrs_at(self, epoch):
+        if epoch >= self.total_steps:
+            raise ValueError(f"OneCycleLR stepped {epoch + 1} times, beyond total_steps="
                              f"{self.total_steps}; give a larger total_steps.")
-        return [top * self._fraction(self.last_epoch) for top in self.max_lrs]
-
-    def lr_at(self, base_lr, epoch):
-        return self.max_lrs[self.base_lrs.index(base_lr)] * self._fraction(epoch)
+        return [top * self._fraction(epoch) for top in self.max_lrs]
 
     def step(self):
         super().step()
@@ -263,10 +261,10 @@ class SequentialLR(LRScheduler):
             group["lr"] = group.get("initial_lr", group["lr"])
         super().__init__(optimizer, last_epoch)
 
-    def lr_at(self, base_lr, epoch):
+    def lrs_at(self, epoch):
         i = bisect.bisect_right(self.milestones, epoch)
         start = self.milestones[i - 1] if i else 0
-        return self.schedulers[i].lr_at(base_lr, epoch - start)
+        return self.schedulers[i].lrs_at(epoch - start)
 
     def state_dict(self):
         state = {k: v for k, v in super().state_dict().items() if k != "schedulers"}
