@@ -6,7 +6,8 @@ dtype is asked for.
 
 bfloat16: NumPy has no bfloat16. When the optional `ml_dtypes` package is installed (it
 ships with JAX and TensorFlow; `pip install ml_dtypes`), minidl.bfloat16 is its NumPy dtype
-and CPU tensors can hold it (arithmetic runs in NumPy's generic loops, so it is slow).
+and CPU tensors can store it: a storage format, outside autograd (NumPy files it as a
+non-float kind, so casting to it leaves the graph, as integer casts do; compute in float32).
 Without it, minidl.bfloat16 is a placeholder that raises a TypeError, saying so, as soon
 as a tensor is asked to use it. CuPy has no bfloat16 arrays either.
 """
