@@ -23,11 +23,15 @@ from .backend import gpu_available  # noqa: E402
 from .grad_mode import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .tensor import Tensor, tensor
 from .function import Function
-from .ops.shape import cat, stack
-from .ops.arithmetic import matmul, maximum, minimum, where, exp, log, sqrt
+from .dtypes import (bfloat16, double, float16, float32, float64, half, int8, int16, int32,  # noqa: E402
+                     int64, long, uint8)
+from .ops.shape import cat, chunk, gather, permute, split, stack, transpose
+from .ops.arithmetic import abs, clip, matmul, maximum, minimum, pow, where, exp, log, sqrt  # noqa: A004
+from .ops.arithmetic import clip as clamp
+from .ops.reduction import amax, amin, argmax, argmin, max, mean, min, norm, std, sum, var  # noqa: A004
 from .ops.activation import relu, sigmoid, softmax, log_softmax, tanh
-from .creation import (arange, empty, full, full_like, ones, ones_like, rand, rand_like, randint,
-                       randn, randn_like, zeros, zeros_like)
+from .creation import (arange, as_tensor, empty, from_numpy, full, full_like, linspace, ones,
+                       ones_like, rand, rand_like, randint, randn, randn_like, zeros, zeros_like)
 from .random import get_rng_state, manual_seed, set_rng_state
 from .serialization import load, save
 from .gradcheck import gradcheck

@@ -1,4 +1,5 @@
-"""Tensor factories: zeros, ones, full, empty, arange, randn, rand, randint and the *_like forms.
+"""Tensor factories: zeros, ones, full, empty, arange, linspace, randn, rand, randint, the
+*_like forms, and from_numpy / as_tensor (which share memory with the array they get).
 
 As in PyTorch, a size may be given as separate ints or one tuple (`zeros(2, 3)` or
 `zeros((2, 3))`), floating results are float32 unless `dtype=` says otherwise, and
@@ -6,9 +7,9 @@ As in PyTorch, a size may be given as separate ints or one tuple (`zeros(2, 3)` 
 """
 import numpy
 
-from . import backend
+from . import backend, dtypes
 from . import random as _random
-from .tensor import Tensor
+from .tensor import Tensor, _as_array
 
 
 def _size(size):
@@ -22,7 +23,7 @@ def _size(size):
 
 def _dtype(dtype):
     # An explicit None test, not `dtype or ...`: older NumPy made dtypes without fields falsy.
-    return numpy.float32 if dtype is None else dtype
+    return numpy.float32 if dtype is None else dtypes.resolve(dtype)
 
 
 def _make(array, requires_grad):
@@ -56,6 +57,7 @@ def full(size, fill_value, dtype=None, device=None, requires_grad=False):
     if dtype is None:
         dtype = (numpy.bool_ if isinstance(fill_value, bool) else
                  numpy.int64 if isinstance(fill_value, int) else numpy.float32)
+    dtype = dtypes.resolve(dtype)
     size = _size(size if isinstance(size, (tuple, list)) else (size,))
     xp = backend.array_module(device)
     return _make(xp.full(size, fill_value, dtype=dtype), requires_grad)
@@ -70,8 +72,37 @@ def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False
     if dtype is None:
         ints = all(isinstance(v, (int, numpy.integer)) for v in (start, end, step))
         dtype = numpy.int64 if ints else numpy.float32
+    dtype = dtypes.resolve(dtype)
     xp = backend.array_module(device)
     return _make(xp.arange(start, end, step, dtype=dtype), requires_grad)
+
+
+def linspace(start, end, steps, dtype=None, device=None, requires_grad=False):
+    """`steps` evenly spaced values from start to end, both included (float32 by default)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, numpy.integer)) or steps < 0:
+        raise ValueError(f"linspace() needs a non-negative integer number of steps, got {steps!r}.")
+    xp = backend.array_module(device)
+    return _make(xp.linspace(start, end, int(steps), dtype=_dtype(dtype)), requires_grad)
+
+
+def from_numpy(array):
+    """A tensor sharing memory with a NumPy array, keeping its dtype (float64 stays float64),
+    as torch.from_numpy: writes to one show in the other."""
+    if not isinstance(array, numpy.ndarray):
+        raise TypeError(f"from_numpy() needs a numpy.ndarray, got {type(array).__name__}; use "
+                        "minidl.tensor() for lists and numbers.")
+    return Tensor._wrap(array)
+
+
+def as_tensor(data, dtype=None, device=None):
+    """data as a tensor, sharing memory when it already is an array of that dtype and device
+    (torch.as_tensor); a Tensor comes back as itself in that case."""
+    if isinstance(data, Tensor):
+        dtype = dtypes.resolve(dtype)
+        same_dtype = dtype is None or data.dtype == dtype
+        same_device = device is None or backend.normalize_device(device) == data.device
+        return data if same_dtype and same_device else data.to(device=device, dtype=dtype)
+    return Tensor._wrap(_as_array(data, dtype, device))
 
 
 def randn(*size, dtype=None, device=None, requires_grad=False):

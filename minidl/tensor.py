@@ -8,7 +8,7 @@ soon as nothing but the graph refers to it, unless its node saved it for backwar
 """
 import numpy
 
-from . import backend
+from . import backend, dtypes
 from .grad_mode import is_grad_enabled
 
 
@@ -17,6 +17,7 @@ def _as_array(data, dtype=None, device=None):
 
     Python floats and lists become float32, as in PyTorch; existing arrays keep their dtype.
     """
+    dtype = dtypes.resolve(dtype)
     if isinstance(data, Tensor):
         data = data.data
     if backend.is_gpu_array(data) or isinstance(data, numpy.ndarray):
@@ -66,11 +67,26 @@ class Tensor:
     shape = property(lambda self: self.data.shape)
     dtype = property(lambda self: self.data.dtype)
     ndim = property(lambda self: self.data.ndim)
-    size = property(lambda self: self.data.size)
     device = property(lambda self: backend.device_of(self.data))
     is_leaf = property(lambda self: self._node is None)
     grad_fn = property(lambda self: self._node)
-    T = property(lambda self: self.transpose())
+    # .T reverses every dim (PyTorch's meaning, deprecated there for ndim != 2); .mT swaps
+    # the last two (a batch of matrices, each transposed).
+    T = property(lambda self: _S.permute(self, *reversed(range(self.ndim))))
+    mT = property(lambda self: _S.transpose(self, -2, -1))
+
+    def size(self, dim=None):
+        """The shape (a tuple), or the length of one dim: t.size() / t.size(1) as in PyTorch.
+        (NumPy's `a.size`, the element count, is t.numel() here.)"""
+        return self.data.shape if dim is None else self.data.shape[dim]
+
+    def numel(self):
+        """The number of elements."""
+        return self.data.size
+
+    def dim(self):
+        """The number of dims (same as .ndim)."""
+        return self.data.ndim
 
     def __len__(self):
         return len(self.data)
@@ -84,6 +100,12 @@ class Tensor:
     def numpy(self):
         """A numpy copy of the values (from the GPU when needed)."""
         return numpy.array(backend.to_numpy(self.data), copy=True)
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
 
     def item(self):
         if self.data.size != 1:
@@ -99,12 +121,13 @@ class Tensor:
 
     def to(self, device=None, dtype=None):
         """A copy on `device` ("cpu" or "gpu") and/or with `dtype`, differentiable."""
-        from .ops.shape import to_device_op
+        if isinstance(device, (numpy.dtype, type, dtypes._Unavailable)):   # t.to(minidl.float64)
+            device, dtype = None, device
         out = self
-        if dtype is not None and out.dtype != numpy.dtype(dtype):
+        if dtype is not None and out.dtype != dtypes.resolve(dtype):
             out = out.astype(dtype)
         if device is not None and backend.normalize_device(device) != out.device:
-            out = to_device_op(out, device)
+            out = _S.to_device_op(out, device)
         return out
 
     def cpu(self):
@@ -114,8 +137,12 @@ class Tensor:
         return self.to("gpu")
 
     def astype(self, dtype):
-        from .ops.arithmetic import cast
-        return cast(self, dtype)
+        """A copy with `dtype`; differentiable between floating dtypes. Casting to an integer
+        or bool dtype gives a tensor outside the graph (it has no gradient), as in PyTorch."""
+        dtype = dtypes.resolve(dtype)
+        if dtype.kind not in "fc":
+            return Tensor._wrap(self.data.astype(dtype))
+        return _A.cast(self, dtype)
 
     def float(self):
         return self.astype(numpy.float32)
@@ -123,8 +150,27 @@ class Tensor:
     def double(self):
         return self.astype(numpy.float64)
 
-    def requires_grad_(self, flag=True):
-        self.requires_grad = bool(flag)
+    def half(self):
+        return self.astype(numpy.float16)
+
+    def long(self):
+        return self.astype(numpy.int64)
+
+    def int(self):
+        return self.astype(numpy.int32)
+
+    def bool(self):
+        return self.astype(numpy.bool_)
+
+    def requires_grad_(self, requires_grad=True):
+        """Set requires_grad in place (leaves only, like PyTorch); returns self."""
+        if requires_grad and self.data.dtype.kind not in "fc":
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype "
+                            f"{self.data.dtype}; convert it first with .float().")
+        if not requires_grad and self._node is not None:
+            raise RuntimeError("requires_grad_(False) works on leaf tensors only; use .detach() "
+                               "to cut a computed tensor from the graph.")
+        self.requires_grad = bool(requires_grad)
         return self
 
     def zero_grad(self):
@@ -208,15 +254,53 @@ class Tensor:
 
     def flatten(self, start_dim=0, end_dim=-1): return _S.flatten(self, start_dim, end_dim)
 
-    def transpose(self, *axes): return _S.transpose(self, *axes)
-    permute = transpose
+    def transpose(self, dim0, dim1):
+        """Swap two dims (torch.transpose). NumPy's a.transpose(axes) is permute(*axes)."""
+        return _S.transpose(self, dim0, dim1)
 
-    def sum(self, axis=None, keepdims=False): return _R.sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return _R.mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return _R.max(self, axis, keepdims)
-    def min(self, axis=None, keepdims=False): return _R.min(self, axis, keepdims)
-    def argmax(self, axis=None): return Tensor(self.data.argmax(axis=axis))
-    def argmin(self, axis=None): return Tensor(self.data.argmin(axis=axis))
+    def permute(self, *dims): return _S.permute(self, *dims)
+    def expand(self, *sizes): return _S.expand(self, *sizes)
+    def expand_as(self, other): return _S.expand(self, *other.shape)
+    def repeat(self, *reps): return _S.repeat(self, *reps)
+    def clone(self): return _S.clone(self)
+    def contiguous(self): return _S.contiguous(self)
+    def gather(self, dim, index): return _S.gather(self, dim, index)
+    def scatter(self, dim, index, src=None, *, value=None): return _S.scatter(self, dim, index, src, value=value)
+    def split(self, split_size_or_sections, dim=0): return _S.split(self, split_size_or_sections, dim)
+    def chunk(self, chunks, dim=0): return _S.chunk(self, chunks, dim)
+
+    def masked_fill(self, mask, value):
+        """value where mask is true, self elsewhere (mask broadcasts against self)."""
+        mask = mask.data if isinstance(mask, Tensor) else mask
+        if getattr(mask, "dtype", None) is None or mask.dtype != numpy.bool_:
+            raise TypeError("masked_fill() needs a boolean mask, e.g. t.masked_fill(t < 0, 0.0).")
+        xp = backend.get_array_module(self.data)
+        fill = xp.full(self.shape, value, dtype=self.dtype)
+        return _A.where(xp.broadcast_to(mask, self.shape), fill, self)
+
+    # Reductions take PyTorch's dim/keepdim; NumPy's axis/keepdims are aliases.
+    def sum(self, dim=None, keepdim=False, **aliases): return _R.sum(self, dim, keepdim, **aliases)
+    def mean(self, dim=None, keepdim=False, **aliases): return _R.mean(self, dim, keepdim, **aliases)
+    def max(self, dim=None, keepdim=False, **aliases): return _R.max(self, dim, keepdim, **aliases)
+    def min(self, dim=None, keepdim=False, **aliases): return _R.min(self, dim, keepdim, **aliases)
+    def amax(self, dim=None, keepdim=False, **aliases): return _R.amax(self, dim, keepdim, **aliases)
+    def amin(self, dim=None, keepdim=False, **aliases): return _R.amin(self, dim, keepdim, **aliases)
+
+    def argmax(self, dim=None, keepdim=False, **aliases):
+        """Index of the first maximum along dim (None: flattened), int64, outside the graph."""
+        dim, keepdim = _R.resolve_dim("argmax", dim, keepdim, **aliases)
+        return Tensor._wrap(_R.argextreme("max", self.data, dim, keepdim))
+
+    def argmin(self, dim=None, keepdim=False, **aliases):
+        dim, keepdim = _R.resolve_dim("argmin", dim, keepdim, **aliases)
+        return Tensor._wrap(_R.argextreme("min", self.data, dim, keepdim))
+
+    def maximum(self, other): return _A.maximum(self, other)
+    def minimum(self, other): return _A.minimum(self, other)
+    def var(self, dim=None, **options): return _R.var(self, dim, **options)
+    def std(self, dim=None, **options): return _R.std(self, dim, **options)
+    def norm(self, p="fro", dim=None, keepdim=False, **aliases): return _R.norm(self, p, dim, keepdim, **aliases)
+    def pow(self, exponent): return _A.pow(self, exponent)
     def exp(self): return _A.exp(self)
     def log(self): return _A.log(self)
     def sqrt(self): return _A.sqrt(self)
@@ -228,6 +312,49 @@ class Tensor:
     def tanh(self): return _Act.tanh(self)
     def softmax(self, dim): return _Act.softmax(self, dim)
     def log_softmax(self, dim): return _Act.log_softmax(self, dim)
+
+    # ------------------------------------------------------------------ in-place
+    # These change .data itself. The graph keeps no version counter (PyTorch's guard
+    # against changing a value an op saved for backward), so an in-place op on a tensor
+    # that takes part in autograd is refused instead: use the out-of-place op there, or
+    # run it under no_grad() (e.g. to update parameters by hand).
+    def _check_inplace(self, name):
+        if self.requires_grad and is_grad_enabled():
+            what = ("a leaf tensor that requires grad" if self._node is None
+                    else "a tensor computed by the graph")
+            raise RuntimeError(f"{name}() cannot change {what} in place while gradients are "
+                               "recorded; wrap it in `with minidl.no_grad():` or use the "
+                               "out-of-place version.")
+
+    def _assign(self, values):
+        self.data[...] = values
+        return self
+
+    def zero_(self):
+        self._check_inplace("zero_")
+        return self._assign(0)
+
+    def fill_(self, value):
+        self._check_inplace("fill_")
+        return self._assign(value.data if isinstance(value, Tensor) else value)
+
+    def add_(self, other, alpha=1):
+        self._check_inplace("add_")
+        other = other.data if isinstance(other, Tensor) else other
+        return self._assign(self.data + other * alpha if alpha != 1 else self.data + other)
+
+    def mul_(self, other):
+        self._check_inplace("mul_")
+        return self._assign(self.data * (other.data if isinstance(other, Tensor) else other))
+
+    def clamp_(self, min=None, max=None):  # noqa: A002 - torch's argument names
+        self._check_inplace("clamp_")
+        if min is None and max is None:
+            raise ValueError("clamp_() needs at least one of min and max.")
+        xp = backend.get_array_module(self.data)
+        return self._assign(xp.clip(self.data, min, max))
+
+    clip_ = clamp_
 
     def unsqueeze(self, dim):
         """A view with a new axis of length 1 at `dim` (torch.unsqueeze)."""
@@ -299,7 +426,11 @@ def tensor(data, requires_grad=False, dtype=None, device=None):
     return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
 
 
-# The operator methods above use these; imported last because they import Tensor.
+# Every op module the methods above call, gathered here. tensor.py and minidl/ops import
+# each other on purpose: an op needs the Tensor class to wrap its output, and a Tensor
+# method (t.sum(), t + u) needs the op. Importing the ops last, after Tensor exists, makes
+# that circle harmless; the methods look them up only when called. Keep all such imports
+# here, not inside methods.
 from .ops import arithmetic as _A  # noqa: E402
 from .ops import reduction as _R  # noqa: E402
 from .ops import shape as _S  # noqa: E402

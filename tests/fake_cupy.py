@@ -306,6 +306,12 @@ def _make_modules():
         _refuse_host([value], "cupyx.scatter_add value")
         np.add.at(_unwrap(a), _unwrap(slices), _unwrap(value))
     cupyx.scatter_add = scatter_add
+
+    # cupyx.scipy.special.erf (the exact GELU), via SciPy's on the host.
+    from scipy import special as host_special
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.special = types.ModuleType("cupyx.scipy.special")
+    cupyx.scipy.special.erf = _function("erf", host_special.erf)
     return cp, cupyx
 
 
@@ -313,6 +319,7 @@ def install():
     """Put the fake into sys.modules (as `cupy` and `cupyx`) and into the CuPy loader's cache."""
     cp, cupyx = _make_modules()
     sys.modules["cupy"], sys.modules["cupyx"] = cp, cupyx
+    sys.modules["cupyx.scipy"], sys.modules["cupyx.scipy.special"] = cupyx.scipy, cupyx.scipy.special
     from kernels import cuda
     cuda._cupy, cuda._cupy_error = cp, None
     return cp

@@ -1,5 +1,5 @@
-"""The documentation's code runs: every ```python block of docs/TOUR.md and README.md; and
-its links (README.md, docs/*.md) lead to files that exist.
+"""The documentation's code runs: every ```python block of README.md and the guides in docs/;
+and their links lead to files that exist.
 
 Blocks of one file run in order in one shared namespace (a later block may use names an
 earlier one defined), inside a temporary working directory so files they write go nowhere.
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["docs/TOUR.md", "README.md"]
-LINKED = ["README.md", "docs/TOUR.md", "docs/PERFORMANCE.md", "CONTRIBUTING.md"]
+DOCUMENTS = ["docs/TOUR.md", "docs/PYTORCH_USERS.md", "README.md"]
+LINKED = ["README.md", "docs/TOUR.md", "docs/PERFORMANCE.md", "docs/PYTORCH_USERS.md",
+          "CONTRIBUTING.md"]
 
 # An optional no-test marker on the line(s) before the fence, the fence, the code, the end fence.
 _BLOCK = re.compile(r"(?P<marker><!--\s*no-test\s*-->[ \t]*\n[ \t]*\n?)?^```python[^\n]*\n(?P<code>.*?)^```",

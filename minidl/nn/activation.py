@@ -33,6 +33,29 @@ class Tanh(Module):
         return A.tanh(x)
 
 
+class SiLU(Module):
+    def __init__(self, inplace=False):   # inplace is accepted for torch compatibility, not used
+        super().__init__()
+
+    def forward(self, x):
+        return A.silu(x)
+
+
+class GELU(Module):
+    """x * Phi(x); approximate="tanh" for the tanh formula (see minidl.ops.activation.GELU)."""
+    def __init__(self, approximate="none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU got approximate={approximate!r}; use 'none' or 'tanh'.")
+        self.approximate = approximate
+
+    def forward(self, x):
+        return A.gelu(x, self.approximate)
+
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
+
+
 class Softmax(Module):
     """Softmax over `dim` (dim=1 for (N, C, H, W) class scores)."""
     def __init__(self, dim=None):

@@ -22,15 +22,17 @@ class CrossEntropyLoss(Module):
 
     forward(input (N, C, ...), target (N, ...) ints, pixel_weight=None (N, ...)).
     """
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean"):
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
         super().__init__()
         L._check_reduction("CrossEntropyLoss", reduction)
         _weight_buffer(self, "weight", weight)
         self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing = label_smoothing
 
     def forward(self, input, target, pixel_weight=None):
         return L.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, pixel_weight=pixel_weight)
+                               reduction=self.reduction, pixel_weight=pixel_weight,
+                               label_smoothing=self.label_smoothing)
 
 
 class NLLLoss(Module):
@@ -77,3 +79,35 @@ class KLDivLoss(Module):
 
     def forward(self, input, target):
         return L.kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+
+
+class BCELoss(Module):
+    """Binary cross-entropy of probabilities; see minidl.functional.binary_cross_entropy."""
+    def __init__(self, weight=None, reduction="mean"):
+        super().__init__()
+        L._check_reduction("BCELoss", reduction)
+        _weight_buffer(self, "weight", weight)
+        self.reduction = reduction
+
+    def forward(self, input, target):
+        return L.binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
+
+
+class L1Loss(Module):
+    def __init__(self, reduction="mean"):
+        super().__init__()
+        L._check_reduction("L1Loss", reduction)
+        self.reduction = reduction
+
+    def forward(self, input, target):
+        return L.l1_loss(input, target, reduction=self.reduction)
+
+
+class SmoothL1Loss(Module):
+    def __init__(self, reduction="mean", beta=1.0):
+        super().__init__()
+        L._check_reduction("SmoothL1Loss", reduction)
+        self.reduction, self.beta = reduction, beta
+
+    def forward(self, input, target):
+        return L.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)

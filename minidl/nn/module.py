@@ -96,6 +96,20 @@ class Module:
         for _, m in self.named_modules():
             yield m
 
+    def apply(self, fn):
+        """Call fn(module) on every submodule, children first, then on self (as torch);
+        returns self. Typical use: model.apply(init_weights)."""
+        for m in self.children():
+            m.apply(fn)
+        fn(self)
+        return self
+
+    def requires_grad_(self, requires_grad=True):
+        """Switch gradients on or off for every parameter (freeze a backbone); returns self."""
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
+
     def children(self):
         return iter(m for m in self._modules.values() if m is not None)
 

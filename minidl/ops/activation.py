@@ -1,4 +1,5 @@
-"""Activation functions: relu, leaky_relu, sigmoid, tanh, softplus, softmax, log_softmax.
+"""Activation functions: relu, leaky_relu, sigmoid, tanh, softplus, silu, gelu, softmax,
+log_softmax.
 
 Each saves the cheapest thing its backward needs: relu a mask, sigmoid/tanh their output
 (their derivatives are functions of the output), softmax its output, log_softmax its output.
@@ -72,6 +73,62 @@ class Softplus(Function):
         return gy * xp.where(z > self.threshold, z.dtype.type(1), sig)
 
 
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow (see Sigmoid)."""
+    xp = backend.get_array_module(x)
+    e = xp.exp(-xp.abs(x))
+    one = x.dtype.type(1)
+    return xp.where(x >= 0, one, e) / (one + e)
+
+
+class SiLU(Function):
+    """x * sigmoid(x) (also called swish); derivative s + x s (1 - s) with s = sigmoid(x)."""
+    def forward(self, x):
+        self.x, self.s = x, _sigmoid(x)
+        return x * self.s
+
+    def backward(self, gy):
+        s = self.s
+        return gy * (s + self.x * s * (1 - s))
+
+
+def _erf(x):
+    """The error function on either backend (NumPy has none: SciPy's, or CuPy's own)."""
+    if backend.device_of(x) == "cpu":
+        from scipy.special import erf
+    else:
+        from cupyx.scipy.special import erf
+    return erf(x)
+
+
+class GELU(Function):
+    """x * Phi(x), Phi the standard normal CDF (torch.nn.functional.gelu).
+
+    approximate="none": Phi(x) = (1 + erf(x / sqrt 2)) / 2, derivative Phi(x) + x phi(x).
+    approximate="tanh": Phi(x) ~ (1 + tanh(u)) / 2 with u = sqrt(2/pi) (x + 0.044715 x^3),
+    the form in Hendrycks & Gimpel (2016), differentiated exactly.
+    """
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        self.x = x
+        if self.approximate == "tanh":
+            k = x.dtype.type((2 / 3.141592653589793) ** 0.5)
+            self.t = xp.tanh(k * (x + x.dtype.type(0.044715) * x ** 3))
+            return x.dtype.type(0.5) * x * (1 + self.t)
+        self.cdf = x.dtype.type(0.5) * (1 + _erf(x * x.dtype.type(0.5 ** 0.5)))
+        return x * self.cdf
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        x = self.x
+        if self.approximate == "tanh":
+            k = x.dtype.type((2 / 3.141592653589793) ** 0.5)
+            du = k * (1 + x.dtype.type(3 * 0.044715) * x * x)
+            return gy * (0.5 * (1 + self.t) + 0.5 * x * (1 - self.t * self.t) * du)
+        pdf = xp.exp(-0.5 * x * x) * x.dtype.type((2 * 3.141592653589793) ** -0.5)
+        return gy * (self.cdf + x * pdf)
+
+
 class Softmax(Function):
     """exp(x) / sum(exp(x)) along `dim`, shifted by the max so exp never overflows."""
     def forward(self, x):
@@ -141,3 +198,15 @@ def softmax(x, dim):
 def log_softmax(x, dim):
     """log(softmax(x, dim)) computed as x - logsumexp(x): finite even for logits of +-1e4."""
     return LogSoftmax.apply(x, dim=_check_dim(x, dim, "log_softmax"))
+
+
+def silu(x):
+    """x * sigmoid(x), element-wise (torch.nn.functional.silu)."""
+    return SiLU.apply(x)
+
+
+def gelu(x, approximate="none"):
+    """Gaussian error linear unit x * Phi(x); approximate="tanh" uses the tanh formula."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu() got approximate={approximate!r}; use 'none' or 'tanh'.")
+    return GELU.apply(x, approximate=approximate)

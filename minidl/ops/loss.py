@@ -1,4 +1,5 @@
-"""Loss functions: cross_entropy, nll_loss, binary_cross_entropy_with_logits, mse_loss, kl_div.
+"""Loss functions: cross_entropy (with label smoothing), nll_loss, binary_cross_entropy(_with_logits),
+mse_loss, l1_loss, smooth_l1_loss, kl_div.
 
 cross_entropy is one fused Function: it computes log_softmax once and its backward is
 the closed form softmax(x) - onehot(target), scaled by the weights. That is both cheaper
@@ -12,7 +13,7 @@ from .. import backend
 from ..function import Function
 from ..tensor import Tensor
 from . import activation
-from .arithmetic import log, where
+from .arithmetic import abs, log, where  # noqa: A004
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -177,7 +178,8 @@ def _safe_denominator(denominator, xp):
     return xp.where(denominator > 0, denominator, denominator.dtype.type(1))
 
 
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", pixel_weight=None):
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", pixel_weight=None,
+                  label_smoothing=0.0):
     """Softmax cross-entropy between logits and integer class ids.
 
     input:        logits (N, C) or (N, C, H, W, ...), float
@@ -191,13 +193,41 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                   nothing ignored it equals (loss_map * pixel_weight).mean()), "sum", or
                   "none" (the (N, H, W, ...) map of weighted losses).
 
+    label_smoothing: eps in [0, 1]; the target becomes (1 - eps) onehot + eps / C, as in
+                  PyTorch: loss = (1 - eps) * CE + eps * sum_c(-w_c log p_c) / C per element,
+                  reduced with the same divisor.
+
     If every target is ignored, "mean" returns 0 with a zero gradient (PyTorch gives NaN).
     """
     _check_reduction("cross_entropy", reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy() got label_smoothing={label_smoothing}; it must be in [0, 1].")
     xp = backend.get_array_module(_array(input))
     t, w, den = _class_targets("cross_entropy", input, target, weight, ignore_index, pixel_weight)
-    return CrossEntropy.apply(input, target=t, weight=w, denominator=_safe_denominator(den, xp),
-                              reduction=reduction)
+    den = _safe_denominator(den, xp)
+    loss = CrossEntropy.apply(input, target=t, weight=w, denominator=den, reduction=reduction)
+    if not label_smoothing:
+        return loss
+    return (1 - label_smoothing) * loss + label_smoothing * _smoothing_term(
+        input, target, weight, ignore_index, pixel_weight, reduction, den)
+
+
+def _smoothing_term(input, target, weight, ignore_index, pixel_weight, reduction, den):
+    """sum_c(-w_c log p_c) / C per element (0 where ignored), reduced like the CE term."""
+    x = _as_tensor(input)
+    xp = backend.get_array_module(x.data)
+    c = x.shape[1]
+    logp = activation.log_softmax(x, 1)
+    if weight is not None:   # class weights along axis 1
+        logp = logp * _constant(weight, xp, x.dtype).reshape((1, c) + (1,) * (x.ndim - 2))
+    per = -logp.sum(axis=1) / float(c)
+    factor = (_constant(target, xp) != ignore_index).astype(x.dtype)
+    if pixel_weight is not None:
+        factor = factor * _constant(pixel_weight, xp, x.dtype)
+    per = per * factor
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.sum() / den
 
 
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
@@ -288,4 +318,48 @@ def kl_div(input, target, reduction="mean", log_target=False):
         loss = t * log(where(_array(t) > 0, t, 1)) - t * x
     if reduction == "batchmean":
         return loss.sum() / (x.shape[0] if x.ndim else 1)
+    return _reduce(loss, reduction)
+
+
+def binary_cross_entropy(input, target, weight=None, reduction="mean"):
+    """-(t log p + (1 - t) log(1 - p)) for probabilities p = input in [0, 1].
+
+    As PyTorch, each log is clamped at -100 so p = 0 or 1 gives a finite loss. For logits,
+    binary_cross_entropy_with_logits is the stabler choice.
+    """
+    _check_reduction("binary_cross_entropy", reduction)
+    p = _as_tensor(input)
+    _same_shape("binary_cross_entropy", p, target)
+    t = _float_target(target, p)
+    a = _array(p)
+    if a.size and (float(a.min()) < 0 or float(a.max()) > 1):
+        raise ValueError("binary_cross_entropy() needs probabilities in [0, 1] as input; apply "
+                         "sigmoid first or use binary_cross_entropy_with_logits.")
+    floor = -100.0
+    loss = -(t * log(p).clip(min=floor) + (1 - t) * log(1 - p).clip(min=floor))
+    if weight is not None:
+        loss = loss * _float_target(weight, p)
+    return _reduce(loss, reduction)
+
+
+def l1_loss(input, target, reduction="mean"):
+    """|input - target|, reduced. input, target: same shape."""
+    _check_reduction("l1_loss", reduction)
+    x = _as_tensor(input)
+    _same_shape("l1_loss", x, target)
+    return _reduce(abs(x - _float_target(target, x)), reduction)
+
+
+def smooth_l1_loss(input, target, reduction="mean", beta=1.0):
+    """Huber-like: 0.5 d^2 / beta where |d| < beta, else |d| - 0.5 beta (d = input - target)."""
+    _check_reduction("smooth_l1_loss", reduction)
+    if beta < 0:
+        raise ValueError(f"smooth_l1_loss() needs beta >= 0, got {beta}.")
+    x = _as_tensor(input)
+    _same_shape("smooth_l1_loss", x, target)
+    d = x - _float_target(target, x)
+    ad = abs(d)
+    if beta == 0:
+        return _reduce(ad, reduction)
+    loss = where(_array(ad) < beta, (0.5 / beta) * d * d, ad - 0.5 * beta)
     return _reduce(loss, reduction)
