@@ -87,8 +87,10 @@ def export(model, example_input, path, opset_version=17, input_names=None, outpu
     was_training = [m.training for m in modules]
     g = Recorder(onnx, int(opset_version), param_names)
     for name, x in zip(input_names, inputs):
-        g._used.add(name)
+        g.reserve(name)
         g.bind(x.data, name)
+    for name in output_names or ():
+        g.reserve(name)          # (the graph's outputs are named last)
     try:
         for m in modules:
             m.training = False

@@ -40,6 +40,10 @@ class Recorder:
         self._used.add(name)
         return name
 
+    def reserve(self, name):
+        """Keep `name` (a graph input or output) for the caller."""
+        self._used.add(name)
+
     def bind(self, array, name):
         """From now on `array` is the value `name`."""
         self._names[id(array)] = name
