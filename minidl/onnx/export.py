@@ -1,11 +1,11 @@
 """export(): one recorded forward pass written as an ONNX file."""
 import os
-import tempfile
 
 import numpy
 
 from .. import backend
 from ..grad_mode import no_grad
+from ..serialization import write_atomically
 from ..tensor import Tensor
 from .recorder import Recorder
 
@@ -116,7 +116,7 @@ def export(model, example_input, path, opset_version=17, input_names=None, outpu
         g.nodes.append(onnx.helper.make_node("Identity", [g.name(y.data)], [name],
                                              name=g.fresh("node.output")))
     graph = onnx.helper.make_graph(
-        g.nodes, type(model).__name__, 
+        g.nodes, type(model).__name__,
         [_value_info(onnx, n, backend.to_numpy(x.data), dynamic_axes.get(n, ()))
          for n, x in zip(input_names, inputs)],
         [_value_info(onnx, n, backend.to_numpy(y.data), dynamic_axes.get(n, ()))
@@ -125,22 +125,6 @@ def export(model, example_input, path, opset_version=17, input_names=None, outpu
     proto = onnx.helper.make_model(graph, producer_name="minidl",
                                    opset_imports=[onnx.helper.make_opsetid("", int(opset_version))])
     onnx.checker.check_model(proto)
-    _write_atomically(proto.SerializeToString(), os.fspath(path))
+    data = proto.SerializeToString()
+    write_atomically(os.fspath(path), lambda f: f.write(data))
     return proto
-
-
-def _write_atomically(data, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"export: cannot write {path!r}: the folder {folder!r} does not "
-                                "exist; create it first.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
