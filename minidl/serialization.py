@@ -16,8 +16,8 @@ could run code when loaded) is refused.
 
 A path ending in ".safetensors" is written and read in that format instead (the weight
 format of the PyTorch world: a JSON header and raw tensor bytes, nothing to unpickle). Its
-header has a str -> str metadata dict, which holds the same JSON layout entry; numbers and
-strings (not tensors there) go into the layout as well. A .safetensors file written by
+header has a str -> str metadata dict, which holds the same JSON layout entry; numbers,
+strings and text arrays (not tensors there) go into the layout as well. A .safetensors file written by
 another tool (e.g. torch's `safetensors.torch.save_file(model.state_dict(), ...)`) has no
 layout and loads as a flat dict {name: array}.
 """
@@ -133,17 +133,19 @@ def save(obj, path):
 def _safetensors_bytes(path, arrays, layout):
     """The .safetensors file: numbers and strings move into the layout (only arrays of
     numbers and booleans are tensors there), and the layout into the metadata."""
-    layout["scalars"] = {}
+    layout["scalars"], layout["strings"] = {}, {}
     tensors = {}
     for key, array in arrays.items():
         if layout["kinds"][key] == "scalar":
             layout["scalars"][key] = array.item()
+        elif array.dtype.kind == "U":          # text arrays: nested lists in the JSON
+            layout["strings"][key] = array.tolist()
         elif array.dtype.kind not in "biuf":
             raise TypeError(f"save() cannot store {key!r} (dtype {array.dtype}) in "
-                            f"{os.path.basename(path)!r}: .safetensors holds only arrays of "
-                            "numbers and booleans; save to .npz instead.")
+                            f"{os.path.basename(path)!r}: .safetensors holds arrays of numbers, "
+                            "booleans and text only; save to .npz instead.")
         else:
-            tensors[key] = numpy.ascontiguousarray(array)
+            tensors[key] = numpy.ascontiguousarray(array).reshape(array.shape)
     return _safetensors_numpy().save(tensors, metadata={_LAYOUT_KEY: json.dumps(layout)})
 
 
@@ -269,6 +271,8 @@ def load(path, map_location=None):
         except ValueError:
             raise ValueError(f"cannot load {path!r}: its layout entry is damaged.") from None
     scalars = layout.get("scalars", {})
+    arrays.update({key: numpy.array(value, dtype=str)
+                   for key, value in layout.get("strings", {}).items()})
     # The layout lists every path in the order it was saved; a plain .npz has no layout.
     kinds = layout.get("kinds") or {key: "array" for key in arrays}
     int_keys = set(layout.get("int_keys", []))

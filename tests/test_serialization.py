@@ -143,9 +143,32 @@ def test_foreign_safetensors_file_loads_flat(tmp_path):
     assert set(serialization.read_arrays(path)) == set(arrays)
 
 
+def test_safetensors_keeps_what_a_training_checkpoint_holds(tmp_path):
+    from seg.train import save_checkpoint
+    net = model()
+    opt = optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(minidl.randn(2, 3)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ckpt.npz", net, opt, meta={"epoch": 2, "config": {"model": "mlp"}})
+    state = minidl.load(tmp_path / "ckpt.npz")
+    state["labels"] = np.array([["cat", "dog"], ["ant", "bee"]])      # text arrays as well
+    minidl.save(state, tmp_path / "ckpt.safetensors")
+    back = minidl.load(tmp_path / "ckpt.safetensors")
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, np.ndarray):
+            return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+        return type(a) is type(b) and a == b
+    assert same(state, back)
+
+
 def test_safetensors_errors_name_the_problem(tmp_path):
-    with pytest.raises(TypeError, match="holds only arrays of numbers and booleans"):
-        minidl.save({"labels": np.array(["cat", "dog"])}, tmp_path / "a.safetensors")
+    with pytest.raises(TypeError, match="holds arrays of numbers, booleans and text only"):
+        minidl.save({"raw": np.array([b"\x00\x01"])}, tmp_path / "a.safetensors")
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="damaged or not a .safetensors file"):

@@ -8,6 +8,7 @@ Register a mapping for your own op with `@minidl.onnx.register(MyOp)`.
 """
 import numpy
 
+from .. import backend
 from ..ops import activation, arithmetic, conv, normalization, padding, pooling, reduction
 from ..ops import resize, shape
 from ..tensor import Tensor
@@ -291,7 +292,6 @@ def _bilinear(g, op, names, xs, y):
 def _nearest(g, op, names, xs, y):
     # op.rows / op.cols list the source pixel of every output row / column: two Gathers
     # reproduce them exactly, whatever rounding rule made them.
-    from .. import backend
     rows = g.constant(backend.to_numpy(op.rows).astype(numpy.int64), "rows")
     cols = g.constant(backend.to_numpy(op.cols).astype(numpy.int64), "cols")
     return g.node("Gather", [g.node("Gather", [names[0], rows], axis=2), cols], axis=3)

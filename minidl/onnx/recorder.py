@@ -10,6 +10,7 @@ import numpy
 
 from .. import backend, function
 from ..tensor import Tensor
+from .ops import convert
 
 
 class Recorder:
@@ -87,7 +88,6 @@ class Recorder:
 
     # ------------------------------------------------------------------ recording
     def __call__(self, op, inputs, output):
-        from .ops import convert      # (ops imports this module)
         self.bind(output.data, convert(self, op, inputs, output.data))
 
     def __enter__(self):
