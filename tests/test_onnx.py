@@ -7,6 +7,7 @@ statistics are first set from one training-mode pass, so that the untrained deep
 give logits of a sensible size (a fresh ResNet-101 grows them to ~1e7, where float32 can
 no longer be compared to 1e-4).
 """
+import subprocess
 import sys
 
 import numpy as np
@@ -130,6 +131,22 @@ def test_index_conversion_between_whole_tensor_and_per_plane(tmp_path):
     assert got_y.shape == (2, 3, 5, 7)
 
 
+class _PaddedPool(nn.Module):
+    def forward(self, x):
+        return F.max_pool2d(-x, 3, 2, 1, ceil_mode=True, return_indices=True)
+
+
+def test_padded_ceil_mode_pool_and_its_indices(tmp_path):
+    # -x puts maxima on the border, next to the padding; ceil_mode adds a last window.
+    x = _input((2, 3, 7, 8))
+    minidl.onnx.export(_PaddedPool(), x, tmp_path / "pool.onnx")
+    expected_y, expected_idx = _PaddedPool()(x)
+    got_y, got_idx = _run(tmp_path / "pool.onnx", {"input": x.data})
+    assert got_y.shape == (2, 3, 4, 5)
+    np.testing.assert_array_equal(got_y, expected_y.numpy())
+    np.testing.assert_array_equal(got_idx, expected_idx.numpy())
+
+
 class _SmallOps(nn.Module):
     """Ops the zoo uses little or not at all: pads, crops, nearest resize, softmax, ..."""
 
@@ -192,6 +209,24 @@ def test_unmapped_op_is_named_and_recording_stops(tmp_path):
         minidl.onnx.export(_UsesCustomOp(), _input((1, 1, 4, 4)), tmp_path / "x.onnx")
     assert function.recorder is None
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_registered_mapping_exports_a_custom_op(tmp_path, monkeypatch):
+    monkeypatch.setattr(minidl.onnx.ops, "MAPPINGS", dict(minidl.onnx.ops.MAPPINGS))
+
+    @minidl.onnx.register(_Twice)
+    def _twice(g, op, names, xs, y):
+        return g.node("Add", [names[0], names[0]])
+    x = _input((1, 1, 4, 4)) - 0.5
+    minidl.onnx.export(_UsesCustomOp(), x, tmp_path / "twice.onnx")
+    (got,) = _run(tmp_path / "twice.onnx", {"input": x.data})
+    np.testing.assert_array_equal(got, 2 * np.maximum(x.numpy(), 0))
+
+
+def test_minidl_imports_without_loading_onnx():
+    code = "import sys, minidl, minidl.onnx; assert 'onnx' not in sys.modules, 'onnx loaded'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_bad_arguments_and_missing_onnx(tmp_path, monkeypatch):
