@@ -13,6 +13,13 @@ The file is written to a temporary file in the same folder and then renamed over
 (os.replace is atomic), so a crash mid-save never leaves a half-written checkpoint.
 Loading uses allow_pickle=False: a file holding object arrays (pickled Python objects, which
 could run code when loaded) is refused.
+
+A path ending in ".safetensors" is written and read in that format instead (the weight
+format of the PyTorch world: a JSON header and raw tensor bytes, nothing to unpickle). Its
+header has a str -> str metadata dict, which holds the same JSON layout entry; numbers,
+strings and text arrays (not tensors there) go into the layout as well. A .safetensors file written by
+another tool (e.g. torch's `safetensors.torch.save_file(model.state_dict(), ...)`) has no
+layout and loads as a flat dict {name: array}.
 """
 import json
 import os
@@ -27,6 +34,21 @@ from .tensor import Tensor
 
 _LAYOUT_KEY = "__minidl_layout__"
 _CONTAINERS = ("dict", "list", "tuple")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def is_safetensors(path):
+    """Whether `path` names a .safetensors file (chosen by the suffix, any case)."""
+    return os.fspath(path).lower().endswith(SAFETENSORS_SUFFIX)
+
+
+def _safetensors_numpy():
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise ImportError("reading or writing .safetensors files needs the safetensors package; "
+                          "install it with pip install safetensors.") from None
+    return safetensors.numpy
 
 
 # ---------------------------------------------------------------------- flattening
@@ -87,13 +109,49 @@ def _write_member(archive, name, array):
 
 
 def save(obj, path):
-    """Write a (nested) dict of arrays/tensors/numbers/strings to `path` as .npz, atomically."""
+    """Write a (nested) dict of arrays/tensors/numbers/strings to `path`, atomically: as .npz,
+    or as .safetensors when the path ends so."""
     if not isinstance(obj, Mapping):
         raise TypeError(f"save() needs a dict, e.g. model.state_dict() or {{'model': ..., "
                         f"'epoch': 3}}, got {type(obj).__name__}.")
     path = os.fspath(path)
     arrays, layout = {}, {"format": 1, "kinds": {}, "int_keys": []}
     _flatten("", obj, arrays, layout)
+    if is_safetensors(path):
+        data = _safetensors_bytes(path, arrays, layout)
+        write_atomically(path, lambda f: f.write(data))
+        return
+
+    def write(f):
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key, array in arrays.items():
+                _write_member(archive, key, array)
+            _write_member(archive, _LAYOUT_KEY, numpy.array(json.dumps(layout)))
+    write_atomically(path, write)
+
+
+def _safetensors_bytes(path, arrays, layout):
+    """The .safetensors file: numbers and strings move into the layout (only arrays of
+    numbers and booleans are tensors there), and the layout into the metadata."""
+    layout["scalars"], layout["strings"] = {}, {}
+    tensors = {}
+    for key, array in arrays.items():
+        if layout["kinds"][key] == "scalar":
+            layout["scalars"][key] = array.item()
+        elif array.dtype.kind == "U":          # text arrays: nested lists in the JSON
+            layout["strings"][key] = array.tolist()
+        elif array.dtype.kind not in "biuf":
+            raise TypeError(f"save() cannot store {key!r} (dtype {array.dtype}) in "
+                            f"{os.path.basename(path)!r}: .safetensors holds arrays of numbers, "
+                            "booleans and text only; save to .npz instead.")
+        else:
+            tensors[key] = numpy.ascontiguousarray(array).reshape(array.shape)
+    return _safetensors_numpy().save(tensors, metadata={_LAYOUT_KEY: json.dumps(layout)})
+
+
+def write_atomically(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`, so that
+    a crash midway never leaves a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save to {path!r}: the folder {folder!r} does not exist; "
@@ -101,10 +159,7 @@ def save(obj, path):
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for key, array in arrays.items():
-                    _write_member(archive, key, array)
-                _write_member(archive, _LAYOUT_KEY, numpy.array(json.dumps(layout)))
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
@@ -118,6 +173,32 @@ def save(obj, path):
 
 
 # ---------------------------------------------------------------------- reading
+def _read_safetensors(path):
+    """{name: array} and the metadata dict of a .safetensors file."""
+    sn = _safetensors_numpy()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        arrays = sn.load(data)
+        # The format: an 8-byte little-endian header length, then the JSON header.
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    except Exception as exc:    # safetensors raises its own SafetensorError
+        raise ValueError(f"cannot load {path!r}: the file is damaged or not a .safetensors file "
+                         f"({exc}).") from None
+    return arrays, header.get("__metadata__") or {}
+
+
+def read_arrays(path):
+    """{name: numpy array} of a .npz or .safetensors file, flat, as stored (for files of
+    named weights from other tools; minidl.load gives back a checkpoint's nesting)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"cannot load {path!r}: no such file.")
+    arrays = _read_safetensors(path)[0] if is_safetensors(path) else _read(path)
+    arrays.pop(_LAYOUT_KEY, None)
+    return arrays
+
+
 def _read(path):
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
@@ -169,20 +250,29 @@ def _finish(node, path, kinds, int_keys):
 
 
 def load(path, map_location=None):
-    """Read a checkpoint written by save(): the same nesting, arrays as numpy.ndarray.
+    """Read a checkpoint written by save() (.npz or .safetensors): the same nesting, arrays as
+    numpy.ndarray.
 
     map_location: None/"cpu" keeps arrays on the host, "gpu" moves them to the GPU.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"cannot load {path!r}: no such file.")
-    arrays = _read(path)
     layout = {"kinds": {}, "int_keys": []}
-    if _LAYOUT_KEY in arrays:
+    if is_safetensors(path):
+        arrays, metadata = _read_safetensors(path)
+        entry = metadata.get(_LAYOUT_KEY)
+    else:
+        arrays = _read(path)
+        entry = arrays.pop(_LAYOUT_KEY)[()] if _LAYOUT_KEY in arrays else None
+    if entry is not None:
         try:
-            layout = json.loads(str(arrays.pop(_LAYOUT_KEY)[()]))
+            layout = json.loads(str(entry))
         except ValueError:
             raise ValueError(f"cannot load {path!r}: its layout entry is damaged.") from None
+    scalars = layout.get("scalars", {})
+    arrays.update({key: numpy.array(value, dtype=str)
+                   for key, value in layout.get("strings", {}).items()})
     # The layout lists every path in the order it was saved; a plain .npz has no layout.
     kinds = layout.get("kinds") or {key: "array" for key in arrays}
     int_keys = set(layout.get("int_keys", []))
@@ -195,7 +285,7 @@ def load(path, map_location=None):
         elif kind == "none":
             _insert(tree, p, None)
         elif kind == "scalar":
-            _insert(tree, p, arrays[p].item())
+            _insert(tree, p, scalars[p] if p in scalars else arrays[p].item())
         else:
             array = arrays[p]
             _insert(tree, p, array if map_location is None else backend.to_device(array, map_location))

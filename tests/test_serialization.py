@@ -13,18 +13,20 @@ def model():
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
 
 
-def test_round_trip_gives_identical_outputs(tmp_path, device):
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_round_trip_gives_identical_outputs(tmp_path, device, suffix):
     minidl.manual_seed(0)
     net = model().to(device)
     x = minidl.randn(5, 3, device=device)
-    path = tmp_path / "net.npz"
+    path = tmp_path / ("net" + suffix)
     minidl.save(net.state_dict(), path)
     restored = model().to(device)
     restored.load_state_dict(minidl.load(path))
     assert np.array_equal(to_numpy(net(x).data), to_numpy(restored(x).data))
 
 
-def test_nested_checkpoint_keeps_structure_types_and_order(tmp_path):
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_nested_checkpoint_keeps_structure_types_and_order(tmp_path, suffix):
     net = model()
     opt = optim.Adam(net.parameters(), lr=0.01)
     net(minidl.randn(2, 3)).sum().backward()
@@ -32,7 +34,7 @@ def test_nested_checkpoint_keeps_structure_types_and_order(tmp_path):
     ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "best": 0.25,
             "name": "unet", "done": False, "note": None, "sizes": [1, (2, 3)], "empty": {},
             "scalar_array": np.float32(1.5)}
-    path = tmp_path / "ckpt.npz"
+    path = tmp_path / ("ckpt" + suffix)
     minidl.save(ckpt, path)
     back = minidl.load(path)
     assert list(back) == list(ckpt)
@@ -111,3 +113,77 @@ def test_plain_npz_files_load_as_nested_dicts(tmp_path):
     np.savez(path, **{"encoder/w": np.ones(2), "bias": np.zeros(1)})
     back = minidl.load(path)
     assert np.array_equal(back["encoder"]["w"], np.ones(2)) and np.array_equal(back["bias"], [0.0])
+
+
+# ----------------------------------------------------------------------------- .safetensors
+def test_safetensors_file_is_readable_by_the_safetensors_library(tmp_path):
+    from safetensors.numpy import load_file
+    net = model()
+    path = tmp_path / "net.safetensors"
+    minidl.save({"model": net.state_dict(), "epoch": 4, "name": "mlp"}, path)
+    tensors = load_file(str(path))
+    assert set(tensors) == {f"model/{k}" for k in net.state_dict()}   # numbers live in metadata
+    np.testing.assert_array_equal(tensors["model/0.weight"], net.state_dict()["0.weight"])
+    back = minidl.load(path)
+    assert back["epoch"] == 4 and back["name"] == "mlp"
+
+
+def test_foreign_safetensors_file_loads_flat(tmp_path):
+    from safetensors.numpy import save_file
+    # As torch's safetensors.torch.save_file(model.state_dict()) writes it: dotted names,
+    # no minidl layout in the metadata.
+    arrays = {"features.0.weight": np.ones((4, 3, 3, 3), np.float32),
+              "features.0.bias": np.zeros(4, np.float32),
+              "bn.num_batches_tracked": np.array(7, np.int64)}
+    path = tmp_path / "w.safetensors"
+    save_file(arrays, str(path), metadata={"format": "pt"})
+    back = minidl.load(path)
+    assert set(back) == set(arrays)
+    assert back["bn.num_batches_tracked"] == 7 and back["features.0.weight"].dtype == np.float32
+    assert set(serialization.read_arrays(path)) == set(arrays)
+
+
+def test_safetensors_keeps_what_a_training_checkpoint_holds(tmp_path):
+    from seg.train import save_checkpoint
+    net = model()
+    opt = optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(minidl.randn(2, 3)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ckpt.npz", net, opt, meta={"epoch": 2, "config": {"model": "mlp"}})
+    state = minidl.load(tmp_path / "ckpt.npz")
+    state["labels"] = np.array([["cat", "dog"], ["ant", "bee"]])      # text arrays as well
+    minidl.save(state, tmp_path / "ckpt.safetensors")
+    back = minidl.load(tmp_path / "ckpt.safetensors")
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, np.ndarray):
+            return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+        return type(a) is type(b) and a == b
+    assert same(state, back)
+
+
+def test_safetensors_errors_name_the_problem(tmp_path):
+    with pytest.raises(TypeError, match="holds arrays of numbers, booleans and text only"):
+        minidl.save({"raw": np.array([b"\x00\x01"])}, tmp_path / "a.safetensors")
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="damaged or not a .safetensors file"):
+        minidl.load(damaged)
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "a.safetensors").exists()
+
+
+def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "w.safetensors"
+    minidl.save({"w": np.arange(3.0)}, path)
+    before = path.read_bytes()
+
+    def half_then_fail(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        serialization.write_atomically(str(path), half_then_fail)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["w.safetensors"]

@@ -1,24 +1,32 @@
-"""Load pretrained weights (e.g. VGG-16 trained on ImageNet) from a user-provided .npz file.
+"""Load pretrained weights (e.g. VGG-16 trained on ImageNet) from a user-provided file.
 
-Nothing is downloaded: export the arrays from the framework you have them in, as one .npz of
-named arrays (`numpy.savez("vgg16.npz", **{"conv1_1/W": w, "conv1_1/b": b, ...})`), then
+Nothing is downloaded: export the arrays from the framework you have them in, as one
+.safetensors (PyTorch: `safetensors.torch.save_file(model.state_dict(), "vgg16.safetensors")`)
+or .npz of named arrays (`numpy.savez("vgg16.npz", **{"conv1_1/W": w, ...})`), then
 
-    report = load_pretrained(model, "vgg16.npz", mapping="vgg16-caffe")
+    report = load_pretrained(model, "vgg16.safetensors")      # layout guessed from the names
     report["loaded"], report["skipped"], report["mismatched"], report["missing"]
 
-Accepted names (`mapping=`):
+Accepted names (`mapping=`), either hyphen order ("vgg16-torchvision" or "torchvision-vgg16"):
 
+- "auto" (the default): the layout recognised from the file's names (infer_mapping), else None.
 - None: the model's own state_dict names ("backbone.conv1_1.weight"); a name that is not a
   model key is also matched as a suffix ("conv1_1.weight" or "layer1.0.conv1.weight" finds
-  "backbone.conv1_1.weight" / "backbone.layer1.0.conv1.weight"), loading every key it ends.
+  "backbone.conv1_1.weight" / "backbone.layer1.0.conv1.weight"), loading the shallowest
+  keys it ends ("bn1.weight" is "backbone.bn1.weight", not "backbone.layer1.0.bn1.weight").
 - "vgg16-caffe" / "vgg19-caffe": Caffe-model-zoo layer names with "/W" (or "/weight",
   "/weights") and "/b" (or "/bias", "/biases"): conv1_1/W .. conv5_3/W, fc6/W, fc7/W (fc8 is
   ImageNet's classifier and is skipped). Conv kernels are (out, in, kh, kw) as in Caffe and
   PyTorch, or (kh, kw, in, out) as in TensorFlow / MatConvNet (recognised by shape).
 - "vgg16-torchvision" / "vgg19-torchvision" (and "vgg16_bn-torchvision", "vgg19_bn-..."):
-  torchvision's features.0.weight ... and classifier.0 / classifier.3 (fc6 / fc7).
-- "resnet101-torchvision": torchvision's names (conv1.weight, bn1.running_mean,
-  layer1.0.conv1.weight, ...), which the ResNet trunk here uses too; fc.* is skipped.
+  torchvision's features.0.weight ... and classifier.0 / classifier.3 (fc6 / fc7, fully
+  connected (4096, 25088) and (4096, 4096)); classifier.6 (ImageNet's classes) is skipped.
+- "vgg16-timm" / "vgg19-timm" / "vgg16_bn-timm" / "vgg19_bn-timm": timm's names: the same
+  features.N, and fc6 / fc7 already as convolutions, pre_logits.fc1 (4096, 512, 7, 7) and
+  pre_logits.fc2 (4096, 4096, 1, 1); head.fc is skipped.
+- "resnet101-torchvision" / "resnet101-timm": conv1.weight, bn1.running_mean,
+  layer1.0.conv1.weight, ... (both libraries use these names, and so does the ResNet trunk
+  here); fc.* is skipped.
 - a dict {file name: model name}: names not in the dict are tried as with None.
 
 Fully connected fc6 / fc7 weights ((4096, 25088) and (4096, 4096), or transposed as TensorFlow
@@ -27,12 +35,19 @@ model's layer has that many weights; otherwise (DeepLab's 1024-channel 3x3 fc6) 
 reported as mismatched and left alone. Running statistics of BatchNorm are loaded as well.
 """
 import os
+import re
 
 import numpy
 
+from minidl.serialization import read_arrays
 from .backbones import VGG_STAGES
 
-__all__ = ["load_pretrained", "vgg_mapping", "MAPPINGS"]
+__all__ = ["load_pretrained", "vgg_mapping", "infer_mapping", "resolve_mapping", "MAPPINGS",
+           "format_report"]
+
+# Where weights come from; a mapping name is "<network>-<source>", in either order.
+SOURCES = ("caffe", "torchvision", "timm")
+_BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 _WEIGHT_SUFFIXES = {"W": "weight", "weight": "weight", "weights": "weight", "kernel": "weight",
                     "b": "bias", "bias": "bias", "biases": "bias"}
@@ -43,10 +58,11 @@ def _vgg_conv_names(depth):
 
 
 def vgg_mapping(depth=16, style="caffe", batch_norm=False):
-    """{file name: model layer name} for a VGG of `depth` exported from Caffe or torchvision.
+    """{file name: model layer name} for a VGG of `depth` exported from Caffe, torchvision or timm.
 
-    Caffe names map by layer ("conv1_1/W" -> "conv1_1.weight"); torchvision's `features.i`
-    indices count every conv, BN, ReLU and pool (a conv is followed by ReLU, or BN + ReLU).
+    Caffe names map by layer ("conv1_1/W" -> "conv1_1.weight"); the `features.i` indices of
+    torchvision and timm count every conv, BN, ReLU and pool (a conv is followed by ReLU, or
+    BN + ReLU). fc6 / fc7 are torchvision's classifier.0 / .3 and timm's pre_logits.fc1 / .fc2.
     """
     names = _vgg_conv_names(depth)
     mapping = {}
@@ -55,8 +71,8 @@ def vgg_mapping(depth=16, style="caffe", batch_norm=False):
             for src, dst in _WEIGHT_SUFFIXES.items():
                 mapping[f"{layer}/{src}"] = f"{layer}.{dst}"
         return mapping
-    if style != "torchvision":
-        raise ValueError(f"VGG mapping style must be 'caffe' or 'torchvision', got {style!r}.")
+    if style not in ("torchvision", "timm"):
+        raise ValueError(f"VGG mapping style must be 'caffe', 'torchvision' or 'timm', got {style!r}.")
     index = 0
     for s, n in enumerate(VGG_STAGES[depth], start=1):
         for i in range(1, n + 1):
@@ -64,32 +80,79 @@ def vgg_mapping(depth=16, style="caffe", batch_norm=False):
             mapping[f"features.{index}.bias"] = f"conv{s}_{i}.bias"
             index += 1
             if batch_norm:
-                for p in ("weight", "bias", "running_mean", "running_var"):
+                for p in _BN_ENTRIES:
                     mapping[f"features.{index}.{p}"] = f"bn{s}_{i}.{p}"
                 index += 1
             index += 1            # ReLU
         index += 1                # pool
-    mapping.update({"classifier.0.weight": "fc6.weight", "classifier.0.bias": "fc6.bias",
-                    "classifier.3.weight": "fc7.weight", "classifier.3.bias": "fc7.bias"})
+    fc6, fc7 = ("classifier.0", "classifier.3") if style == "torchvision" else \
+        ("pre_logits.fc1", "pre_logits.fc2")
+    for src, dst in ((fc6, "fc6"), (fc7, "fc7")):
+        mapping.update({f"{src}.weight": f"{dst}.weight", f"{src}.bias": f"{dst}.bias"})
     return mapping
 
 
 MAPPINGS = {
     "vgg16-caffe": lambda: vgg_mapping(16, "caffe"),
     "vgg19-caffe": lambda: vgg_mapping(19, "caffe"),
-    "vgg16-torchvision": lambda: vgg_mapping(16, "torchvision"),
-    "vgg19-torchvision": lambda: vgg_mapping(19, "torchvision"),
-    "vgg16_bn-torchvision": lambda: vgg_mapping(16, "torchvision", batch_norm=True),
-    "vgg19_bn-torchvision": lambda: vgg_mapping(19, "torchvision", batch_norm=True),
     "resnet101-torchvision": lambda: {},     # names already agree; suffix matching does the rest
+    "resnet101-timm": lambda: {},            # timm's ResNet uses torchvision's names
 }
+for _style in ("torchvision", "timm"):
+    for _depth in (16, 19):
+        MAPPINGS[f"vgg{_depth}-{_style}"] = (lambda d=_depth, st=_style: vgg_mapping(d, st))
+        MAPPINGS[f"vgg{_depth}_bn-{_style}"] = (
+            lambda d=_depth, st=_style: vgg_mapping(d, st, batch_norm=True))
+
+
+def resolve_mapping(name):
+    """The MAPPINGS key for a mapping name typed either way round: "torchvision-vgg16",
+    "VGG16-torchvision" and "vgg16-torchvision" all give "vgg16-torchvision"."""
+    parts = str(name).strip().lower().split("-")
+    if len(parts) == 2 and parts[0] in SOURCES:
+        parts.reverse()
+    key = "-".join(parts)
+    if key not in MAPPINGS:
+        raise ValueError(f"unknown mapping {name!r}; choose one of {', '.join(sorted(MAPPINGS))} "
+                         "(either hyphen order), 'auto', or pass a dict {name in the file: name "
+                         "in the model}.")
+    return key
+
+
+def infer_mapping(names):
+    """The MAPPINGS key whose layout the file names `names` follow, or None (own names).
+
+    torchvision's VGG has classifier.0, timm's pre_logits.fc1, Caffe's layer/W names; BN
+    variants have running statistics among features.*, VGG-19 a fourth conv in stage 5;
+    a ResNet has layer1.0.conv1.weight.
+    """
+    names = set(names)
+    if any(re.fullmatch(r"conv\d_\d/\w+", n) for n in names):
+        return "vgg19-caffe" if any(n.startswith("conv5_4/") for n in names) else "vgg16-caffe"
+    if "conv1.weight" in names and "layer1.0.conv1.weight" in names:
+        return "resnet101-torchvision"     # (timm's ResNet writes the very same names)
+    style = ("timm" if "pre_logits.fc1.weight" in names else
+             "torchvision" if "classifier.0.weight" in names else None)
+    features = [n for n in names if re.fullmatch(r"features\.\d+\.weight", n)]
+    if style is None and not features:
+        return None
+    style = style or "torchvision"         # a features-only export (no classifier)
+    bn = any(n.startswith("features.") and n.endswith(".running_mean") for n in names)
+    convs = len(features) - (len([n for n in names if n.startswith("features.")
+                                  and n.endswith(".running_mean")]) if bn else 0)
+    depth = 19 if convs >= 16 else 16
+    return f"vgg{depth}{'_bn' if bn else ''}-{style}"
 
 
 def _targets(name, own):
     """Model keys that file name `name` (already mapped) refers to: exact, else by suffix."""
     if name in own:
         return [name]
-    return [k for k in own if k.endswith("." + name)]
+    found = [k for k in own if k.endswith("." + name)]
+    # The shallowest match only: ResNet's top-level "bn1.weight" is the trunk's
+    # "backbone.bn1.weight", not also every block's "backbone.layer1.0.bn1.weight".
+    depth = min((k.count(".") for k in found), default=0)
+    return [k for k in found if k.count(".") == depth]
 
 
 def _fit(array, shape, layout):
@@ -116,12 +179,14 @@ def _fit(array, shape, layout):
     return None
 
 
-def load_pretrained(model, path, mapping=None, strict=False, layout="auto", verbose=True):
-    """Copy the arrays of the .npz file `path` into `model`'s parameters and buffers.
+def load_pretrained(model, path, mapping="auto", strict=False, layout="auto", verbose=True):
+    """Copy the arrays of the weight file `path` into `model`'s parameters and buffers.
 
     model:   a minidl.nn.Module.
-    path:    a .npz file of named arrays (loaded with allow_pickle=False).
-    mapping: None, a name from MAPPINGS (e.g. "vgg16-caffe") or a dict {file name: model name}.
+    path:    a .safetensors or .npz file of named arrays (never unpickled).
+    mapping: "auto" (recognise the layout from the names), None (the model's own names), a
+             name from MAPPINGS (e.g. "vgg16-caffe" or "torchvision-vgg16") or a dict
+             {file name: model name}.
     strict:  raise ValueError if any file array is unused or does not fit.
     layout:  "auto" (recognise the layout by shape), "oihw" (Caffe / PyTorch) or "hwio"
              (TensorFlow); needed only when shapes are ambiguous, e.g. square fc7 weights.
@@ -129,25 +194,29 @@ def load_pretrained(model, path, mapping=None, strict=False, layout="auto", verb
 
     Returns {"loaded": [model keys], "skipped": [file names without a model key],
     "mismatched": [(file name, file shape, model key, model shape)], "missing": [model
-    parameter keys nothing was loaded into]}.
+    parameter keys nothing was loaded into], "mapping": the mapping name used (or None)}.
     """
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained weight file {path!r} does not exist; export the "
-                                "weights to a .npz of named arrays first (see seg.models.pretrained).")
+                                "weights to a .safetensors or .npz of named arrays first (see "
+                                "seg.models.pretrained).")
     if layout not in ("auto", "oihw", "hwio"):
         raise ValueError(f"layout must be 'auto', 'oihw' or 'hwio', got {layout!r}.")
-    if isinstance(mapping, str):
-        if mapping not in MAPPINGS:
-            raise ValueError(f"unknown mapping {mapping!r}; choose one of {', '.join(sorted(MAPPINGS))} "
-                             "or pass a dict {name in the file: name in the model}.")
-        mapping = MAPPINGS[mapping]()
-    elif mapping is not None and not isinstance(mapping, dict):
-        raise TypeError(f"mapping must be None, a mapping name or a dict, got {type(mapping).__name__}.")
+    if mapping is not None and not isinstance(mapping, (str, dict)):
+        raise TypeError(f"mapping must be None, 'auto', a mapping name or a dict, got "
+                        f"{type(mapping).__name__}.")
+    arrays = read_arrays(path)
+    name = None
+    if mapping == "auto":
+        name = infer_mapping(arrays)
+        mapping = MAPPINGS[name]() if name else None
+    elif isinstance(mapping, str):
+        name = resolve_mapping(mapping)
+        mapping = MAPPINGS[name]()
     mapping = mapping or {}
     own = model.state_dict()
     param_keys = [k for k, _ in model.named_parameters()]
-    with numpy.load(path, allow_pickle=False) as archive:
-        arrays = {k: archive[k] for k in archive.files}
     update, loaded, skipped, mismatched = {}, [], [], []
     for src, array in arrays.items():
         targets = _targets(mapping.get(src, src), own)
@@ -161,11 +230,13 @@ def load_pretrained(model, path, mapping=None, strict=False, layout="auto", verb
                 mismatched.append((src, tuple(array.shape), key,
                                    None if current is None else tuple(current.shape)))
             else:
-                update[key] = numpy.ascontiguousarray(fitted)
+                # (ascontiguousarray alone would turn num_batches_tracked's 0-d count into 1-d)
+                update[key] = numpy.ascontiguousarray(fitted).reshape(fitted.shape)
                 loaded.append(key)
     model.load_state_dict(update, strict=False)
     missing = [k for k in param_keys if k not in update]
-    report = {"loaded": loaded, "skipped": skipped, "mismatched": mismatched, "missing": missing}
+    report = {"loaded": loaded, "skipped": skipped, "mismatched": mismatched, "missing": missing,
+              "mapping": name}
     if verbose:
         print(format_report(report, path))
     if strict and (skipped or mismatched):
@@ -177,7 +248,8 @@ def load_pretrained(model, path, mapping=None, strict=False, layout="auto", verb
 
 def format_report(report, path=""):
     """The load report as a few readable lines."""
-    lines = [f"load_pretrained({path!r}): loaded {len(report['loaded'])} arrays, skipped "
+    used = f" with mapping {report['mapping']!r}" if report.get("mapping") else ""
+    lines = [f"load_pretrained({path!r}){used}: loaded {len(report['loaded'])} arrays, skipped "
              f"{len(report['skipped'])}, shape-mismatched {len(report['mismatched'])}, "
              f"{len(report['missing'])} model parameters left as initialised"]
     if report["skipped"]:
