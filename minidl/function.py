@@ -15,6 +15,10 @@ from . import backend
 from .grad_mode import is_grad_enabled
 from .tensor import Tensor
 
+# Set by minidl.amp.autocast while it is active: hook(cls, inputs, params) runs the op instead
+# of apply, casting the inputs by the op's mixed-precision rule (the rules live in amp.py).
+autocast_hook = None
+
 
 class Function:
     freed = False
@@ -34,6 +38,8 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **params):
+        if autocast_hook is not None:
+            return autocast_hook(cls, inputs, params)
         return cls(**params)(*inputs)
 
     def __call__(self, *inputs):
