@@ -560,3 +560,8 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     flat = p.reshape(-1)
     _adam_update(flat, np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), m.reshape(-1),
                  v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad), coef)
+
+
+# SGD: a few NumPy in-place passes; called on one flat buffer of every parameter by the
+# multi-tensor optimizers (minidl/optim/flat.py), so there is no per-parameter loop to compile.
+sgd_update = reference.sgd_update
