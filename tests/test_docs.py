@@ -1,4 +1,4 @@
-"""The documentation's code runs: every ```python block of docs/TOUR.md and README.md.
+"""The documentation's code runs: every ```python block of docs/TOUR.md, README.md and docs/AMP.md.
 
 Blocks of one file run in order in one shared namespace (a later block may use names an
 earlier one defined), inside a temporary working directory so files they write go nowhere.
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["docs/TOUR.md", "README.md"]
+DOCUMENTS = ["docs/TOUR.md", "README.md", "docs/AMP.md"]
 
 # An optional no-test marker on the line(s) before the fence, the fence, the code, the end fence.
 _BLOCK = re.compile(r"(?P<marker><!--\s*no-test\s*-->[ \t]*\n[ \t]*\n?)?^```python[^\n]*\n(?P<code>.*?)^```",
