@@ -651,7 +651,7 @@ def batchnorm_forward(x, mean, inv_std, scale, shift, relu=False):
     """x (N, C, S), per-channel (C,) vectors -> (y, xhat), both (N, C, S); see
     reference.batchnorm_forward."""
     x, dtype = _float_input(x, "batchnorm_forward")
-    n, c, s = x.shape
+    _, c, s = x.shape
     xp = _xp()
     y, xhat = xp.empty_like(x), xp.empty_like(x)
     _launch("batchnorm_forward_kernel", dtype, x.size,

@@ -144,6 +144,20 @@ def _autocast_apply(cls, inputs, params):
     return cls(**params)(*inputs)
 
 
+def _low_dtype(dtype):
+    """"bfloat16" or "float16" from a name ("bf16", "fp16", "half" too) or numpy.float16."""
+    if isinstance(dtype, str):
+        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+    else:
+        try:
+            name = numpy.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in LOW_DTYPES:
+        raise ValueError(f"autocast: dtype must be 'bfloat16' or 'float16', got {dtype!r}.")
+    return name
+
+
 @contextlib.contextmanager
 def autocast(device="gpu", dtype="bfloat16", enabled=True):
     """Run the ops inside in mixed precision (see the module docstring for the rules).
@@ -154,9 +168,7 @@ def autocast(device="gpu", dtype="bfloat16", enabled=True):
     """
     global _state
     device = backend.normalize_device(device)
-    dtype = str(numpy.dtype(dtype)) if dtype not in ("bfloat16", "bf16") else "bfloat16"
-    if dtype not in LOW_DTYPES:
-        raise ValueError(f"autocast: dtype must be 'bfloat16' or 'float16', got {dtype!r}.")
+    dtype = _low_dtype(dtype)
     saved = (_state, function.autocast_hook)
     if enabled:
         _state = (device, dtype)

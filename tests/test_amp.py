@@ -141,10 +141,14 @@ def test_round_op_backward_returns_input_dtype(device):
     np.testing.assert_array_equal(to_numpy(x.grad), amp.round_to(to_numpy(w.data), "float16"))
 
 
-def test_autocast_rejects_unknown_dtype():
+@pytest.mark.parametrize("bad", ["int8", "float32", "nonsense", object()])
+def test_autocast_rejects_unknown_dtype(bad):
     with pytest.raises(ValueError, match="dtype must be 'bfloat16' or 'float16'"):
-        with amp.autocast("cpu", dtype="int8"):
+        with amp.autocast("cpu", dtype=bad):
             pass
+    with amp.autocast("cpu", dtype=np.float16):        # numpy's float16 and "fp16" are fine
+        with amp.autocast("cpu", dtype="bf16"):
+            assert amp.is_autocast_enabled()
 
 
 # ---------------------------------------------------------------------- GradScaler
