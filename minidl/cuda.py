@@ -22,7 +22,8 @@ What a step must satisfy, because a replay repeats the recorded kernels and noth
 * no Python-side state that changes from step to step and feeds a kernel: random numbers
   drawn on the host side (dropout masks, augmentation), or an optimizer whose update uses a
   step count kept in Python (Adam's bias correction): replays would reuse the captured value.
-  Both are checked during the eager warm-up steps and refused with the reason.
+  Both are checked during the eager warm-up steps and refused with the reason. A learning
+  rate changed by a schedule after the capture is not seen either (not detectable here).
 
 `fallback=True` returns a step that runs eagerly instead of raising, with the one-line reason
 in `.reason` (also warned once).
