@@ -562,6 +562,11 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
                  v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad), coef)
 
 
+# SGD: a few NumPy in-place passes; called on one flat buffer of every parameter by the
+# multi-tensor optimizers (minidl/optim/flat.py), so there is no per-parameter loop to compile.
+sgd_update = reference.sgd_update
+
+
 # ---------------------------------------------------------------------------- dense CRF
 # The permutohedral lattice is an algorithm of its own, with its own modules (the oracle
 # permutohedral_reference.py, permutohedral_cpu.py, permutohedral_gpu.py). Each bundle exposes

@@ -282,12 +282,121 @@ extern "C" __global__ void bilinear_backward_kernel(
 }
 """
 
-SOURCES = (IM2COL_SRC, COL2IM_SRC, MAXPOOL_SRC, MAXUNPOOL_SRC, BILINEAR_SRC)
+BATCHNORM_SRC = r"""
+// Batch norm (+ ReLU) on x viewed as (N, C, S); per channel c, over its M = N*S values.
+// Forward, one thread per element: xhat = (x - mean[c]) * inv_std[c],
+// y = xhat * scale[c] + shift[c], and y = max(y, 0) when relu (NaN stays NaN, as in the
+// reference). y and xhat are written in the same pass: one read of x instead of four.
+extern "C" __global__ void batchnorm_forward_kernel(
+        const T* x, const T* mean, const T* inv_std, const T* scale, const T* shift,
+        T* y, T* xhat, const I total, const I C, const I S, const int relu) {
+    GRID_STRIDE {
+        const I c = (t / S) % C;
+        const T h = (x[t] - mean[c]) * inv_std[c];
+        T v = h * scale[c] + shift[c];
+        if (relu && v < (T)0) v = (T)0;
+        xhat[t] = h;
+        y[t] = v;
+    }
+}
+
+// Backward, step 1: per-channel sums of g and g * xhat, where g = gy, or with relu gy where
+// xhat * scale + shift > 0 (the forward's mask, recomputed instead of stored). Thread
+// (c, k), k < K, sums values k, k + K, k + 2K, ... of channel c in that order, so the
+// result does not depend on thread scheduling; neighbouring k read neighbouring addresses.
+// The wrapper adds up the K partial sums per channel (one small CuPy reduction).
+// (One kernel for the whole backward would need a block-wide reduction with __syncthreads,
+// which the host emulation that tests this source, tests/gpu_emulation.py, cannot run.)
+extern "C" __global__ void batchnorm_backward_reduce_kernel(
+        const T* gy, const T* xhat, const T* scale, const T* shift,
+        T* part_g, T* part_gx, const I total, const I C, const I S, const I M, const I K,
+        const int relu) {
+    GRID_STRIDE {
+        const I c = t / K;
+        T sg = (T)0, sgx = (T)0;
+        for (I j = t % K; j < M; j += K) {
+            const I a = ((j / S) * C + c) * S + j % S;
+            T g = gy[a];
+            if (relu) g *= (T)(xhat[a] * scale[c] + shift[c] > (T)0);
+            sg += g;
+            sgx += g * xhat[a];
+        }
+        part_g[t] = sg;
+        part_gx[t] = sgx;
+    }
+}
+
+// Backward, step 2, one thread per element (g masked as in step 1; m = N*S):
+//   training: gx = scale * inv_std * (g - gshift / m - xhat * gscale / m)
+//   eval:     gx = scale * inv_std * g
+extern "C" __global__ void batchnorm_backward_apply_kernel(
+        const T* gy, const T* xhat, const T* scale, const T* shift, const T* inv_std,
+        const T* gshift, const T* gscale, T* gx, const I total, const I C, const I S,
+        const T m, const int training, const int relu) {
+    GRID_STRIDE {
+        const I c = (t / S) % C;
+        T g = gy[t];
+        if (relu) g *= (T)(xhat[t] * scale[c] + shift[c] > (T)0);
+        const T k = scale[c] * inv_std[c];
+        gx[t] = training ? k * (g - gshift[c] / m - xhat[t] * (gscale[c] / m)) : k * g;
+    }
+}
+"""
+
+OPTIM_SRC = r"""
+// Optimizer updates, one thread per element, in place. Called on one parameter or on a
+// flat buffer holding every parameter (minidl/optim/flat.py): then one launch updates all.
+// Coefficients such as 1 - beta1 come precomputed from Python, in T, as the reference
+// computes them (a float32 1 - 0.9f would differ from float32(1 - 0.9) in the last bit).
+// Adam (see reference.adam_update); v_max is read and written only when amsgrad.
+extern "C" __global__ void adam_update_kernel(
+        T* p, const T* g, T* m, T* v, T* v_max, const I total,
+        const T beta1, const T one_minus_beta1, const T beta2, const T one_minus_beta2,
+        const T step_size, const T bias2_sqrt, const T eps, const T weight_decay,
+        const int amsgrad) {
+    GRID_STRIDE {
+        T gv = g[t];
+        if (weight_decay != (T)0) gv = gv + weight_decay * p[t];
+        const T mv = beta1 * m[t] + one_minus_beta1 * gv;
+        T vv = beta2 * v[t] + one_minus_beta2 * (gv * gv);
+        m[t] = mv;
+        v[t] = vv;
+        if (amsgrad) {
+            const T a = v_max[t];
+            vv = (a != a || a >= vv) ? a : vv;     // max, NaN wins as in np.maximum
+            v_max[t] = vv;
+        }
+        p[t] -= step_size * mv / (sqrt(vv) / bias2_sqrt + eps);
+    }
+}
+
+// SGD with momentum (see reference.sgd_update); buf is read and written only when momentum.
+extern "C" __global__ void sgd_update_kernel(
+        T* p, const T* g, T* buf, const I total, const T lr, const T momentum,
+        const T one_minus_dampening, const T weight_decay, const int first,
+        const int nesterov) {
+    GRID_STRIDE {
+        T gv = g[t];
+        if (weight_decay != (T)0) gv = gv + weight_decay * p[t];
+        if (momentum != (T)0) {
+            const T b = first ? gv : momentum * buf[t] + one_minus_dampening * gv;
+            buf[t] = b;
+            gv = nesterov ? gv + momentum * b : b;
+        }
+        p[t] -= lr * gv;
+    }
+}
+"""
+
+SOURCES = (IM2COL_SRC, COL2IM_SRC, MAXPOOL_SRC, MAXUNPOOL_SRC, BILINEAR_SRC,
+           BATCHNORM_SRC, OPTIM_SRC)
 KERNEL_NAMES = (
     "im2col_kernel", "col2im_kernel",
     "maxpool_forward_kernel", "maxpool_link_kernel", "maxpool_gather_kernel",
     "maxunpool_claim_kernel", "maxunpool_fill_kernel", "maxunpool_backward_kernel",
     "bilinear_forward_kernel", "bilinear_backward_kernel",
+    "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
+    "batchnorm_backward_apply_kernel", "adam_update_kernel", "sgd_update_kernel",
 )
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _ITYPES = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
@@ -525,13 +634,101 @@ def bilinear_backward(gy, h, w, align_corners):
 
 
 # ---------------------------------------------------------------------- batch normalisation
-# Per-channel sums and element-wise arithmetic are what CuPy's own reduction and element-wise
-# kernels already do well, so the GPU bundle runs the reference code (written with array
-# methods only) on CuPy arrays instead of carrying hand-written CUDA for it.
-from .reference import batchnorm_backward, batchnorm_forward, batchnorm_stats  # noqa: E402,F401
+# Per-channel mean and variance are what CuPy's own reductions already do well, so the GPU
+# bundle runs the reference's statistics (array methods only) on CuPy arrays. Normalising
+# (+ ReLU) and its backward are the CUDA kernels above: one launch forward, two (and a small
+# sum) backward, instead of the ten or so element-wise passes of the reference.
+from .reference import batchnorm_stats  # noqa: E402,F401
 
-# Adam likewise: a handful of CuPy element-wise kernels per parameter (in place).
-from .reference import adam_update  # noqa: E402,F401
+_BN_LANES = 256       # partial sums per channel in the backward's first step
+
+
+def _per_channel(v, dtype):
+    return _xp().ascontiguousarray(v, dtype=dtype)
+
+
+def batchnorm_forward(x, mean, inv_std, scale, shift, relu=False):
+    """x (N, C, S), per-channel (C,) vectors -> (y, xhat), both (N, C, S); see
+    reference.batchnorm_forward."""
+    x, dtype = _float_input(x, "batchnorm_forward")
+    _, c, s = x.shape
+    xp = _xp()
+    y, xhat = xp.empty_like(x), xp.empty_like(x)
+    _launch("batchnorm_forward_kernel", dtype, x.size,
+            (x,) + tuple(_per_channel(v, dtype) for v in (mean, inv_std, scale, shift))
+            + (y, xhat) + _i(x.size, c, s) + (np.int32(bool(relu)),))
+    return y, xhat
+
+
+def batchnorm_backward(gy, xhat, inv_std, scale, training, relu_shift=None):
+    """gy, xhat (N, C, S); inv_std, scale (C,) -> (gx, gscale, gshift); see
+    reference.batchnorm_backward (relu_shift: the forward's shift when it ran with relu)."""
+    gy, dtype = _float_input(gy, "batchnorm_backward")
+    xhat = _xp().ascontiguousarray(xhat, dtype=dtype)
+    n, c, s = gy.shape
+    xp = _xp()
+    m = n * s
+    relu = relu_shift is not None
+    scale = _per_channel(scale, dtype)
+    shift = _per_channel(relu_shift, dtype) if relu else scale     # unread unless relu
+    lanes = max(1, min(_BN_LANES, m))
+    part_g = xp.empty((c, lanes), dtype=dtype)
+    part_gx = xp.empty((c, lanes), dtype=dtype)
+    _launch("batchnorm_backward_reduce_kernel", dtype, c * lanes,
+            (gy, xhat, scale, shift, part_g, part_gx) + _i(c * lanes, c, s, m, lanes)
+            + (np.int32(relu),))
+    gshift, gscale = part_g.sum(axis=1), part_gx.sum(axis=1)
+    gx = xp.empty_like(gy)
+    _launch("batchnorm_backward_apply_kernel", dtype, gy.size,
+            (gy, xhat, scale, shift, _per_channel(inv_std, dtype), gshift, gscale, gx)
+            + _i(gy.size, c, s) + (dtype.type(m), np.int32(bool(training)), np.int32(relu)))
+    return gx, gscale, gshift
+
+
+# ---------------------------------------------------------------------- optimizer updates
+def _float_dtype(p, what):
+    dtype = np.dtype(p.dtype)
+    if dtype not in _CTYPES:
+        raise TypeError(f"the GPU kernel {what} supports float32 and float64 parameters, got "
+                        f"{dtype}; keep parameters in float32 (autocast casts copies).")
+    return dtype
+
+
+def _in_place(a, what, dtype):
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        raise TypeError(f"the GPU kernel {what} updates C-contiguous {dtype} arrays in place, "
+                        f"got a {'non-contiguous ' if not a.flags.c_contiguous else ''}"
+                        f"{a.dtype} array; the optimizer's state must match its parameter.")
+    return a
+
+
+def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
+                weight_decay):
+    """One Adam step in place on p, m, v (, v_max), one launch; see reference.adam_update."""
+    dtype = _float_dtype(p, "adam_update")
+    arrays = [_in_place(a, "adam_update", dtype) for a in (p, m, v)]
+    v_max = _in_place(v_max, "adam_update", dtype) if amsgrad else arrays[2]
+    g = _xp().ascontiguousarray(g, dtype=dtype)
+    t = dtype.type
+    _launch("adam_update_kernel", dtype, p.size,
+            (arrays[0], g, arrays[1], arrays[2], v_max) + _i(p.size)
+            + (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(step_size), t(bias2_sqrt),
+               t(eps), t(weight_decay), np.int32(bool(amsgrad))))
+
+
+def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov):
+    """One SGD step in place on p (and buf when momentum), one launch; see
+    reference.sgd_update."""
+    dtype = _float_dtype(p, "sgd_update")
+    p = _in_place(p, "sgd_update", dtype)
+    buf = _in_place(buf, "sgd_update", dtype) if momentum != 0 else p
+    g = _xp().ascontiguousarray(g, dtype=dtype)
+    t = dtype.type
+    _launch("sgd_update_kernel", dtype, p.size,
+            (p, g, buf) + _i(p.size)
+            + (t(lr), t(momentum), t(1 - dampening), t(weight_decay), np.int32(bool(first)),
+               np.int32(bool(nesterov))))
+
 
 # The dense CRF's lattice and row softmax (see the end of kernels/cpu.py): the lattice is built
 # on the CPU, its filter runs as CUDA kernels.

@@ -272,3 +272,27 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
         np.maximum(v_max, v, out=v_max)     # (dispatches to CuPy for CuPy arrays)
         v = v_max
     p -= step_size * m / (v ** 0.5 / bias2_sqrt + eps)
+
+
+# ---------------------------------------------------------------------- SGD
+def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov):
+    """One SGD step, in place on p (and buf, the momentum buffer, when momentum != 0):
+
+        g = g + weight_decay * p
+        buf = g                                   (first step)
+        buf = momentum * buf + (1 - dampening) g  (later steps)
+        g = g + momentum * buf if nesterov else buf
+        p = p - lr * g
+
+    The same arithmetic as minidl/optim/sgd.py, as one function a kernel bundle can offer.
+    """
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if momentum != 0:
+        if first:
+            buf[...] = g
+        else:
+            buf *= momentum
+            buf += (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    p -= lr * g

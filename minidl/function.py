@@ -19,6 +19,10 @@ from .tensor import Tensor
 # every op run: recorder(op, inputs, output). None otherwise (one test per op).
 recorder = None
 
+# Set by minidl.amp.autocast while it is active: hook(cls, inputs, params) runs the op instead
+# of apply, casting the inputs by the op's mixed-precision rule (the rules live in amp.py).
+autocast_hook = None
+
 
 class Function:
     freed = False
@@ -38,6 +42,8 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **params):
+        if autocast_hook is not None:
+            return autocast_hook(cls, inputs, params)
         return cls(**params)(*inputs)
 
     def __call__(self, *inputs):

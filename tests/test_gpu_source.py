@@ -254,3 +254,61 @@ def test_kernel_signatures_cover_every_kernel():
     assert gpu_emulation.typedefs(source) == {"T": np.dtype(np.float32), "I": np.dtype(np.int32)}
     sigs = gpu_emulation.signatures(source)
     assert sorted(sigs) == sorted(gpu.KERNEL_NAMES)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 7), (1, 2, 300), (5, 1, 1)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_batchnorm_relu_kernels_match_reference(emu, shape, training, relu, dtype):
+    """The fused batch norm (+ ReLU) forward and its backward (partial sums in several lanes
+    per channel: (1, 2, 300) has more values than _BN_LANES) against the reference."""
+    rng = np.random.default_rng(1)
+    n, c, s = shape
+    x = rng.standard_normal(shape).astype(dtype)
+    mean, var = ref.batchnorm_stats(x)
+    inv_std = (1 / np.sqrt(var + 1e-5)).astype(dtype)
+    scale, shift = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    y, xhat = gpu.batchnorm_forward(x, mean, inv_std, scale, shift, relu)
+    ry, rxhat = ref.batchnorm_forward(x, mean, inv_std, scale, shift, relu)
+    _close("y", y, ry, dtype)
+    _close("xhat", xhat, rxhat, dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
+    got = gpu.batchnorm_backward(gy, rxhat, inv_std, scale, training, shift if relu else None)
+    want = ref.batchnorm_backward(gy, rxhat, inv_std, scale, training, shift if relu else None)
+    for name, a, b in zip(("gx", "gscale", "gshift"), got, want):
+        _close(name, a, b.astype(dtype), dtype)
+    assert [name for name, _ in emu.launches] == [
+        "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
+        "batchnorm_backward_apply_kernel"]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_optimizer_kernels_match_reference(emu, dtype):
+    """Three steps of Adam (with AMSGrad and L2 decay) and of SGD (momentum, dampening,
+    Nesterov, decay) on one flat array: one launch per step, the reference's numbers."""
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal(37).astype(dtype)
+    mine = [p0.copy()] + [np.zeros_like(p0) for _ in range(3)]
+    theirs = [p0.copy()] + [np.zeros_like(p0) for _ in range(3)]
+    sgd_mine, sgd_theirs = [p0.copy(), np.zeros_like(p0)], [p0.copy(), np.zeros_like(p0)]
+    for t in range(1, 4):
+        g = rng.standard_normal(37).astype(dtype)
+        args = (True, 0.9, 0.999, 1e-2 / (1 - 0.9 ** t), np.sqrt(1 - 0.999 ** t), 1e-8, 0.01)
+        gpu.adam_update(mine[0], g, *mine[1:], *args)
+        ref.adam_update(theirs[0], g, *theirs[1:], *args)
+        sargs = (t == 1, 0.1, 0.9, 0.0, 1e-3, True)
+        gpu.sgd_update(sgd_mine[0], g, sgd_mine[1], *sargs)
+        ref.sgd_update(sgd_theirs[0], g, sgd_theirs[1], *sargs)
+    for name, a, b in zip(("p", "m", "v", "v_max"), mine, theirs):
+        _close(name, a, b, dtype)
+    for name, a, b in zip(("sgd p", "sgd buf"), sgd_mine, sgd_theirs):
+        _close(name, a, b, dtype)
+    assert [name for name, _ in emu.launches] == ["adam_update_kernel", "sgd_update_kernel"] * 3
+
+
+def test_optimizer_kernel_refuses_mismatched_state(emu):
+    p = np.zeros(4, np.float32)
+    with pytest.raises(TypeError, match="state must match its parameter"):
+        gpu.adam_update(p, p, np.zeros(4, np.float64), np.zeros(4, np.float32), None, False,
+                        0.9, 0.999, 1e-3, 1.0, 1e-8, 0.0)

@@ -1,0 +1,317 @@
+"""Automatic mixed precision: `autocast` (which op runs in which dtype) and `GradScaler`.
+
+    scaler = amp.GradScaler()
+    with amp.autocast("gpu", dtype="bfloat16"):
+        loss = criterion(model(x), y)          # convs/matmuls low precision, the rest float32
+    scaler.scale(loss).backward()              # gradients of parameters arrive in float32
+    scaler.step(optimizer)                     # unscales; skips the step on inf/NaN gradients
+    scaler.update()                            # grows or backs off the scale
+
+The dtype rules live in one table, POLICY (op class name -> rule), applied by a hook in
+`Function.apply`, so no op knows about autocast:
+
+    "lower"    convolutions, transposed convolutions, matmuls: float32 inputs are cast to the
+               low precision, the op accumulates in float32, the output is low precision
+    "float32"  softmax, log-softmax, the losses, batch norm, reductions, exp/log/pow, pooling
+               and resizing: low-precision inputs are cast up to float32
+    "promote"  ops of several inputs (add, mul, cat, where, ...): all inputs are cast to the
+               widest floating dtype among them, as PyTorch does
+    (unlisted) element-wise ops (ReLU, dropout, reshape, ...) run in whatever dtype arrives
+
+Every cast is itself a differentiable op (`_Round`), whose backward brings the gradient back
+to the input's dtype, so parameters stay float32 (the master weights) and `.grad` is float32.
+
+How the low precision is represented. NumPy has no bfloat16 and CuPy 13 neither (CuPy 14 has
+an experimental one through the ml_dtypes package, cupy/cupy#9494), and minidl's GPU kernels
+(im2col, pooling) take float32/float64 only. So:
+
+* float16 outputs are real float16 arrays (half the memory between ops);
+* bfloat16 values are float32 arrays whose low 16 bits are zero, i.e. exactly the values a
+  bfloat16 holds (rounded to nearest even); the dtype reads float32.
+* A "lower" op gets its inputs rounded to the low precision but stored as float32 and computes
+  in float32. A product of two float16 or bfloat16 numbers is exact in float32, so this gives
+  the numbers of a tensor-core GEMM with float32 accumulation (up to summation order); the
+  speed of one needs low-precision kernels in minidl/ops/conv.py, which this module does not
+  provide yet: today autocast changes the numerics (and memory for float16), not the speed.
+
+Devices: `autocast("gpu")` applies to ops on GPU arrays only, `autocast("cpu")` to ops on
+NumPy arrays only (slower than float32 there: it is for studying the numerics and for tests).
+The gradients' backward passes are not autocast-aware: they run in the dtype of the arrays
+each op saved, as in PyTorch.
+"""
+import contextlib
+
+import numpy
+
+from . import backend, function
+from .function import Function
+from .grad_mode import no_grad
+from .tensor import Tensor
+
+LOW_DTYPES = ("bfloat16", "float16")
+
+# Op class name -> rule (see the module docstring). Names, not classes, so that this module
+# imports no op module: an op is autocast by adding its name here.
+POLICY = {
+    "Conv2d": "lower", "ConvTranspose2d": "lower", "MatMul": "lower", "Linear": "lower",
+    "BatchNorm": "float32", "Softmax": "float32", "LogSoftmax": "float32",
+    "CrossEntropy": "float32", "NLL": "float32", "Sum": "float32", "Mean": "float32",
+    "Exp": "float32", "Log": "float32", "Pow": "float32", "PowScalar": "float32",
+    "Sqrt": "float32", "Softplus": "float32",
+    # Their kernels take float32/float64 only (kernels/gpu.py).
+    "MaxPool2d": "float32", "MaxUnpool2d": "float32", "AvgPool2d": "float32",
+    "AdaptiveAvgPool2d": "float32", "Bilinear": "float32", "Nearest": "float32",
+    "Add": "promote", "Sub": "promote", "Mul": "promote", "Div": "promote",
+    "Maximum": "promote", "Minimum": "promote", "Where": "promote",
+    "Concatenate": "promote", "Stack": "promote",
+}
+
+_state = None     # (device, dtype) inside autocast, None outside
+
+
+# ---------------------------------------------------------------------- rounding
+def round_to(a, dtype):
+    """a (float32 array, any shape) rounded to the values of `dtype` ("bfloat16"/"float16"),
+    returned as float32. NaN stays NaN; values beyond the range become +-inf."""
+    xp = backend.get_array_module(a)
+    a = xp.ascontiguousarray(a, dtype=numpy.float32)
+    if dtype == "float16":
+        with numpy.errstate(over="ignore"):
+            return a.astype(numpy.float16).astype(numpy.float32)
+    # bfloat16 is the top half of a float32: round the low 16 bits to nearest, ties to even.
+    u = a.view(numpy.uint32)
+    lsb = (u >> numpy.uint32(16)) & numpy.uint32(1)
+    r = ((u + numpy.uint32(0x7FFF) + lsb) & numpy.uint32(0xFFFF0000)).view(numpy.float32)
+    return xp.where(xp.isnan(a), a, r)
+
+
+def _storage(a, dtype):
+    """The array that holds low-precision values between ops: float16, or float32 for bf16."""
+    r = round_to(a, dtype)
+    return r.astype(numpy.float16) if dtype == "float16" else r
+
+
+class _Round(Function):
+    """The differentiable cast autocast inserts. Params: to ("bfloat16", "float16", or
+    "float32" for a plain cast up), store (whether the result is kept in the storage dtype).
+
+    forward: x rounded to `to`; backward: the gradient rounded the same way (it is the
+    gradient of a low-precision tensor), returned in x's dtype.
+    """
+
+    def forward(self, x):
+        self.source = x.dtype
+        if self.to == "float32":
+            return x.astype(numpy.float32)
+        return _storage(x, self.to) if self.store else round_to(x, self.to)
+
+    def backward(self, gy):
+        if self.to != "float32":
+            gy = round_to(gy, self.to)
+        return gy.astype(self.source, copy=False)
+
+
+def _cast(x, to, store=False):
+    return _Round(to=to, store=store)(x)
+
+
+def _array(x):
+    return x.data if isinstance(x, Tensor) else x
+
+
+def _is_float(a, kinds=(numpy.float16, numpy.float32)):
+    return hasattr(a, "dtype") and hasattr(a, "shape") and a.dtype in kinds
+
+
+def _autocast_apply(cls, inputs, params):
+    """Function.apply inside autocast: cast the inputs by cls's rule, run the op, and for a
+    "lower" op store the output in the low precision."""
+    rule = POLICY.get(cls.__name__)
+    arrays = [_array(x) for x in inputs]
+    device, dtype = _state
+    on_device = [a for a in arrays if _is_float(a, (numpy.float16, numpy.float32, numpy.float64))]
+    if (rule is None or not on_device or backend.device_of(on_device[0]) != device
+            or any(a.dtype == numpy.float64 for a in on_device)):
+        return cls(**params)(*inputs)     # float64 is never autocast, as in PyTorch
+    if rule == "lower":
+        cast = [_cast(x, dtype) if _is_float(_array(x)) else x for x in inputs]
+        return _cast(cls(**params)(*cast), dtype, store=True)
+    if rule == "float32" or any(a.dtype == numpy.float32 for a in on_device):
+        # float32 rule, or promotion of a float16/float32 mix to float32
+        cast = [_cast(x, "float32") if _is_float(_array(x), (numpy.float16,)) else x
+                for x in inputs]
+        return cls(**params)(*cast)
+    return cls(**params)(*inputs)
+
+
+def _low_dtype(dtype):
+    """"bfloat16" or "float16" from a name ("bf16", "fp16", "half" too) or numpy.float16."""
+    if isinstance(dtype, str):
+        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+    else:
+        try:
+            name = numpy.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in LOW_DTYPES:
+        raise ValueError(f"autocast: dtype must be 'bfloat16' or 'float16', got {dtype!r}.")
+    return name
+
+
+@contextlib.contextmanager
+def autocast(device="gpu", dtype="bfloat16", enabled=True):
+    """Run the ops inside in mixed precision (see the module docstring for the rules).
+
+    device: "gpu" (or "cuda") or "cpu": which arrays' ops are autocast; dtype: "bfloat16"
+    or "float16"; enabled=False runs everything as written (so one code path serves both).
+    Nesting replaces the outer setting until the inner block ends.
+    """
+    global _state
+    device = backend.normalize_device(device)
+    dtype = _low_dtype(dtype)
+    saved = (_state, function.autocast_hook)
+    if enabled:
+        _state = (device, dtype)
+        function.autocast_hook = _autocast_apply
+    else:
+        _state, function.autocast_hook = None, None
+    try:
+        yield
+    finally:
+        _state, function.autocast_hook = saved
+
+
+def is_autocast_enabled():
+    return _state is not None
+
+
+# ---------------------------------------------------------------------- GradScaler
+class GradScaler:
+    """Loss scaling for float16 training (PyTorch's torch.amp.GradScaler).
+
+    float16 gradients underflow to 0 below 6e-8; multiplying the loss by `scale` (2^16 at
+    first) lifts them into range. `step` divides the gradients by the scale again and skips
+    the optimizer step when any of them is inf or NaN (the scale was too big); `update` then
+    halves the scale (backoff_factor), and doubles it (growth_factor) after growth_interval
+    steps in a row without inf/NaN. bfloat16 has float32's range and rarely needs it.
+
+    Works on every device (the inf/NaN check is one host read per step). enabled=False makes
+    every method a pass-through, so one training loop serves both.
+    """
+
+    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000, enabled=True):
+        if not init_scale > 0 or not growth_factor > 1 or not 0 < backoff_factor < 1 \
+                or int(growth_interval) < 1:
+            raise ValueError(f"GradScaler needs init_scale > 0, growth_factor > 1, 0 < "
+                             f"backoff_factor < 1 and growth_interval >= 1, got {init_scale}, "
+                             f"{growth_factor}, {backoff_factor}, {growth_interval}.")
+        self._enabled = bool(enabled)
+        self._scale = float(init_scale)
+        self._growth_factor, self._backoff_factor = float(growth_factor), float(backoff_factor)
+        self._growth_interval = int(growth_interval)
+        self._growth_tracker = 0
+        self._found_inf = {}       # id(optimizer) -> bool, for optimizers unscaled this step
+        self._stepped = set()      # id(optimizer) whose step() ran since the last update()
+
+    def is_enabled(self):
+        return self._enabled
+
+    def get_scale(self):
+        return self._scale if self._enabled else 1.0
+
+    def scale(self, outputs):
+        """outputs (a Tensor, or a list/tuple of them) multiplied by the current scale."""
+        if not self._enabled:
+            return outputs
+        if isinstance(outputs, (list, tuple)):
+            return type(outputs)(self.scale(o) for o in outputs)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"GradScaler.scale expects a Tensor (the loss), got "
+                            f"{type(outputs).__name__}.")
+        return outputs * self._scale
+
+    def unscale_(self, optimizer):
+        """Divide the optimizer's gradients by the scale, in place (once per step), e.g.
+        before clipping them; remembers whether any is inf or NaN."""
+        if not self._enabled:
+            return
+        key = id(optimizer)
+        if key in self._found_inf:
+            raise RuntimeError("unscale_() was already called on this optimizer since the last "
+                               "update(); call it at most once per step.")
+        if key in self._stepped:
+            raise RuntimeError("unscale_() is being called after step(); call it before.")
+        inv = 1.0 / self._scale
+        checks = []
+        with no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    xp = backend.get_array_module(p.grad)
+                    p.grad = p.grad * p.grad.dtype.type(inv)
+                    checks.append(xp.isfinite(p.grad).all())
+        # One host read for all gradients, not one per parameter.
+        self._found_inf[key] = bool(checks) and not bool(_all(checks))
+
+    def step(self, optimizer, *args, **kwargs):
+        """optimizer.step(*args, **kwargs) unless a gradient is inf/NaN (then None)."""
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        key = id(optimizer)
+        if key in self._stepped:
+            raise RuntimeError("step() was already called on this optimizer since the last "
+                               "update(); call update() once per iteration.")
+        if key not in self._found_inf:
+            self.unscale_(optimizer)
+        self._stepped.add(key)
+        if self._found_inf[key]:
+            return None
+        return optimizer.step(*args, **kwargs)
+
+    def update(self, new_scale=None):
+        """Back off (any inf/NaN this step) or grow (growth_interval clean steps) the scale;
+        new_scale sets it directly instead."""
+        if not self._enabled:
+            return
+        if new_scale is not None:
+            self._scale = float(new_scale)
+            self._growth_tracker = 0
+        elif any(self._found_inf.values()):
+            self._scale *= self._backoff_factor
+            self._growth_tracker = 0
+        elif self._found_inf:
+            self._growth_tracker += 1
+            if self._growth_tracker == self._growth_interval:
+                self._scale *= self._growth_factor
+                self._growth_tracker = 0
+        self._found_inf.clear()
+        self._stepped.clear()
+
+    def state_dict(self):
+        """Plain numbers (storable with minidl.save); {} when disabled, as in PyTorch."""
+        if not self._enabled:
+            return {}
+        return {"scale": self._scale, "growth_factor": self._growth_factor,
+                "backoff_factor": self._backoff_factor, "growth_interval": self._growth_interval,
+                "_growth_tracker": self._growth_tracker}
+
+    def load_state_dict(self, state_dict):
+        if not self._enabled:
+            return
+        if not state_dict:
+            raise RuntimeError("GradScaler.load_state_dict got an empty state (saved from a "
+                               "disabled GradScaler); save one from an enabled GradScaler.")
+        value = {k: (v.item() if hasattr(v, "item") else v) for k, v in state_dict.items()}
+        self._scale = float(value["scale"])
+        self._growth_factor = float(value["growth_factor"])
+        self._backoff_factor = float(value["backoff_factor"])
+        self._growth_interval = int(value["growth_interval"])
+        self._growth_tracker = int(value["_growth_tracker"])
+
+
+def _all(flags):
+    xp = backend.get_array_module(*flags)
+    return xp.stack(flags).all() if len(flags) > 1 else flags[0]
+

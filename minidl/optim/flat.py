@@ -1,0 +1,248 @@
+"""Multi-tensor optimizers: every parameter, gradient and moment in one flat buffer.
+
+The per-parameter optimizers (sgd.py, adam.py) launch a few kernels for *each* parameter:
+the example U-Net has 64 of them, most tiny (biases, batch-norm scales), so on a GPU a step
+is hundreds of launches that each do almost nothing. Here every parameter's array is a view
+into one contiguous 1-D array (`FlatBuffer`), and so are the gradients and the optimizer's
+moments; one kernel call then updates all of them (per parameter group):
+
+    buffer.data  [ conv1.weight | conv1.bias | bn1.weight | ... ]     p.data is a view of its slice
+    buffer.grad  [ ............ gradients, same layout ......... ]     p.grad too, after a step
+    exp_avg, ... [ ............ moments, same layout ........... ]
+
+The gradients are copied into `buffer.grad` at each step (autograd makes a fresh array per
+backward); from then on `p.grad` is a view of it, so a data-parallel all-reduce can sum
+`buffer.grad` across processes in one call and every `p.grad` sees the result.
+
+FlatSGD, FlatAdam and FlatAdamW give the same numbers as SGD, Adam and AdamW (the same
+arithmetic, element by element), their state_dict()s are interchangeable, and parameters
+without a gradient are skipped as there (then each parameter's slice is updated on its own).
+"""
+import math
+
+from .. import backend
+from ..grad_mode import enable_grad, no_grad
+from .optimizer import Optimizer
+import kernels
+
+
+class FlatBuffer:
+    """Tensors' arrays (and gradients) as views into one contiguous 1-D array, in order.
+
+    tensors: Tensors of one dtype and device. Building it copies each tensor's array into
+    `data` (total,) and makes tensor.data a view of its slice; `grad` (total,) receives the
+    gradients (gather_grads). segments[i] = (start, stop) of tensor i.
+    """
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+        if not self.tensors:
+            raise ValueError("FlatBuffer needs at least one tensor.")
+        first = self.tensors[0].data
+        for t in self.tensors:
+            if t.data.dtype != first.dtype or backend.device_of(t.data) != backend.device_of(first):
+                raise ValueError(f"a flat buffer holds tensors of one dtype and device, got "
+                                 f"{first.dtype} on {backend.device_of(first)} and {t.data.dtype} "
+                                 f"on {backend.device_of(t.data)}; use a per-parameter optimizer "
+                                 "or convert the model first.")
+        xp = backend.get_array_module(first)
+        self.segments, start = [], 0
+        for t in self.tensors:
+            self.segments.append((start, start + t.data.size))
+            start += t.data.size
+        self.data = xp.empty(start, dtype=first.dtype)
+        self.grad = xp.zeros(start, dtype=first.dtype)
+        self.views = []
+        for t in self.tensors:
+            self.views.append(None)
+            self.adopt(len(self.views) - 1)
+
+    def view(self, flat, i):
+        """Tensor i's slice of the flat array `flat` (any array of the buffer's layout)."""
+        start, stop = self.segments[i]
+        return flat[start:stop].reshape(self.tensors[i].data.shape)
+
+    def zeros(self):
+        """A new zero array of the buffer's layout (for optimizer moments)."""
+        return backend.get_array_module(self.data).zeros_like(self.data)
+
+    def adopt(self, i):
+        """Copy tensor i's array into its slice and make tensor.data that view (again: for
+        arrays replaced since, e.g. by Module.load_state_dict)."""
+        t, start, stop = self.tensors[i], *self.segments[i]
+        if (t.data.size != stop - start or t.data.dtype != self.data.dtype
+                or backend.device_of(t.data) != backend.device_of(self.data)):
+            raise RuntimeError(f"parameter {i} changed shape, dtype or device since the flat "
+                               "optimizer was built (model.to()? a new layer?); build the "
+                               "optimizer after the model is final.")
+        view = self.data[start:stop].reshape(t.data.shape)
+        view[...] = t.data
+        t.data = self.views[i] = view
+
+    def gather_grads(self):
+        """Point every tensor's .grad at its slice of `grad`, copying it there first when it
+        lives elsewhere. Returns [whether tensor i has a gradient]; a missing one's slice is
+        zeroed (its .grad stays None)."""
+        has = []
+        for i, t in enumerate(self.tensors):
+            if t.data is not self.views[i]:
+                self.adopt(i)
+            start, stop = self.segments[i]
+            view = self.grad[start:stop].reshape(t.data.shape)
+            if t.grad is None:
+                view[...] = 0
+                has.append(False)
+                continue
+            if t.grad is not view:
+                view[...] = t.grad
+                t.grad = view
+            has.append(True)
+        return has
+
+
+class _FlatOptimizer(Optimizer):
+    """Optimizer over a FlatBuffer: step() calls `update_flat(lo, hi, step, group)` once per
+    parameter group (or once per parameter when some lack a gradient or their step counts
+    differ, e.g. after loading a per-parameter state), on slices [lo, hi) of the flat arrays."""
+
+    moment_names = ()
+
+    def __init__(self, params, defaults):
+        super().__init__(params, defaults)
+        self.params = [p for g in self.param_groups for p in g["params"]]
+        self.buffer = FlatBuffer(self.params)
+        self.flat_state = {name: self.buffer.zeros() for name in self._moments()}
+
+    def _moments(self):
+        return self.moment_names
+
+    def add_param_group(self, group):
+        if hasattr(self, "buffer"):
+            raise ValueError(f"{type(self).__name__} lays out all parameters when it is built; "
+                             "pass every parameter group to the constructor.")
+        super().add_param_group(group)
+
+    def _param_state(self, i):
+        """Parameter i's state dict: its step count and views of the flat moments."""
+        p = self.params[i]
+        state = self.state.get(p)
+        if state is None:
+            state = self.state[p] = {"step": 0}
+            state.update({k: self.buffer.view(v, i) for k, v in self.flat_state.items()})
+        return state
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with enable_grad():
+                loss = closure()
+        has = self.buffer.gather_grads()
+        with no_grad():
+            first = 0
+            for group in self.param_groups:
+                idx = range(first, first + len(group["params"]))
+                first += len(idx)
+                active = [i for i in idx if has[i]]
+                steps = []
+                for i in active:
+                    state = self._param_state(i)
+                    state["step"] += 1
+                    steps.append(state["step"])
+                if not active:
+                    continue
+                if len(active) == len(idx) and len(set(steps)) == 1:
+                    spans = [(self.buffer.segments[idx[0]][0], self.buffer.segments[idx[-1]][1],
+                              steps[0])]
+                else:
+                    spans = [(*self.buffer.segments[i], t) for i, t in zip(active, steps)]
+                for lo, hi, t in spans:
+                    self.update_flat(lo, hi, t, group)
+        return loss
+
+    def update_flat(self, lo, hi, step, group):
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict):
+        """As Optimizer.load_state_dict (a per-parameter optimizer's state loads too); the
+        loaded moments are then copied into the flat buffers."""
+        super().load_state_dict(state_dict)
+        loaded, self.state = self.state, {}
+        for i, p in enumerate(self.params):
+            saved = loaded.get(p)
+            if saved is None:
+                continue
+            state = self._param_state(i)
+            for name, value in saved.items():
+                if name in state and name != "step":
+                    state[name][...] = value
+                else:
+                    state[name] = value
+            if saved and "step" not in saved:
+                state["step"] = 1     # SGD's state has no step count: it has stepped before
+
+
+class FlatSGD(_FlatOptimizer):
+    """SGD (same options and numbers as minidl.optim.SGD) on one flat buffer."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"FlatSGD needs lr, momentum and weight_decay >= 0, got lr={lr}, "
+                             f"momentum={momentum}, weight_decay={weight_decay}.")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("FlatSGD with nesterov=True needs momentum > 0 and dampening = 0.")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def _moments(self):
+        return ("momentum_buffer",) if any(g["momentum"] != 0 for g in self.param_groups) else ()
+
+    def update_flat(self, lo, hi, step, group):
+        buf = self.flat_state.get("momentum_buffer")
+        kernels.for_array(self.buffer.data).sgd_update(
+            self.buffer.data[lo:hi], self.buffer.grad[lo:hi],
+            None if buf is None else buf[lo:hi], step == 1, group["lr"], group["momentum"],
+            group["dampening"], group["weight_decay"], group["nesterov"])
+
+
+class FlatAdam(_FlatOptimizer):
+    """Adam (same options and numbers as minidl.optim.Adam) on one flat buffer."""
+    decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False):
+        beta1, beta2 = betas
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"{type(self).__name__} needs lr, eps, weight_decay >= 0 and betas in "
+                             f"[0, 1), got lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}.")
+        super().__init__(params, dict(lr=lr, betas=(float(beta1), float(beta2)), eps=eps,
+                                      weight_decay=weight_decay, amsgrad=amsgrad))
+
+    def _moments(self):
+        names = ("exp_avg", "exp_avg_sq")
+        return names + ("max_exp_avg_sq",) if any(g["amsgrad"] for g in self.param_groups) \
+            else names
+
+    def update_flat(self, lo, hi, step, group):
+        p, s = self.buffer.data[lo:hi], self.flat_state
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        if wd != 0 and self.decoupled:
+            p *= 1 - lr * wd
+            wd = 0.0
+        kernels.for_array(p).adam_update(
+            p, self.buffer.grad[lo:hi], s["exp_avg"][lo:hi], s["exp_avg_sq"][lo:hi],
+            s["max_exp_avg_sq"][lo:hi] if group["amsgrad"] else None, group["amsgrad"],
+            beta1, beta2, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step), group["eps"],
+            wd)
+
+
+class FlatAdamW(FlatAdam):
+    """AdamW (same options and numbers as minidl.optim.AdamW) on one flat buffer."""
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
+

@@ -1,0 +1,112 @@
+"""CUDA graphs (minidl/cuda.py): the host-side checks everywhere, replay vs eager on a GPU."""
+import numpy as np
+import pytest
+
+import minidl
+from minidl import backend, cuda, functional as F, nn, optim
+from conftest import GPU_PRESENT, to_numpy
+
+
+def net(dropout=False):
+    minidl.manual_seed(5)
+    layers = [nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(0.5))
+    return nn.Sequential(*layers, nn.Conv2d(4, 3, 1))
+
+
+def batches(device, n):
+    rng = np.random.default_rng(0)
+    return [(minidl.tensor(rng.normal(size=(2, 2, 6, 6)).astype(np.float32), device=device),
+             minidl.tensor(rng.integers(0, 3, size=(2, 6, 6)), device=device))
+            for _ in range(n)]
+
+
+def make_step(model, opt):
+    def step(x, y):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def test_check_batch_names_the_changed_shape():
+    spec = [((4, 3), np.dtype(np.float32))]
+    cuda.check_batch(spec, (np.zeros((4, 3), np.float32),))
+    with pytest.raises(ValueError, match=r"input 0 has shape \(3, 3\).*captured for \(4, 3\)"):
+        cuda.check_batch(spec, (np.zeros((3, 3), np.float32),))
+    with pytest.raises(ValueError, match="captured for 1 inputs, got 2"):
+        cuda.check_batch(spec, (np.zeros((4, 3)), np.zeros(1)))
+
+
+def test_host_state_checks(device):
+    (x, y), = batches(device, 1)
+    model = net().to(device)
+    sgd = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _, reasons = cuda.host_state_changes(make_step(model, sgd), (x, y), sgd)
+    assert reasons == []
+    adam = optim.Adam(model.parameters(), lr=0.1)
+    step = make_step(model, adam)
+    step(x, y)      # Adam's step count changes on every step, from the first on
+    _, reasons = cuda.host_state_changes(step, (x, y), adam)
+    assert len(reasons) == 1 and "'step'" in reasons[0] and "bias correction" in reasons[0]
+    noisy = net(dropout=True).to(device)
+    opt = optim.SGD(noisy.parameters(), lr=0.1)
+    _, reasons = cuda.host_state_changes(make_step(noisy, opt), (x, y), opt)
+    assert len(reasons) == 1 and "random numbers" in reasons[0]
+
+
+def test_cpu_inputs_are_refused_or_run_eagerly():
+    (x, y), = batches("cpu", 1)
+    model = net()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(cuda.CaptureError, match="every input on the GPU"):
+        cuda.make_graphed_step(make_step(model, opt), (x, y))
+    with pytest.warns(RuntimeWarning, match="CUDA graph not used"):
+        step = cuda.make_graphed_step(make_step(model, opt), (x, y), fallback=True)
+    assert not step.graphed and "on the GPU" in step.reason
+    before = to_numpy(model[0].weight.data).copy()
+    loss = step(x, y)
+    assert np.isfinite(float(to_numpy(loss.data)))
+    assert not np.array_equal(before, to_numpy(model[0].weight.data))
+
+
+def _real_cupy():
+    return GPU_PRESENT and not str(backend.require_cupy().__version__).startswith("fake")
+
+
+@pytest.mark.skipif(not _real_cupy(), reason="needs CuPy and a CUDA device (the host "
+                    "emulation of CuPy cannot capture graphs)")
+def test_replay_equals_eager_bit_for_bit():
+    data = batches("gpu", 6)
+    graphed, eager = net().to("gpu"), net().to("gpu")
+    opt_g = optim.SGD(graphed.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt_e = optim.SGD(eager.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    # Two eager warm-up steps on the example batch, the capture, then one replay per batch.
+    step_g = cuda.make_graphed_step(make_step(graphed, opt_g), data[0], optimizer=opt_g,
+                                    warmup=2)
+    assert step_g.graphed
+    losses_g = [float(to_numpy(step_g(*b).data)) for b in data[1:]]
+    step_e = make_step(eager, opt_e)
+    losses_e = [float(to_numpy(step_e(*b).data)) for b in [data[0], data[0]] + data[1:]]
+    assert losses_g == losses_e[2:]
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        np.testing.assert_array_equal(to_numpy(p.data), to_numpy(q.data))
+    with pytest.raises(ValueError, match="static shapes"):
+        step_g(data[0][0][:1], data[0][1][:1])
+
+
+@pytest.mark.skipif(not _real_cupy(), reason="needs CuPy and a CUDA device (the host "
+                    "emulation of CuPy cannot capture graphs)")
+def test_host_read_inside_the_step_is_refused():
+    (x, y), = batches("gpu", 1)
+    model = net().to("gpu")
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    step = make_step(model, opt)
+
+    def reading(x, y):
+        return float(to_numpy(step(x, y).data))      # a host read: waits for the GPU
+    with pytest.raises(cuda.CaptureError, match="host read"):
+        cuda.make_graphed_step(reading, (x, y), optimizer=opt)
