@@ -7,6 +7,7 @@ from .linear import Linear
 from .conv import Conv2d, ConvTranspose2d
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, MaxUnpool2d
 from .normalization import BatchNorm2d, BatchNormReLU2d
+from .sync_batchnorm import SyncBatchNorm, SyncBatchNormReLU2d
 from .upsampling import Upsample
 from .loss import BCEWithLogitsLoss, CrossEntropyLoss, KLDivLoss, MSELoss, NLLLoss
-from . import init
+from . import init, parallel

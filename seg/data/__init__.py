@@ -11,6 +11,7 @@ Augmentation (image and mask together):
     elastic_deform, elastic_displacement, intensity_jitter
 Batching:
     Dataset, DataLoader (images float32 (N, C, H, W), masks int64 (N, H, W)), collate
+    DistributedSampler (each rank's share of the indices in data-parallel training)
 """
 
 from .augment import (
@@ -44,6 +45,7 @@ from .kaggle import (
     split_by_subject,
 )
 from .loader import DataLoader, Dataset, collate
+from .sampler import DistributedSampler
 from .synthetic import DEFAULT_SIZE, synthetic_image, write_synthetic_dataset
 
 __all__ = [
@@ -53,5 +55,5 @@ __all__ = [
     "synthetic_image", "write_synthetic_dataset", "DEFAULT_SIZE",
     "Augment", "Resize", "resize", "hflip", "vflip", "random_flip", "affine", "random_affine",
     "elastic_deform", "elastic_displacement", "intensity_jitter",
-    "Dataset", "DataLoader", "collate",
+    "Dataset", "DataLoader", "collate", "DistributedSampler",
 ]
