@@ -69,12 +69,13 @@ class _Group:
         node.Free()
 
 
-def _abort_on_uncaught_error(previous_hook, comm):
+def _abort_on_uncaught_error(previous_hook):
     """An excepthook that reports the error, then ends the whole MPI job."""
     def hook(kind, value, traceback):
         previous_hook(kind, value, traceback)
         sys.stderr.flush()
-        comm.Abort(1)
+        _import_mpi().COMM_WORLD.Abort(1)
+    hook.previous = previous_hook
     return hook
 
 
@@ -95,7 +96,7 @@ def init_process_group(backend=None):
                            "destroy_process_group() first to start a new one.")
     comm = MPI.COMM_WORLD.Dup()   # our own communicator: never mixes with a user's messages
     if comm.Get_size() > 1:
-        sys.excepthook = _abort_on_uncaught_error(sys.excepthook, comm)
+        sys.excepthook = _abort_on_uncaught_error(sys.excepthook)
     group = _Group(backend, comm)
     if backend == "nccl":
         cp = require_cupy()
@@ -157,6 +158,9 @@ def destroy_process_group():
     if _group is not None:
         _group.comm.Free()
         _group = None
+        previous = getattr(sys.excepthook, "previous", None)
+        if previous is not None:       # errors no longer need to end the other ranks
+            sys.excepthook = previous
 
 
 # ---------------------------------------------------------------------- collectives

@@ -30,15 +30,19 @@ needs_mpi = pytest.mark.skipif(not (dist.is_available() and MPIEXEC),
                                reason="MPI is not installed (pip install -e \".[dist]\")")
 
 
-def run_job(name, out_dir, timeout=60):
-    """Run distributed_job.py `name` on 2 ranks; returns (completed process, seconds)."""
+def run_on_two_ranks(args, timeout=60, cwd=None):
+    """Run `python args...` on 2 ranks, one thread each; returns (completed process, seconds)."""
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
-    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(HERE, "distributed_job.py"),
-                           name, str(out_dir)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable] + [str(a) for a in args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
     return done, time.perf_counter() - start
+
+
+def run_job(name, out_dir, timeout=60):
+    """Run distributed_job.py `name` on 2 ranks."""
+    return run_on_two_ranks([os.path.join(HERE, "distributed_job.py"), name, out_dir], timeout)
 
 
 def ranks(out_dir, name):
@@ -280,3 +284,37 @@ def test_loader_takes_its_order_from_the_sampler():
         assert seen == list(sampler)
     with pytest.raises(ValueError, match="either shuffle=True or a sampler"):
         seg.data.DataLoader(data, shuffle=True, sampler=sampler)
+
+
+# ---------------------------------------------------------------------- the documentation
+def documented_code():
+    from test_docs import python_blocks
+    with open(os.path.join(os.path.dirname(HERE), "docs", "DISTRIBUTED.md"), encoding="utf-8") as f:
+        blocks = [code for _, code, skipped in python_blocks(f.read()) if not skipped]
+    assert blocks, "docs/DISTRIBUTED.md should show a runnable training loop"
+    return blocks
+
+
+@needs_mpi
+def test_the_documented_training_loop_runs_on_two_ranks(tmp_path):
+    (tmp_path / "loop.py").write_text("\n".join(documented_code()))
+    done, _ = run_on_two_ranks(["loop.py"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(minidl.load(str(tmp_path / "model.npz"))) == sorted(job_keys_of_doc_model())
+
+
+def job_keys_of_doc_model():
+    return list(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNormReLU2d(4), nn.Conv2d(4, 2, 1))
+                .state_dict())
+
+
+@needs_mpi
+def test_the_documented_training_loop_runs_as_one_rank(tmp_path, monkeypatch):
+    blocks = documented_code()
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for code in blocks:
+        exec(compile(code, "docs/DISTRIBUTED.md", "exec"), namespace)
+    assert not dist.is_initialized()                       # the loop ends by leaving the group
+    saved = minidl.load(str(tmp_path / "model.npz"))
+    assert list(saved) == list(namespace["model"].state_dict())
