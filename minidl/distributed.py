@@ -6,8 +6,8 @@ MPI (`mpiexec -n 4 python train.py`), which also carries the collectives:
 
     backend "mpi":  mpi4py on NumPy arrays; CuPy arrays are copied to the host and back
                     ("host-staged"). Works on any machine and across machines.
-    backend "nccl": NVIDIA's GPU-to-GPU collectives through CuPy (`cupy.cuda.nccl`), on CuPy
-                    arrays only. NCCL needs a shared secret (its unique id) to connect the
+    backend "nccl": NVIDIA's GPU-to-GPU collectives through CuPy (`cupy.cuda.nccl`) for CuPy
+                    arrays (NumPy arrays still go over MPI). NCCL needs a shared secret (its unique id) to connect the
                     ranks: rank 0 creates it and MPI broadcasts it (the design ChainerMN used).
 
     import minidl.distributed as dist
@@ -208,19 +208,17 @@ def _nccl_op(op):
 def all_reduce_async(array, op="sum"):
     """Start an in-place all-reduce of `array` and return a handle; handle.wait() completes it.
 
-    "mpi": a non-blocking MPI Iallreduce (host-staged for CuPy arrays: the copy to the host
-    happens now, the copy back in wait()); "nccl": queued on NCCL's own CUDA stream, after
-    the work already queued on the current stream, so the caller's stream keeps computing.
+    "mpi" (and NumPy arrays under "nccl"): a non-blocking MPI Iallreduce, host-staged for CuPy
+    arrays (the copy to the host happens now, the copy back in wait()); "nccl" on CuPy arrays:
+    queued on NCCL's own CUDA stream after the work already queued on the current stream, so
+    the caller's stream keeps computing.
     """
     group, a = _require_group(), _array(array, "all_reduce")
     _check_op(op)
     if group.size == 1:
         return _Work(None)
-    if group.backend == "nccl":
+    if group.backend == "nccl" and backend.is_gpu_array(a):
         cp = backend.require_cupy()
-        if not backend.is_gpu_array(a):
-            raise TypeError("the 'nccl' backend reduces CuPy arrays only; move the array to the "
-                            "GPU or use init_process_group('mpi').")
         ready = cp.cuda.get_current_stream().record()
         group.stream.wait_event(ready)
         group.nccl_comm.allReduce(a.data.ptr, a.data.ptr, a.size, _nccl_dtype(a), _nccl_op(op),

@@ -318,3 +318,14 @@ def test_the_documented_training_loop_runs_as_one_rank(tmp_path, monkeypatch):
     assert not dist.is_initialized()                       # the loop ends by leaving the group
     saved = minidl.load(str(tmp_path / "model.npz"))
     assert list(saved) == list(namespace["model"].state_dict())
+
+
+@needs_mpi
+def test_distributed_benchmark_workers_report_what_the_tables_print():
+    from types import SimpleNamespace
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    import benchmark_distributed as bench
+    args = SimpleNamespace(quick=True, rounds=1, timeout=120)
+    rows = bench.launch("allreduce", 2, "mpi", args)
+    assert [r["bytes"] for r in rows] == bench.QUICK_SIZES
+    assert all(r["seconds"] > 0 and r["bus_gbps"] > 0 for r in rows)
