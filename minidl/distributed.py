@@ -240,7 +240,7 @@ def all_reduce_async(array, op="sum"):
         if op == "avg":
             host[...] /= group.size
         if host is not a:
-            a.set(host)
+            a[...] = backend.get_array_module(a).asarray(host)   # back to the GPU
     return _Work(finish)
 
 
@@ -266,7 +266,7 @@ def broadcast(array, src=0):
     host = backend.to_numpy(a) if backend.is_gpu_array(a) else a
     group.comm.Bcast(host, root=src)
     if host is not a:
-        a.set(host)
+        a[...] = backend.get_array_module(a).asarray(host)
     return array
 
 

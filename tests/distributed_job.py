@@ -1,11 +1,14 @@
 """The programs that tests/test_distributed.py runs under `mpiexec -n 2`, and what they share
 with the one-process references there.
 
-    mpiexec -n 2 python tests/distributed_job.py train OUT_DIR    # DDP + SyncBatchNorm, Adam
+    mpiexec -n 2 python tests/distributed_job.py train OUT_DIR [cpu|gpu]   # DDP + SyncBatchNorm, Adam
     mpiexec -n 2 python tests/distributed_job.py checks OUT_DIR   # collectives, buckets, sampler
     mpiexec -n 2 python tests/distributed_job.py crash OUT_DIR    # rank 1 raises
 
-Each rank writes what it computed to OUT_DIR/<job>-rank<r>.npz; the test compares.
+Each rank writes what it computed to OUT_DIR/<job>-rank<r>.npz; the test compares. With
+JOB_FAKE_CUPY=1 in the environment the ranks use tests/fake_cupy.py as CuPy (the test sets it
+when pytest itself runs with -p fake_cupy). The backend is "mpi" throughout: on a GPU the two
+ranks share one device, which NCCL refuses, and the gradients go through the host.
 """
 import os
 import sys
@@ -37,11 +40,12 @@ def batches():
             for _ in range(STEPS)]
 
 
-def train(model, parts):
+def train(model, parts, device="cpu"):
     """Adam steps on `parts` (one (x, y) per step); returns the model's state as NumPy arrays."""
     optimizer = minidl.optim.Adam(model.parameters(), lr=0.05)
     for x, y in parts:
-        loss = F.cross_entropy(model(minidl.tensor(x)), minidl.tensor(y))
+        x, y = minidl.tensor(x, device=device), minidl.tensor(y, device=device)
+        loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -54,16 +58,16 @@ def _save(out_dir, job, arrays):
     os.replace(path + ".tmp.npz", path)
 
 
-def job_train(out_dir):
+def job_train(out_dir, device="cpu"):
     rank, world = dist.get_rank(), dist.get_world_size()
     # A different initialisation on each rank: DDP must replace it with rank 0's.
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model(seed=rank))
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model(seed=rank).to(device))
     # A tiny bucket cap gives several buckets (the net has 1.7 KB of float64 parameters).
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.0005)
     share = BATCH // world
     parts = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
              for x, y in batches()]
-    state = train(ddp, parts)
+    state = train(ddp, parts, device)
     state["n_buckets"] = np.array(len(ddp._buckets))
     _save(out_dir, "train", state)
 
@@ -127,7 +131,10 @@ def job_crash(out_dir):
 
 
 if __name__ == "__main__":
-    job, out_dir = sys.argv[1], sys.argv[2]
+    if os.environ.get("JOB_FAKE_CUPY"):
+        import fake_cupy
+        fake_cupy.install()
+    job, out_dir, *device = sys.argv[1:]
     dist.init_process_group("mpi")
-    {"train": job_train, "checks": job_checks, "crash": job_crash}[job](out_dir)
+    {"train": job_train, "checks": job_checks, "crash": job_crash}[job](out_dir, *device)
     dist.destroy_process_group()

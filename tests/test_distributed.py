@@ -33,16 +33,20 @@ needs_mpi = pytest.mark.skipif(not (dist.is_available() and MPIEXEC),
 def run_on_two_ranks(args, timeout=60, cwd=None):
     """Run `python args...` on 2 ranks, one thread each; returns (completed process, seconds)."""
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE,
+                                           os.environ.get("PYTHONPATH", "")]))
+    if "fake_cupy" in sys.modules:      # pytest -p fake_cupy: the ranks emulate the GPU too
+        env["JOB_FAKE_CUPY"] = "1"
     start = time.perf_counter()
     done = subprocess.run([MPIEXEC, "-n", "2", sys.executable] + [str(a) for a in args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
     return done, time.perf_counter() - start
 
 
-def run_job(name, out_dir, timeout=60):
+def run_job(name, out_dir, *args, timeout=60):
     """Run distributed_job.py `name` on 2 ranks."""
-    return run_on_two_ranks([os.path.join(HERE, "distributed_job.py"), name, out_dir], timeout)
+    return run_on_two_ranks([os.path.join(HERE, "distributed_job.py"), name, out_dir, *args],
+                            timeout)
 
 
 def ranks(out_dir, name):
@@ -60,8 +64,9 @@ def checks(tmp_path_factory):
 
 # ---------------------------------------------------------------------- 2 ranks under mpiexec
 @needs_mpi
-def test_two_ranks_with_sync_batchnorm_train_like_one_process_with_the_whole_batch(tmp_path):
-    done, _ = run_job("train", tmp_path)
+def test_two_ranks_with_sync_batchnorm_train_like_one_process_with_the_whole_batch(tmp_path,
+                                                                                  device):
+    done, _ = run_job("train", tmp_path, device)
     assert done.returncode == 0, done.stderr[-3000:]
     reference = job.train(job.build_model(seed=0), job.batches())   # plain BatchNorm, batch 8
     for r, state in enumerate(ranks(tmp_path, "train")):
