@@ -7,8 +7,9 @@ MPI (`mpiexec -n 4 python train.py`), which also carries the collectives:
     backend "mpi":  mpi4py on NumPy arrays; CuPy arrays are copied to the host and back
                     ("host-staged"). Works on any machine and across machines.
     backend "nccl": NVIDIA's GPU-to-GPU collectives through CuPy (`cupy.cuda.nccl`) for CuPy
-                    arrays (NumPy arrays still go over MPI). NCCL needs a shared secret (its unique id) to connect the
-                    ranks: rank 0 creates it and MPI broadcasts it (the design ChainerMN used).
+                    arrays (NumPy arrays still go over MPI). NCCL needs a shared secret (its
+                    unique id) to connect the ranks: rank 0 creates it and MPI broadcasts it
+                    (the design ChainerMN used).
 
     import minidl.distributed as dist
     dist.init_process_group()            # "nccl" when a GPU is visible, else "mpi"
@@ -179,10 +180,15 @@ def _check_op(op):
 
 
 class _Work:
-    """A started all-reduce; wait() finishes it (results are in the array afterwards)."""
+    """A started all-reduce; wait() finishes it (results are in the array afterwards).
+    poll() lets MPI move it on without waiting (MPICH progresses only inside MPI calls)."""
 
-    def __init__(self, finish):
-        self._finish = finish
+    def __init__(self, finish, request=None):
+        self._finish, self._request = finish, request
+
+    def poll(self):
+        if self._request is not None and self._finish is not None:
+            self._request.Test()
 
     def wait(self):
         if self._finish is not None:
@@ -241,7 +247,7 @@ def all_reduce_async(array, op="sum"):
             host[...] /= group.size
         if host is not a:
             a[...] = backend.get_array_module(a).asarray(host)   # back to the GPU
-    return _Work(finish)
+    return _Work(finish, request)
 
 
 def all_reduce(array, op="sum"):

@@ -191,6 +191,22 @@ def test_one_rank_ddp_gives_the_plain_gradients_and_the_model_keys(world_of_one,
         dist.init_process_group("mpi")
 
 
+def test_collectives_of_one_rank_and_their_bad_input(world_of_one, device, xp):
+    a = minidl.tensor(np.arange(6.0).reshape(2, 3), device=device)
+    assert dist.all_reduce(a, op="avg") is a
+    assert_close(a.data, np.arange(6.0).reshape(2, 3))
+    out = dist.all_gather([xp.zeros((2, 3))], a)
+    assert_close(out[0], a.data)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        dist.all_reduce(a.data.T)
+    with pytest.raises(ValueError, match="a list of 1 arrays"):
+        dist.all_gather([], a)
+    with pytest.raises(ValueError, match=r"output 0 has shape \(3,\)"):
+        dist.all_gather([xp.zeros(3)], a)
+    with pytest.raises(ValueError, match="src=1 is not a rank"):
+        dist.broadcast(a, src=1)
+
+
 def test_ddp_refuses_a_backward_that_left_parameters_without_gradients(world_of_one):
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
     ddp = DistributedDataParallel(model, bucket_cap_mb=1e-5)

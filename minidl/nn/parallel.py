@@ -12,11 +12,11 @@ about `bucket_cap_mb` megabytes, in reverse parameter order (roughly the order i
 backward produces them: the last layer first), and each bucket is one all-reduce.
 
 Overlap: a bucket's all-reduce starts as soon as backward has produced every gradient in it,
-while backward goes on with earlier layers (non-blocking MPI Iallreduce; NCCL on its own CUDA
-stream). To know when a parameter's gradient is complete, forward counts how often each
-parameter appears in the graph of the output, and a hook on the parameter
-(Tensor.register_post_accumulate_grad_hook) counts the gradients arriving. Buckets are launched
-strictly in order, so every rank issues the same sequence of collectives.
+while backward goes on with earlier layers (non-blocking MPI Iallreduce, nudged on at every
+arriving gradient; NCCL on its own CUDA stream). To know when a parameter's gradient is
+complete, forward counts how often each parameter appears in the graph of the output, and a
+hook on the parameter (Tensor.register_post_accumulate_grad_hook) counts the gradients arriving.
+Buckets are launched strictly in order, so every rank issues the same sequence of collectives.
 """
 from contextlib import contextmanager
 
@@ -148,6 +148,8 @@ class DistributedDataParallel(Module):
         if not self._armed:
             return                      # under no_sync(), or outside training
         self._gradients_seen += 1
+        for b in self._buckets[:self._next_bucket]:   # let running all-reduces move on
+            b.work.poll()
         left = self._uses_left[id(p)] - 1
         self._uses_left[id(p)] = left
         if left == 0:
@@ -156,9 +158,10 @@ class DistributedDataParallel(Module):
 
     def _launch_ready_buckets(self):
         world = distributed.get_world_size()
-        while (self._next_bucket < len(self._buckets)
-               and self._buckets[self._next_bucket].ready == len(self._buckets[self._next_bucket].params)):
+        while self._next_bucket < len(self._buckets):
             b = self._buckets[self._next_bucket]
+            if b.ready < len(b.params):
+                break                   # later buckets wait for this one: launched in order
             ref = b.params[0].data
             xp = backend.get_array_module(ref)
             b.flat = xp.zeros(b.size, dtype=ref.dtype)
