@@ -12,7 +12,7 @@ venv: $(STAMP)
 # Reinstall only when the package description changes; otherwise this is a no-op.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -e ".[test]"
+	$(VENV)/bin/python -m pip install -e ".[test,dist]"
 	touch $(STAMP)
 
 demo: venv

@@ -41,7 +41,7 @@ class Tensor:
     data: the backend ndarray (numpy on "cpu", cupy on "gpu").
     grad: an ndarray of data's shape after backward() (None before).
     """
-    __slots__ = ("data", "grad", "requires_grad", "_node", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_node", "_grad_hooks", "__weakref__")
     # Makes `ndarray + Tensor` call Tensor.__radd__ instead of broadcasting element-wise.
     __array_priority__ = 1000
 
@@ -207,6 +207,15 @@ class Tensor:
         if g.shape != self.data.shape:
             g = backend.get_array_module(g).broadcast_to(g, self.data.shape)
         self.grad = g if self.grad is None else self.grad + g
+        for hook in getattr(self, "_grad_hooks", ()):   # unset on most tensors
+            hook(self)
+
+    def register_post_accumulate_grad_hook(self, hook):
+        """Call hook(self) each time backward has added a gradient into .grad (a leaf used k
+        times in the graph gets k calls; DistributedDataParallel counts them)."""
+        if getattr(self, "_grad_hooks", None) is None:
+            self._grad_hooks = []
+        self._grad_hooks.append(hook)
 
     # ------------------------------------------------------------------ operators
     def __add__(self, other): return _A.add(self, other)

@@ -13,7 +13,8 @@ from .pixel_shuffle import PixelShuffle, PixelUnshuffle
 from .upsampling import Upsample
 from .loss import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, KLDivLoss, L1Loss, MSELoss,
                    NLLLoss, SmoothL1Loss)
-from . import init, utils
+from .sync_batchnorm import SyncBatchNorm, SyncBatchNormReLU2d
+from . import init, parallel, utils
 
 # minidl.nn.functional is minidl.functional itself (one module, two names), so both
 # `from minidl.nn import functional as F` and `import minidl.nn.functional as F` work as

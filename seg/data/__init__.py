@@ -13,6 +13,7 @@ Augmentation (image and mask together):
     elastic_deform, elastic_displacement, intensity_jitter
 Batching:
     Dataset, DataLoader (images float32 (N, C, H, W), masks int64 (N, H, W)), collate
+    DistributedSampler (each rank's share of the indices in data-parallel training)
 """
 
 from .augment import (
@@ -33,6 +34,7 @@ from .kaggle import KaggleUltrasound, find_kaggle_samples, find_kaggle_test_samp
 from .loader import DataLoader, Dataset, collate
 from .readers import IMAGE_SUFFIXES, load_image, load_mask, read_array
 from .samples import Sample, load_sample, split_by_subject
+from .sampler import DistributedSampler
 from .synthetic import DEFAULT_SIZE, synthetic_image, write_synthetic_dataset
 
 __all__ = [
@@ -42,5 +44,5 @@ __all__ = [
     "synthetic_image", "write_synthetic_dataset", "DEFAULT_SIZE",
     "Augment", "Resize", "resize", "hflip", "vflip", "random_flip", "affine", "random_affine",
     "elastic_deform", "elastic_displacement", "intensity_jitter",
-    "Dataset", "DataLoader", "collate",
+    "Dataset", "DataLoader", "collate", "DistributedSampler",
 ]

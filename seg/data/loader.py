@@ -121,10 +121,12 @@ class DataLoader:
     batch_size: N (the last batch is smaller unless drop_last=True).
     shuffle: new order every epoch, drawn from (seed, epoch).
     prefetch: prepare the next batch in a background thread (queue of ``prefetch_batches``).
+    sampler: an iterable of indices with len() (e.g. DistributedSampler) giving the order
+        instead of shuffle; the loader sets its epoch (set_epoch) before each epoch.
     """
 
     def __init__(self, dataset, batch_size=1, shuffle=False, seed=0, drop_last=False, prefetch=True,
-                 prefetch_batches=2):
+                 prefetch_batches=2, sampler=None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         self.dataset = dataset
@@ -135,19 +137,28 @@ class DataLoader:
         self.prefetch = prefetch
         self.prefetch_batches = max(1, int(prefetch_batches))
         self.epoch = 0
+        if sampler is not None and shuffle:
+            raise ValueError("DataLoader: pass either shuffle=True or a sampler (which decides "
+                             "the order itself), not both.")
+        self.sampler = sampler
 
     def set_epoch(self, epoch):
         """Use ``epoch`` for the next iteration (order and augmentation depend on it)."""
         self.epoch = int(epoch)
 
     def __len__(self):
-        n = len(self.dataset)
+        n = len(self.dataset) if self.sampler is None else len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batch_indices(self, epoch):
         """The list of index arrays that make up the batches of ``epoch``."""
         n = len(self.dataset)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.sampler is not None:
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(epoch)   # the loader's epoch numbering drives the sampler's
+            order = np.fromiter(self.sampler, dtype=np.int64)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         return [order[k:k + self.batch_size] for k in range(0, len(self) * self.batch_size, self.batch_size)]
 
     def _make_batch(self, indices, epoch):
