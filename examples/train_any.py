@@ -3,6 +3,7 @@
     python examples/train_any.py --model segnet                      # width 1/16, 2 epochs, 64x64
     python examples/train_any.py --model deeplabv3 --epochs 4 --size 96x128
     python examples/train_any.py --model fcn8s --width 0.125 --device gpu
+    python examples/train_any.py --model fcn8s --pretrained vgg16.safetensors   # ImageNet start
     python -m seg models                                             # the names, full-size counts
 
 It does what examples/train_unet.py does (data, loss, seg.train's loop, checkpoints and plots in
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import minidl  # noqa: E402
-from seg import cli, models, setup  # noqa: E402
+from seg import acceleration, cli, models, setup  # noqa: E402
 from seg.errors import UsageError  # noqa: E402
 from seg.losses import get_loss  # noqa: E402
 from seg.train import train  # noqa: E402
@@ -43,11 +44,13 @@ def main(argv=None):
                                  f"{', '.join(models.available())}.")
         minidl.manual_seed(args.seed)
         np.random.seed(args.seed)
+        acceleration.apply_matmul_precision(args)
         data = setup.prepare_data(args, synthetic_root=ROOT / "data" / "synthetic")
         if args.model == "unet":
             model = setup.build_model_from_args(args, data.num_classes, in_channels=1)
         else:
             model = models.build(args.model, data.num_classes, in_channels=1, width=args.width)
+        setup.load_pretrained_from_args(args, model)     # --pretrained FILE (e.g. ImageNet VGG)
     except (UsageError, ValueError, FileNotFoundError) as exc:
         print(f"train_any.py: error: {exc}", file=sys.stderr)
         return 2
@@ -59,7 +62,7 @@ def main(argv=None):
     result = train(model, data.train_loader, data.val_loader, get_loss(args.loss),
                    setup.make_optimizer(args, model), epochs=args.epochs, out_dir=args.out,
                    device=args.device, resume=args.resume, plot_every=args.plot_every,
-                   progress=args.progress, config=config)
+                   progress=args.progress, config=config, **acceleration.trainer_options(args))
     if result.history:
         print(f"validation Dice {result.last['val_dice']:.4f} (best {result.best_score:.4f}); "
               f"outputs in {args.out}")

@@ -5,6 +5,7 @@
     python examples/train_unet.py --data ~/kaggle/ultrasound-nerve-segmentation --device gpu
     python examples/train_unet.py --preset seed-unet       # the talk's settings table (long!)
     python examples/train_unet.py --resume runs/unet/last.npz --epochs 30   # train on
+    python examples/train_unet.py --amp bf16               # mixed precision (docs/AMP.md)
 
 What happens, step by step (steps 1-3: `seg.setup.set_up_training`, step 4: `seg.train.train`):
 

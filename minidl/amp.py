@@ -64,6 +64,9 @@ POLICY = {
     "Add": "promote", "Sub": "promote", "Mul": "promote", "Div": "promote",
     "Maximum": "promote", "Minimum": "promote", "Where": "promote",
     "Concatenate": "promote", "Stack": "promote",
+    # seg.losses' soft Dice is one op: a loss, so float32 (in float16 the GradScaler's
+    # 65536 * gradient would overflow inside it).
+    "SoftDice": "float32",
 }
 
 _state = None     # (device, dtype) inside autocast, None outside

@@ -4,7 +4,7 @@
     meta = load_checkpoint("runs/unet/last.npz", model, optimizer, scheduler)
     read_checkpoint_meta("runs/unet/best.npz")["config"]      # without building a model
 
-A checkpoint is one .npz file (minidl.save): the arrays of model/optimizer/scheduler state,
+A checkpoint is one .npz or .safetensors file (minidl.save, by the suffix): the arrays of model/optimizer/scheduler state,
 minidl's random state, and the meta dict (epoch, best score, history, the run's config, NumPy's
 global random state) as JSON text in a uint8 array, so reading it never needs pickle. It is
 written to a temporary file first and then renamed, so a crash mid-write never leaves a broken
@@ -67,15 +67,10 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        minidl.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # minidl.save writes a temporary file and renames it itself; it picks the format from
+    # the suffix, so it must be given `path` (a ".tmp" name would turn .safetensors into .npz).
+    minidl.save(state, path)
     return path
 
 

@@ -6,6 +6,7 @@
     python -m seg predict --checkpoint runs/unet/best.npz --input data/synthetic/test --output out/
     python -m seg evaluate --checkpoint runs/unet/best.npz --data data/synthetic
     python -m seg models
+    python -m seg export --checkpoint runs/unet/best.npz --output unet.onnx
 
 This module parses the arguments and runs the commands; the work is done by seg.setup
 (training set-up: data, model, optimizer, schedule), seg.train (the loop) and seg.inference
@@ -27,7 +28,9 @@ from .data import IMAGE_SUFFIXES, load_image
 from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
 from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
 from .losses import LOSSES
+from .acceleration import AMP_DTYPES, MATMUL_PRECISIONS
 from .models import summary
+from .models.pretrained import resolve_mapping
 from .setup import DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_dataset, set_up_training, trainer_options
 from .train import train
 
@@ -129,7 +132,35 @@ def add_train_arguments(parser, defaults=None):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="seed-unet: the talk's U-Net settings (explicit options still win)")
+    add_interop_arguments(p, d)
     return parser
+
+
+def _mapping_name(text):
+    """--pretrained-mapping: 'auto', 'none' (the model's own names) or a known layout."""
+    if text.lower() in ("auto", "none"):
+        return text.lower()
+    try:
+        return resolve_mapping(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).rstrip(".")) from None
+
+
+def add_interop_arguments(p, d):
+    """--pretrained, --amp, --cuda-graph, --matmul-precision (seg.setup, seg.acceleration)."""
+    p.add_argument("--pretrained", default=d["pretrained"], metavar="PATH",
+                   help="start from the weights in this .safetensors / .npz file (e.g. torchvision's "
+                        "VGG-16 for fcn8s); see docs/INTEROP.md")
+    p.add_argument("--pretrained-mapping", type=_mapping_name, default=d["pretrained_mapping"],
+                   metavar="NAME", help="the file's layout, e.g. vgg16-torchvision, resnet101-timm, "
+                                        "vgg16-caffe; none: the model's own names; default: "
+                                        "recognised from the names")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=d["amp"],
+                   help="mixed precision: forward and loss in bfloat16 / float16 (docs/AMP.md)")
+    p.add_argument("--cuda-graph", action="store_true", default=d["cuda_graph"],
+                   help="replay the training step as a CUDA graph (GPU; else one line says why not)")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default=d["matmul_precision"],
+                   help="float32 matmul precision (minidl.set_float32_matmul_precision)")
 
 
 def build_train_parser(prog="python -m seg train", description=None, defaults=None):
@@ -174,6 +205,9 @@ def check_train_args(args):
         raise UsageError(f"--resume checkpoint {args.resume} does not exist.")
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
+    if getattr(args, "pretrained", None) is not None and not os.path.isfile(args.pretrained):
+        raise UsageError(f"--pretrained file {args.pretrained} does not exist; export the weights "
+                         "to a .safetensors or .npz file first (see docs/INTEROP.md).")
     require_device(args.device)
     return args
 
@@ -249,6 +283,17 @@ def cmd_evaluate(args, log=print):
     return 0
 
 
+def cmd_export(args, log=print):
+    """`python -m seg export`: the checkpoint's model as an ONNX file (seg.export)."""
+    from .export import export_checkpoint     # (imports minidl.onnx only for this command)
+    info = export_checkpoint(args.checkpoint, args.output, args.opset, args.size)
+    shapes = ["x".join(str(d) for d in info[k]) for k in ("input_shape", "output_shape")]
+    log(f"wrote {info['path']}: {info['model']} as ONNX opset {info['opset_version']}, "
+        f"{info['nodes']} nodes; input 'image' {shapes[0]}, output 'logits' {shapes[1]} "
+        "(the batch axis is dynamic)")
+    return 0
+
+
 def cmd_models(args, log=print):
     """`python -m seg models`: every model with its parameter count at the reference
     configuration and output stride; `--explain NAME` lists NAME's layers (seg.models.summary)."""
@@ -265,7 +310,7 @@ def cmd_models(args, log=print):
 def build_parsers():
     """The `python -m seg` parser and its train command's parser -> (parser, train_parser)."""
     parser = _Parser(prog="python -m seg", description="Image segmentation with minidl.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,models}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,models,export}",
                                 parser_class=_Parser)
     sub.required = True
     train_p = sub.add_parser("train", help="train a model (default: U-Net on synthetic data)")
@@ -289,10 +334,17 @@ def build_parsers():
                           help="list NAME's conv layers: parameters, output sizes, receptive field")
     models_p.add_argument("--input-size", dest="input_size", type=_size, default=None, metavar="HxW",
                           help="input size for --explain; default: the paper's")
+    exp = sub.add_parser("export", help="write a checkpoint's model as an ONNX file")
+    exp.add_argument("--checkpoint", required=True)
+    exp.add_argument("--output", required=True, metavar="FILE.onnx")
+    exp.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (13..18); default %(default)s")
+    exp.add_argument("--size", type=_size, default=None, metavar="HxW",
+                     help="height and width of the graph's input; default: the training size")
     return parser, train_p
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "models": cmd_models,
+            "export": cmd_export}
 
 
 def run_main(fn, args, prog):

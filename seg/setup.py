@@ -20,6 +20,7 @@ import minidl
 from minidl import optim
 from minidl.optim.lr_scheduler import PolyLR
 
+from . import acceleration
 from . import data as sdata
 from . import models
 from .errors import UsageError
@@ -27,7 +28,8 @@ from .losses import get_loss
 
 __all__ = ["TRAIN_DEFAULTS", "PRESETS", "DEFAULT_SYNTHETIC", "Data", "TrainingRun", "set_up_training",
            "trainer_options", "prepare_data", "open_dataset", "ensure_synthetic", "model_options",
-           "build_model_from_args", "make_optimizer", "make_scheduler", "run_config"]
+           "build_model_from_args", "make_optimizer", "make_scheduler", "run_config",
+           "load_pretrained_from_args"]
 
 #: Where the synthetic stand-in for the Kaggle data is generated (once) when --data is not given.
 DEFAULT_SYNTHETIC = "data/synthetic"
@@ -51,7 +53,10 @@ TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "
                   "padding": "same", "batch_norm": True, "dropout": 0.0, "dropout_mode": "bottleneck",
                   "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
                   "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
-                  "plot_every": 4, "progress": True, "preset": None}
+                  "plot_every": 4, "progress": True, "preset": None,
+                  # issue 19 / 16 (seg/acceleration.py, seg.models.pretrained)
+                  "pretrained": None, "pretrained_mapping": "auto", "amp": None, "cuda_graph": False,
+                  "matmul_precision": None}
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -75,8 +80,10 @@ def set_up_training(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
     """
     minidl.manual_seed(args.seed)          # weights, dropout
     np.random.seed(args.seed)
+    acceleration.apply_matmul_precision(args, log)
     data = prepare_data(args, log, synthetic_root)
     model = build_model_from_args(args, data.num_classes)
+    load_pretrained_from_args(args, model, log)
     optimizer = make_optimizer(args, model)
     return TrainingRun(data, model, get_loss(args.loss), optimizer, make_scheduler(args, optimizer),
                        run_config(args, data.num_classes))
@@ -85,7 +92,8 @@ def set_up_training(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
 def trainer_options(args):
     """The keyword arguments of seg.train.train that come from the training options."""
     return {"epochs": args.epochs, "out_dir": args.out, "device": args.device, "resume": args.resume,
-            "plot_every": args.plot_every, "progress": args.progress}
+            "plot_every": args.plot_every, "progress": args.progress,
+            **acceleration.trainer_options(args)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -159,6 +167,34 @@ def build_model_from_args(args, num_classes, in_channels=1):
                             **model_options(args))
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
+
+
+def load_pretrained_from_args(args, model, log=print):
+    """--pretrained PATH [--pretrained-mapping NAME]: copy a weight file's arrays into `model`
+    (seg.models.pretrained) and log the loaded / skipped / mismatched report. Returns the
+    report, or None without --pretrained. UsageError for a missing file, an unknown mapping
+    or a file of which nothing fits the model."""
+    path = getattr(args, "pretrained", None)
+    if path is None:
+        return None
+    from .models.pretrained import format_report, load_pretrained
+    if not Path(path).is_file():
+        raise UsageError(f"--pretrained file {path} does not exist; export the weights to a "
+                         ".safetensors or .npz file first (see docs/INTEROP.md).")
+    mapping = getattr(args, "pretrained_mapping", "auto")
+    mapping = None if mapping in ("none", "own") else mapping
+    try:
+        report = load_pretrained(model, path, mapping=mapping, verbose=False)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--pretrained {path}: {exc}") from None
+    log(format_report(report, path))
+    if not report["loaded"]:
+        used = report["mapping"] or "the model's own names"
+        raise UsageError(f"--pretrained {path}: none of its {len(report['skipped']) + len(report['mismatched'])} "
+                         f"arrays fits {args.model} (mapping: {used}); pass the file's layout with "
+                         "--pretrained-mapping NAME (e.g. vgg16-torchvision), or a file made for "
+                         "this model.")
+    return report
 
 
 def make_optimizer(args, model):

@@ -28,6 +28,7 @@ augmentation depend only on (seed, epoch), which the loop sets each epoch).
 A NaN or infinite loss stops the run before the bad update is applied, with one message; the
 last good checkpoint stays. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
 """
+import contextlib
 import csv
 import math
 import os
@@ -41,6 +42,7 @@ from minidl import backend
 from minidl.tensor import Tensor
 
 from . import metrics as seg_metrics
+from .acceleration import GraphedSteps, backward_and_step
 from .checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .errors import NonFiniteLossError, explain_gpu_out_of_memory
 from .tiling import forward_full
@@ -93,11 +95,17 @@ class Trainer:
     num_classes: for IoU (default: the model's num_classes attribute, else 2).
     plot_every: draw the sample panel every that many epochs (and after the last one).
     log: function for the one-line-per-epoch summaries (print; None to stay quiet).
+    step_context: called with no arguments, a context manager around each training forward
+        pass and loss (e.g. minidl.amp.autocast; seg.acceleration).
+    scaler: a minidl.amp.GradScaler for the backward pass and the update (its state goes into
+        the checkpoints), or None.
+    cuda_graph: replay the training step as a CUDA graph (seg.acceleration.GraphedSteps).
     """
 
     def __init__(self, model, train_loader, val_loader, loss_fn, optimizer, scheduler=None,
                  out_dir="runs/unet", device="cpu", config=None, num_classes=None, plot=True,
-                 plot_every=1, n_samples=4, progress=True, log=print):
+                 plot_every=1, n_samples=4, progress=True, log=print, step_context=None,
+                 scaler=None, cuda_graph=False):
         self.model, self.loss_fn = model, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -116,6 +124,10 @@ class Trainer:
         self._plot_warned = False
         os.makedirs(self.out_dir, exist_ok=True)
         model.to(self.device)
+        self.step_context = step_context or contextlib.nullcontext
+        self.scaler = scaler
+        self.graph = GraphedSteps(model, loss_fn, optimizer, self.device, step_context, scaler,
+                                  self.log) if cuda_graph else None
 
     # -------------------------------------------------------------- paths and checkpoints
     def path(self, name):
@@ -123,7 +135,8 @@ class Trainer:
 
     def _meta(self, **extra):
         return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                "history": self.history, "config": self.config, "rng": rng_state(), **extra}
+                "history": self.history, "config": self.config, "rng": rng_state(),
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}), **extra}
 
     def save(self, name, **extra):
         return save_checkpoint(self.path(name), self.model, self.optimizer, self.scheduler,
@@ -138,6 +151,8 @@ class Trainer:
         self.best_epoch = int(meta.get("best_epoch", 0))
         self.history = [dict(row) for row in meta.get("history", [])]
         restore_rng_state(meta.get("rng", {}))
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
         # metrics.csv must match the restored history (a crashed run may have written more).
         self._write_metrics_csv()
         return meta
@@ -168,6 +183,8 @@ class Trainer:
             # Order and augmentation depend on the epoch number only: resumes are exact.
             self.train_loader.set_epoch(epoch - 1)
         self.model.train()
+        if self.graph is not None:
+            self.graph.new_epoch()
         total_loss, n_images, compute_time = 0.0, 0, 0.0
         try:
             n_batches = len(self.train_loader)
@@ -181,14 +198,20 @@ class Trainer:
                 with explain_gpu_out_of_memory("training", images):
                     x = Tensor(_to_device(images, self.device))
                     y = _to_device(masks, self.device)
-                    logits = forward_full(self.model, x)
-                    loss = self.loss_fn(logits, y)
-                    value = float(loss.item())
-                    if not math.isfinite(value):
-                        self._stop_non_finite(value, epoch, step)
-                    self.optimizer.zero_grad()
-                    loss.backward()
-                    self.optimizer.step()
+                    if self.graph is not None:      # (the update is applied before the check)
+                        logits, loss = None, self.graph(x, y)
+                        value = float(loss.item())
+                        if not math.isfinite(value):
+                            self._stop_non_finite(value, epoch, step)
+                    else:
+                        with self.step_context():
+                            logits = forward_full(self.model, x)
+                            loss = self.loss_fn(logits, y)
+                        value = float(loss.item())
+                        if not math.isfinite(value):
+                            self._stop_non_finite(value, epoch, step)
+                        self.optimizer.zero_grad()
+                        backward_and_step(loss, self.optimizer, self.scaler)
                 del x, logits, loss           # the graph is freed here, not kept to the next step
                 compute_time += time.perf_counter() - t0
                 n = len(images)
