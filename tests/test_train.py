@@ -100,12 +100,16 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     path = tmp_path / "last.npz"
     before = {k: v.copy() for k, v in trainer.model.state_dict().items()}
 
-    def broken_save(arrays, target):
-        with open(target, "wb") as f:      # half a file, then the "disk" fails
-            f.write(b"PK\x03\x04 partial")
-        raise OSError("No space left on device")
+    written = []
 
-    monkeypatch.setattr(minidl, "save", broken_save)
+    def broken_member(archive, name, array):   # a few arrays written, then the "disk" fails
+        if len(written) == 3:
+            raise OSError("No space left on device")
+        written.append(name)
+        real_member(archive, name, array)
+
+    real_member = minidl.serialization._write_member
+    monkeypatch.setattr(minidl.serialization, "_write_member", broken_member)
     for p in trainer.model.parameters():
         p.data = p.data + 1
     with pytest.raises(OSError, match="No space left"):

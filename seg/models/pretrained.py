@@ -158,7 +158,8 @@ def _targets(name, own):
 def _fit(array, shape, layout):
     """`array` rearranged to `shape`, or None when it cannot be.
 
-    4-D: (out, in, kh, kw) as is, or (kh, kw, in, out) transposed. 2-D fully connected weights
+    4-D: (out, in, kh, kw) as is, or (kh, kw, in, out) transposed; an RGB (out, 3, kh, kw)
+    kernel for a 1-channel layer is summed over the colours. 2-D fully connected weights
     become conv weights: (out, in * kh * kw) (Caffe / PyTorch, C-major flattening) or its
     transpose (TensorFlow, (kh * kw * in, out), H-W-C flattening).
     """
@@ -167,6 +168,10 @@ def _fit(array, shape, layout):
         return array
     if len(shape) == 4:
         out, cin, kh, kw = shape
+        if cin == 1 and array.ndim == 4 and array.shape == (out, 3, kh, kw):
+            # An RGB first layer for grayscale images (the ultrasound data): sum over the
+            # colours, so a gray pixel g gives what the RGB pixel (g, g, g) gave (timm does so).
+            return array.sum(axis=1, keepdims=True)
         if array.ndim == 4 and array.shape == (kh, kw, cin, out) and layout != "oihw":
             return array.transpose(3, 2, 0, 1)
         if array.ndim == 2 and array.size == out * cin * kh * kw:
