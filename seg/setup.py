@@ -200,7 +200,9 @@ def load_pretrained_from_args(args, model, log=print):
 def make_optimizer(args, model):
     if args.optimizer == "sgd":
         return optim.SGD(model.parameters(), lr=args.lr, momentum=0.99)   # the paper's momentum
-    return optim.Adam(model.parameters(), lr=args.lr)
+    # --cuda-graph on the GPU: Adam's step count on the device, so the update can be replayed.
+    capturable = bool(getattr(args, "cuda_graph", False)) and args.device == "gpu"
+    return optim.Adam(model.parameters(), lr=args.lr, capturable=capturable)
 
 
 class RunPolyLR(PolyLR):

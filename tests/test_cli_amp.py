@@ -118,3 +118,56 @@ def test_matmul_precision_calls_minidl_or_says_it_is_missing(monkeypatch):
     assert len(lines) == 1 and "ignored" in lines[0]
     with pytest.raises(SystemExit):
         cli.parse_train_args(["--matmul-precision", "medium"])
+
+
+# ----------------------------------------------------------------------------- capturable Adam
+def _adam_run(cls, device, steps=4, **options):
+    from minidl import backend, nn
+    minidl.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).to(device)
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1, **options)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = backend.to_device(rng.standard_normal(p.shape).astype(np.float32), device)
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("cls", [optim.Adam, optim.AdamW])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_capturable_adam_takes_adams_steps_with_its_step_count_on_the_device(device, cls, amsgrad):
+    from minidl import backend
+    plain, _ = _adam_run(cls, device, amsgrad=amsgrad)
+    model, opt = _adam_run(cls, device, amsgrad=amsgrad, capturable=True)
+    for p, q in zip(plain.parameters(), model.parameters()):
+        # (the compiled kernel and the array expressions may round the last bit differently)
+        np.testing.assert_allclose(backend.to_numpy(q.data), backend.to_numpy(p.data), rtol=1e-6,
+                                   atol=1e-7)
+    step = next(iter(opt.state.values()))["step"]
+    assert step.shape == () and backend.device_of(step) == device and float(step) == 4
+
+
+def test_capturable_adam_keeps_no_changing_python_number_and_resumes_plain_adam(device):
+    from minidl import cuda
+    for capturable, expected in ((False, 1), (True, 0)):
+        model, opt = _adam_run(optim.Adam, device, steps=1, capturable=capturable)
+        grads = [p.grad for p in model.parameters()]
+
+        def step():
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            opt.step()
+        _, reasons = cuda.host_state_changes(step, (), opt)
+        assert len(reasons) == expected, reasons     # plain Adam: its Python step count
+    # A state saved by plain Adam continues under capturable Adam, and back.
+    plain, plain_opt = _adam_run(optim.Adam, device, steps=2)
+    model, opt = _adam_run(optim.Adam, device, steps=2, capturable=True)
+    opt.load_state_dict(plain_opt.state_dict())
+    plain_opt.load_state_dict(opt.state_dict())
+    for p in list(model.parameters()) + list(plain.parameters()):
+        p.grad = p.data * 0 + 1
+    opt.step()
+    plain_opt.step()
+    for o in (opt, plain_opt):
+        assert float(next(iter(o.state.values()))["step"]) == 3

@@ -4,6 +4,7 @@ import math
 from .. import backend
 from .optimizer import Optimizer
 import kernels
+import kernels.reference
 
 
 class Adam(Optimizer):
@@ -14,18 +15,25 @@ class Adam(Optimizer):
 
     weight_decay adds weight_decay * p to g (L2 regularisation); AdamW instead shrinks p
     directly ("decoupled" decay). amsgrad uses the running maximum of v.
+
+    capturable=True (PyTorch's name) keeps the step count t in a 0-d array on the parameter's
+    device and computes the bias corrections there, so that no Python number changes from
+    step to step and a CUDA graph can replay the update (minidl.cuda.make_graphed_step). The
+    numbers are Adam's; the learning rate stays a Python number (capture again after changing
+    it). Slower on the CPU, where nothing is captured.
     """
     decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False):
+                 amsgrad=False, capturable=False):
         beta1, beta2 = betas
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise ValueError(f"{type(self).__name__} needs lr, eps, weight_decay >= 0 and betas in "
                              f"[0, 1), got lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}.")
         super().__init__(params, dict(lr=lr, betas=(float(beta1), float(beta2)), eps=eps,
-                                      weight_decay=weight_decay, amsgrad=amsgrad))
+                                      weight_decay=weight_decay, amsgrad=amsgrad,
+                                      capturable=bool(capturable)))
 
     def update(self, p, g, state, group):
         # Runs once per parameter per step (64 times for the example U-Net, most of them
@@ -33,22 +41,42 @@ class Adam(Optimizer):
         data = p.data
         if not state:
             xp = backend.get_array_module(data)
-            state["step"] = 0
+            state["step"] = 0       # (an array with capturable=True, see _capturable_update)
             state["exp_avg"] = xp.zeros_like(data)
             state["exp_avg_sq"] = xp.zeros_like(data)
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = xp.zeros_like(data)
-        t = state["step"] = state["step"] + 1
         lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         if wd != 0 and self.decoupled:
             data *= 1 - lr * wd
             wd = 0.0
+        if group.get("capturable"):
+            self._capturable_update(data, g, state, group, lr, beta1, beta2, wd)
+            return
+        t = state["step"] = int(state["step"]) + 1
         # The arithmetic (kernels/reference.py spells it out) is one fused loop on the CPU.
         kernels.for_array(data).adam_update(
             data, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
             group["amsgrad"], beta1, beta2, lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t),
             group["eps"], wd)
+
+    def _capturable_update(self, data, g, state, group, lr, beta1, beta2, wd):
+        """The same step with t, lr / (1 - beta1^t) and sqrt(1 - beta2^t) as 0-d device arrays
+        (float64, as Python computes them, then rounded to the parameter's dtype, as the
+        Python numbers are when they meet a float32 array)."""
+        xp = backend.get_array_module(data)
+        if not hasattr(state["step"], "shape"):       # a new state, or one saved by plain Adam
+            state["step"] = xp.asarray(float(state["step"]), dtype=xp.float64)
+        t = state["step"]
+        t += 1                                         # in place: the graph's array
+        step_size = (lr / (1 - beta1 ** t)).astype(data.dtype)
+        bias2_sqrt = xp.sqrt(1 - beta2 ** t).astype(data.dtype)
+        # The reference is written in array expressions, so it accepts 0-d arrays as
+        # coefficients (the compiled kernels take Python numbers).
+        kernels.reference.adam_update(
+            data, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+            group["amsgrad"], beta1, beta2, step_size, bias2_sqrt, group["eps"], wd)
 
 
 class AdamW(Adam):
@@ -56,5 +84,5 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
+                 amsgrad=False, capturable=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, capturable)
