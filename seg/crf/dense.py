@@ -92,7 +92,7 @@ def _softmax_rows(x, out, device):
     return permutohedral_cpu.softmax_rows(x, out)
 
 
-def _pair(value, name):
+def _positive_values(value, name):
     """A theta given as one number or one per axis -> float array; checks positivity."""
     arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
@@ -293,7 +293,7 @@ class DenseCRF:
         self.kernels.append(_Kernel(lattice, norm.astype(self.xp.float32).reshape(-1), kind, c))
 
     def _scaled_positions(self, sxy):
-        s = _pair(sxy, "sxy")
+        s = _positive_values(sxy, "sxy")
         if s.size > 2:
             raise ValueError(f"sxy must be one number or a pair (sx, sy); got {sxy!r}.")
         return self._positions / s  # (N, 2) / (1,) or (2,)
@@ -311,7 +311,7 @@ class DenseCRF:
         pos = self._scaled_positions(sxy)
         img = _check_image(image, self.height, self.width)
         c = img.shape[2]
-        r = _pair(srgb, "srgb")
+        r = _positive_values(srgb, "srgb")
         if r.size not in (1, c):
             raise ValueError(f"srgb must be one number or one per channel ({c}); got {srgb!r}.")
         if np.issubdtype(_to_numpy(image).dtype, np.floating) and 0.0 < img.max() <= 1.0 and r.min() > 1.0:
