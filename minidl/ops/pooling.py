@@ -150,12 +150,12 @@ class AvgPool2d(Function):
         n, c, h, w = self.shape
         if self.plain:
             gx = xp.zeros(self.shape, dtype=gy.dtype)
-            g = gy[:, :, :, None, :, None] / gy.dtype.type(kh * kw)
-            gx[:, :, :ho * kh, :wo * kw] = xp.broadcast_to(g, (n, c, ho, kh, wo, kw)).reshape(
+            share = gy[:, :, :, None, :, None] / gy.dtype.type(kh * kw)   # per pixel
+            gx[:, :, :ho * kh, :wo * kw] = xp.broadcast_to(share, (n, c, ho, kh, wo, kw)).reshape(
                 n, c, ho * kh, wo * kw)
             return gx
-        g = (gy.reshape(n * c, 1, ho * wo) / self.div).astype(gy.dtype)
-        gcols = xp.ascontiguousarray(xp.broadcast_to(g, (n * c, kh * kw, ho * wo)))
+        share = (gy.reshape(n * c, 1, ho * wo) / self.div).astype(gy.dtype)
+        gcols = xp.ascontiguousarray(xp.broadcast_to(share, (n * c, kh * kw, ho * wo)))
         gx = kernels.for_array(gy).col2im(gcols, 1, h, w, kh, kw, sh, sw, ph, pw, 1, 1, ho, wo)
         return gx.reshape(self.shape)
 
