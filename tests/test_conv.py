@@ -470,3 +470,22 @@ def test_geometry_is_cached_per_arguments_and_errors_are_not():
     for _ in range(2):
         with pytest.raises(ValueError, match="stride must be positive"):
             conv2d_geometry((2, 3, 9, 9), (4, 3, 3, 3), 0, 0, 1, 1)
+
+
+def test_conv_settings_refuse_unknown_names_and_values_and_override_restores():
+    """The route switches are named settings: a misspelt name or an unknown algorithm is
+    refused with a sentence listing the choices; override() puts the old values back."""
+    before = conv_plan.settings.algorithm, conv_plan.settings.column_buffer_bytes
+    with pytest.raises(ValueError, match="algorithm must be one of .*'row'.*got 'rows'"):
+        conv_plan.settings.algorithm = "rows"
+    with pytest.raises(AttributeError, match="no attribute 'column_buffer'.*column_buffer_bytes"):
+        with conv_plan.override(column_buffer=1):
+            pass
+    geom = conv_ops.conv2d_geometry((1, 16, 64, 64), (8, 16, 3, 3), padding=1)
+    with conv_plan.override(algorithm="im2col", column_buffer_bytes=1024):
+        assert conv_plan.plan(geom, (1, 16, 64, 64), 8, "cpu").kind == "im2col"
+        assert conv_plan.plan(geom, (1, 16, 64, 64), 8, "cpu").budget == 1024
+        with conv_plan.override(algorithm="plain"):
+            assert conv_plan.plan(geom, (1, 16, 64, 64), 8, "cpu") is None
+    assert (conv_plan.settings.algorithm, conv_plan.settings.column_buffer_bytes) == before
+    assert conv_plan.plan(geom, (1, 16, 64, 64), 8, "cpu").kind == "row"

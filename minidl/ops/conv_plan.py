@@ -71,21 +71,29 @@ class Settings:
     transposed_max_out: int = 32
 
     def __setattr__(self, name, value):
-        if name not in self.__dataclass_fields__:
-            raise AttributeError(f"conv settings have no attribute {name!r}; the settings are "
-                                 f"{', '.join(self.__dataclass_fields__)}.")
+        _check_name(name)
         for field, allowed in (("algorithm", ALGORITHMS), ("input_grad", INPUT_GRADS)):
             if name == field and value not in allowed:
                 raise ValueError(f"conv settings: {field} must be one of {allowed}, got {value!r}.")
         super().__setattr__(name, value)
+        _plans.clear()          # plans made under the old settings no longer apply
 
 
+def _check_name(name):
+    if name not in Settings.__dataclass_fields__:
+        raise AttributeError(f"conv settings have no attribute {name!r}; the settings are "
+                             f"{', '.join(Settings.__dataclass_fields__)}.")
+
+
+_plans = {}     # (geom, x_shape, c_out, device) -> ConvPlan: a model repeats its layers
 settings = Settings()
 
 
 @contextlib.contextmanager
 def override(**changes):
     """Change some `settings` for the duration of a with-block (tests, benchmarks)."""
+    for name in changes:
+        _check_name(name)
     saved = {name: getattr(settings, name) for name in changes}
     try:
         for name, value in changes.items():
@@ -99,11 +107,18 @@ def override(**changes):
 def plan(geom, x_shape, c_out, device):
     """Decide how the conv `geom` from x (N, C, H, W) to C_out channels runs on `device`.
 
-    Returns a ConvPlan, or None for settings.algorithm "plain" (conv.py's Im2col then).
+    Returns a ConvPlan (shared between calls with the same arguments and settings: treat it
+    as read-only), or None for settings.algorithm "plain" (conv.py's Im2col then).
     """
     if settings.algorithm == "plain":
         return None
-    return ConvPlan(geom, x_shape, c_out, device)
+    key = (geom, tuple(x_shape), c_out, device)     # geom: memoized, so compared by identity
+    found = _plans.get(key)
+    if found is None:
+        if len(_plans) >= 1024:
+            _plans.clear()
+        found = _plans[key] = ConvPlan(geom, x_shape, c_out, device)
+    return found
 
 
 # ---------------------------------------------------------------------- the rules
