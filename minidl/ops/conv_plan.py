@@ -18,8 +18,9 @@ layer and device by `plan(geom, x_shape, c_out, device)`, which returns a `ConvP
     transposed_weight_grad   sum gW transposed (CPU, narrow layers: BLAS wants K first)
 
 Every plan offers forward / input_grad / weight_grad / backward with the same signatures as
-conv.py's plain `Im2col`, so another algorithm (implicit GEMM on the GPU, say) is one more
-class here that `plan` returns. The switches are the attributes of `settings` (see
+conv.py's plain `Im2col`, and the Functions call only those. Another algorithm (implicit
+GEMM on the GPU, say) is one more class with these four methods, one more name in
+ALGORITHMS, and one more branch in `plan`; conv.py does not change. The switches are the attributes of `settings` (see
 `Settings`); tests and benchmarks change them for a while with `override(...)`.
 
 Memory: the column buffer is kh*kw times the input (a 3x3 conv on a 64 x 572 x 572 U-Net
@@ -40,7 +41,7 @@ INPUT_GRADS = ("auto", "col2im")
 
 @dataclasses.dataclass
 class Settings:
-    """The convolution switches, read by `plan` at every call.
+    """The convolution switches, read by `plan` (a change applies from the next call on).
 
     algorithm            "auto": the rules below choose per layer and device; "plain": the
                          textbook path of conv.py (whole column matrix, no pieces); "im2col":
