@@ -85,7 +85,7 @@ class Im2col:
         return gx, gw
 
 
-def plan(geom, x_shape, c_out, x):
+def plan_for(geom, x_shape, c_out, x):
     """How the conv geom from x_shape (N, C, H, W) to c_out channels runs where array x
     lives: a conv_plan.ConvPlan, or Im2col when the settings ask for the plain path."""
     return conv_plan.plan(geom, x_shape, c_out, backend.device_of(x)) or Im2col(geom)
@@ -107,7 +107,7 @@ class Conv2d(Function):
     def forward(self, x, weight, bias=None):
         need = self.needs_input_grad
         need_w = len(need) > 1 and need[1]
-        self.plan = plan(self.geom, x.shape, weight.shape[0], x)
+        self.plan = plan_for(self.geom, x.shape, weight.shape[0], x)
         # Keep only what backward uses: for the weight gradient x's columns when the plan
         # keeps them (small layers), else x itself; the weight for x's gradient.
         if need_w:
@@ -139,7 +139,7 @@ class ConvTranspose2d(Function):
         self.weight = weight if need and need[0] else None
         self.x_shape, self.w_shape = x.shape, weight.shape
         # The adjoint conv maps y-space (out_shape) to x-space: weight read as (C_in, C_out/G, ..).
-        self.plan = plan(self.geom, self.out_shape, weight.shape[0], x)
+        self.plan = plan_for(self.geom, self.out_shape, weight.shape[0], x)
         y = self.plan.input_grad(x, weight, self.out_shape)
         if bias is not None:
             y += bias.reshape(1, -1, 1, 1)
