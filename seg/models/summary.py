@@ -23,6 +23,7 @@ import minidl
 from minidl import nn
 from minidl import functional as F
 from minidl.function import Function
+from minidl.ops.geometry import pair
 from minidl.tensor import Tensor
 
 from . import available, build
@@ -220,10 +221,6 @@ class _Recorder:
             self.set(out, best)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 @contextlib.contextmanager
 def _recording(rec, module_names):
     saved_call = Function.__call__
@@ -249,13 +246,15 @@ def _recording(rec, module_names):
 
     def conv_forward(self, x):
         y = saved_conv(self, x)
-        grow(x, y, self.weight.shape[2], _pair(self.stride)[0], _pair(self.dilation)[0], "conv",
+        grow(x, y, self.weight.shape[2], pair(self.stride, "stride", "Conv2d")[0],
+             pair(self.dilation, "dilation", "Conv2d")[0], "conv",
              module_names.get(id(self), "?"), self)
         return y
 
     def tconv_forward(self, x, *args, **kwargs):
         y = saved_tconv(self, x, *args, **kwargs)
-        grow(x, y, self.weight.shape[2], _pair(self.stride)[0], 1, "transposed",
+        grow(x, y, self.weight.shape[2], pair(self.stride, "stride", "ConvTranspose2d")[0], 1,
+             "transposed",
              module_names.get(id(self), "?"), self)
         return y
 
@@ -263,8 +262,8 @@ def _recording(rec, module_names):
         def wrapped(x, kernel_size, stride=None, padding=0, *args, **kwargs):
             y = saved_f[fname](x, kernel_size, stride, padding, *args, **kwargs)
             out = y[0] if isinstance(y, tuple) else y
-            k = _pair(kernel_size)[0]
-            grow(x, out, k, _pair(stride if stride is not None else kernel_size)[0], 1,
+            k = pair(kernel_size, "kernel_size", fname)[0]
+            grow(x, out, k, pair(stride if stride is not None else kernel_size, "stride", fname)[0], 1,
                  fname.split("_")[0] + "pool", fname)
             return y
         return wrapped
