@@ -31,5 +31,6 @@ from .creation import (arange, empty, full, full_like, ones, ones_like, rand, ra
 from .random import get_rng_state, manual_seed, set_rng_state
 from .serialization import load, save
 from .gradcheck import gradcheck
+from .precision import get_float32_matmul_precision, set_float32_matmul_precision
 from . import functional, nn, optim, random
 from .receptive_field import receptive_field  # noqa: E402  (a function; shadows the module name)
