@@ -20,6 +20,14 @@ Measures, on one GPU:
 4. Peak GPU memory of one training step: the CuPy memory pool's high-water mark of bytes in
    use (tracked with a memory hook) and the bytes the pool holds from the driver.
 
+5. A breakdown of one minidl step by category (GEMMs, im2col/col2im, batch norm, pooling,
+   activations, loss, optimizer, other kernels + idle gaps), from CUDA events around the
+   functions doing the work (examples/torch_compare.py, Breakdown).
+6. With --compare-torch, where PyTorch is importable (never a dependency): the same U-Net,
+   batch, loss and optimizer in PyTorch, timed in the same run in float32-strict, TF32 and
+   bfloat16 autocast, and the minidl/PyTorch ratios (minidl float32 = precision "highest",
+   TF32 = minidl.set_float32_matmul_precision("high"); minidl has no bfloat16 autocast yet).
+
 Timing uses CUDA events recorded on the stream (kernels run asynchronously; a host clock
 would measure launches, not work), after warm-up steps that also compile every kernel.
 """
@@ -31,6 +39,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
@@ -38,6 +47,7 @@ import minidl  # noqa: E402
 from minidl import backend, optim  # noqa: E402
 from minidl import functional as F  # noqa: E402
 from minidl.ops import conv as conv_ops  # noqa: E402
+import torch_compare  # noqa: E402  (examples/torch_compare.py, next to this file)
 
 
 # ---------------------------------------------------------------------------- timing helpers
@@ -182,6 +192,7 @@ def training_step_benchmark(clock, args):
 
     median, times = clock.time(step, warmup=0, iters=args.iters)
     loss = float(step().item())
+    breakdown = step_breakdown(clock, step, opt)
     return dict(
         model=f"unet depth={args.depth} features_root={args.features} padding=same",
         device=dev, batch=args.batch, size=args.size, conv_layers=len(layers),
@@ -190,7 +201,66 @@ def training_step_benchmark(clock, args):
         conv_gflop_per_step=train_flops / 1e9,
         achieved_tflops=train_flops / median / 1e12,
         peak_used_bytes=peak_used, pool_total_bytes=pool_total, final_loss=loss,
-    ), layers
+        breakdown_ms={k: v * 1e3 for k, v in breakdown.items()},
+    ), layers, step
+
+
+BREAKDOWN = ("GEMMs", "im2col/col2im", "batch norm", "pooling", "activations", "loss", "optimizer")
+
+
+def step_breakdown(clock, step, opt):
+    """{category: seconds} of one step (the second of two, the first warms the wrappers)."""
+    import importlib
+    from minidl.ops import activation, loss, normalization
+    bundle = importlib.import_module("kernels.gpu" if clock.cp is not None else "kernels.cpu")
+    bd = torch_compare.Breakdown(clock)
+    bd.wrap(clock.xp, "matmul", "GEMMs")
+    for name in ("im2col", "col2im"):
+        bd.wrap(bundle, name, "im2col/col2im")
+    for cls in (normalization.BatchNorm, activation.ReLU, loss.CrossEntropy):
+        category = {"BatchNorm": "batch norm", "ReLU": "activations"}.get(cls.__name__, "loss")
+        for name in ("forward", "backward"):
+            bd.wrap(cls, name, category)
+    for name in ("maxpool2d_forward", "maxpool2d_backward"):
+        bd.wrap(bundle, name, "pooling")
+    bd.wrap(opt, "step", "optimizer")
+    try:
+        bd.measure(step, BREAKDOWN)
+        return bd.measure(step, BREAKDOWN)
+    finally:
+        bd.restore()
+        if "step" in vars(opt):
+            del opt.step                 # back to the class's method
+
+
+def compare_torch(clock, args, step, minidl_f32_s):
+    """{mode: (minidl s or None, torch s)}: PyTorch's step in each mode, minidl's where it has one."""
+    try:
+        import torch
+    except ImportError:
+        print("\n  --compare-torch: PyTorch is not importable here; comparison skipped")
+        return None
+    if clock.cp is None or not torch.cuda.is_available():
+        print("\n  --compare-torch: needs a GPU visible to both CuPy and PyTorch; skipped")
+        return None
+    minidl.set_float32_matmul_precision("high")
+    try:
+        minidl_tf32, _ = clock.time(step, warmup=1, iters=args.iters)
+    finally:
+        minidl.set_float32_matmul_precision("highest")
+    mine = {"float32": minidl_f32_s, "tf32": minidl_tf32, "bf16": None}
+    out = {}
+    print(f"\n  vs PyTorch {torch.__version__} (same U-Net, batch, CE, Adam), training step:")
+    for mode in torch_compare.TORCH_MODES:
+        t = torch_compare.torch_step_time(torch, args.depth, args.features, args.batch, args.size,
+                                          mode, iters=args.iters)
+        out[mode] = (mine[mode], t)
+        ratio = f"{mine[mode] / t:5.2f}x" if mine[mode] else "  n/a (no bf16 autocast in minidl)"
+        theirs = f"{mine[mode] * 1e3:8.1f} ms" if mine[mode] else "       -   "
+        print(f"  {mode:8s} minidl {theirs}   PyTorch {t * 1e3:8.1f} ms   minidl/PyTorch {ratio}")
+    best = min(mine["float32"], mine["tf32"])
+    print(f"  minidl's best / PyTorch bf16 autocast: {best / out['bf16'][1]:.2f}x")
+    return out
 
 
 def per_layer_benchmark(clock, layers, iters):
@@ -267,6 +337,8 @@ def main(argv=None):
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer table")
     parser.add_argument("--device", default="gpu", choices=["gpu", "cpu"],
                         help="cpu only to smoke-test the script on a machine without a GPU")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="also time the same U-Net in PyTorch (when importable) and print ratios")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -281,7 +353,7 @@ def main(argv=None):
     peak = matmul_rate(clock, args.matmul_size)
     print(f"float32 matmul {args.matmul_size}^3 on {args.device}: {peak:.3f} TFLOP/s")
 
-    result, layers = training_step_benchmark(clock, args)
+    result, layers, step = training_step_benchmark(clock, args)
     result["gpu"] = name
     result["matmul_fp32_tflops"] = peak
     print(f"\n{result['model']}, batch {args.batch} x {args.size}x{args.size}, Adam, on {args.device}:")
@@ -293,6 +365,12 @@ def main(argv=None):
     if result["peak_used_bytes"] is not None:
         print(f"  peak GPU memory    {result['peak_used_bytes'] / 2**30:8.2f} GiB in use "
               f"(pool holds {result['pool_total_bytes'] / 2**30:.2f} GiB)")
+
+    print("  breakdown of one step (CUDA events around the work; 'other + idle': the rest):")
+    for k, v in result["breakdown_ms"].items():
+        print(f"    {k:14s} {v:8.2f} ms")
+    if args.compare_torch:
+        result["torch"] = compare_torch(clock, args, step, result["train_step_s"])
 
     if not args.skip_layers:
         rows = per_layer_benchmark(clock, layers, args.layer_iters)
