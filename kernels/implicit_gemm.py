@@ -53,8 +53,6 @@ OS thread per CUDA thread, a barrier for __syncthreads, a WMMA stand-in with the
 """
 import numpy as np
 
-from minidl import backend
-
 PRECISIONS = ("highest", "tf32", "bf16", "fp16")
 KINDS = ("fwd", "dgrad", "wgrad")
 _MODE = {"highest": 0, "tf32": 1, "bf16": 2, "fp16": 3}
@@ -326,16 +324,27 @@ def cuda_source(precisions=PRECISIONS, header=HEADER):
 _module = None
 
 
+def _cupy():
+    # Imported on first use, so that this module loads (and its source compiles in tests)
+    # on machines without CuPy. (kernels sits below minidl: no minidl.backend here.)
+    try:
+        import cupy
+    except ImportError:
+        raise ImportError("the implicit-GEMM convolution runs on a GPU through CuPy, which is "
+                          "not installed: pip install cupy-cuda12x (or cupy-cuda13x).") from None
+    return cupy
+
+
 def _xp():
     """The array module (CuPy; the host emulation test swaps in NumPy)."""
-    return backend.require_cupy()
+    return _cupy()
 
 
 def _run_kernel(name, grid, args):
     """Launch one entry point: grid (x, y, z) blocks of THREADS threads."""
     global _module
     if _module is None:
-        cp = backend.require_cupy()
+        cp = _cupy()
         # Tensor-core fragments need sm_80+; CuPy compiles for the current device.
         _module = cp.RawModule(code=cuda_source(), options=("--std=c++14",))
     _module.get_function(name)(grid, (THREADS,), args)
