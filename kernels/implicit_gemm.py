@@ -51,6 +51,8 @@ Testing without a GPU: tests/test_implicit_gemm.py compiles this source with nvc
 nvcc exists (every instantiation), and runs it on the host (tests/gpu_emulation_blocks.py: one
 OS thread per CUDA thread, a barrier for __syncthreads, a WMMA stand-in with the same rounding).
 """
+import re
+
 import numpy as np
 
 PRECISIONS = ("highest", "tf32", "bf16", "fp16")
@@ -59,13 +61,10 @@ _MODE = {"highest": 0, "tf32": 1, "bf16": 2, "fp16": 3}
 BM, BN, BK, THREADS = 64, 64, 16, 128     # must match the #defines in the source
 
 # ---------------------------------------------------------------------------- CUDA source
-HEADER = r"""
-#include <mma.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-"""
-
-SOURCE = r"""
+# The source is put together per precision: the common part (geometry, the three kinds, the
+# float32 FMA mode and the tile loop) needs no header, so "highest" compiles anywhere; each
+# tensor-core mode adds the WMMA template and its own struct, with the headers it needs.
+COMMON = r"""
 #define BM 64          // rows of the C tile (output channels for fwd/wgrad, input channels for dgrad)
 #define BN 64          // columns of the C tile (pixels for fwd/dgrad, (ci, i, j) for wgrad)
 #define BK 16          // the slice of the reduction axis R loaded per step
@@ -73,7 +72,6 @@ SOURCE = r"""
 #define PAD_F 4        // shared rows padded (float: 16 bytes, half: 8 bytes) so that WMMA's
 #define PAD_H 8        // 32-byte alignment holds and rows fall on different banks
 
-using namespace nvcuda;
 
 // Geometry of the convolution (the forward one; the transposed conv is its adjoint).
 struct Conv {
@@ -195,45 +193,6 @@ struct Highest {                               // float32 FMA on the CUDA cores
     }
 };
 
-// The three tensor-core modes differ only in types and the k of one MMA (KS).
-template <typename Elem, typename FragElem, int KS>
-struct TensorCore {
-    typedef Elem elem;
-    enum { LDA = BK + (sizeof(Elem) == 4 ? PAD_F : PAD_H), LDB = BN + (sizeof(Elem) == 4 ? PAD_F : PAD_H) };
-    wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[2][2];   // this warp's 32 x 32
-    __device__ void zero() {
-        for (int i = 0; i < 2; ++i) for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-    }
-    __device__ void mma(const elem* As, const elem* Bs) {
-        const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-        for (int k = 0; k < BK; k += KS) {
-            wmma::fragment<wmma::matrix_a, 16, 16, KS, FragElem, wmma::row_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, KS, FragElem, wmma::row_major> b[2];
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], As + (32 * wm + 16 * i) * LDA + k, LDA);
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], Bs + k * LDB + 32 * wn + 16 * j, LDB);
-            for (int i = 0; i < 2; ++i)
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-        }
-    }
-    __device__ void to_shared(float* Cs) {
-        const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-        for (int i = 0; i < 2; ++i)
-            for (int j = 0; j < 2; ++j)
-                wmma::store_matrix_sync(Cs + (32 * wm + 16 * i) * (BN + PAD_F) + 32 * wn + 16 * j,
-                                        acc[i][j], BN + PAD_F, wmma::mem_row_major);
-    }
-};
-
-struct Tf32 : TensorCore<float, wmma::precision::tf32, 8> {
-    static __device__ float round(float v) { return wmma::__float_to_tf32(v); }
-};
-struct Bf16 : TensorCore<__nv_bfloat16, __nv_bfloat16, 16> {
-    static __device__ __nv_bfloat16 round(float v) { return __float2bfloat16(v); }
-};
-struct Fp16 : TensorCore<__half, __half, 16> {
-    static __device__ __half round(float v) { return __float2half(v); }
-};
-
 // ---------------------------------------------------------------- the tile loop
 // One block: the C tile at rows m0 = BM * blockIdx.y, columns q0 = BN * blockIdx.x, of group g,
 // over the R range of split `split` (the whole of R unless the kind is wgrad).
@@ -292,6 +251,63 @@ __device__ void conv_tile(const Conv c, const float* a_src, const float* b_src, 
 }
 """
 
+TENSOR_CORE = r"""
+#include <mma.h>
+using namespace nvcuda;
+
+// The three tensor-core modes differ only in types and the k of one MMA (KS).
+template <typename Elem, typename FragElem, int KS>
+struct TensorCore {
+    typedef Elem elem;
+    enum { LDA = BK + (sizeof(Elem) == 4 ? PAD_F : PAD_H), LDB = BN + (sizeof(Elem) == 4 ? PAD_F : PAD_H) };
+    wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[2][2];   // this warp's 32 x 32
+    __device__ void zero() {
+        for (int i = 0; i < 2; ++i) for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    }
+    __device__ void mma(const elem* As, const elem* Bs) {
+        const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+        for (int k = 0; k < BK; k += KS) {
+            wmma::fragment<wmma::matrix_a, 16, 16, KS, FragElem, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, KS, FragElem, wmma::row_major> b[2];
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], As + (32 * wm + 16 * i) * LDA + k, LDA);
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], Bs + k * LDB + 32 * wn + 16 * j, LDB);
+            for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+    }
+    __device__ void to_shared(float* Cs) {
+        const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+        for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 2; ++j)
+                wmma::store_matrix_sync(Cs + (32 * wm + 16 * i) * (BN + PAD_F) + 32 * wn + 16 * j,
+                                        acc[i][j], BN + PAD_F, wmma::mem_row_major);
+    }
+};
+
+"""
+
+TF32 = r"""
+struct Tf32 : TensorCore<float, wmma::precision::tf32, 8> {
+    static __device__ float round(float v) { return wmma::__float_to_tf32(v); }
+};
+"""
+
+BF16 = r"""
+#include <cuda_bf16.h>
+struct Bf16 : TensorCore<__nv_bfloat16, __nv_bfloat16, 16> {
+    static __device__ __nv_bfloat16 round(float v) { return __float2bfloat16(v); }
+};
+"""
+
+FP16 = r"""
+#include <cuda_fp16.h>
+struct Fp16 : TensorCore<__half, __half, 16> {
+    static __device__ __half round(float v) { return __float2half(v); }
+};
+
+"""
+
+
 # One extern "C" entry point per (kind, mode): plain names for RawModule.get_function and for
 # the host emulation. The parameter list is the same for all.
 _ENTRY = r"""
@@ -313,15 +329,28 @@ def kernel_name(kind, precision):
     return f"conv_{kind}_{precision}"
 
 
-def cuda_source(precisions=PRECISIONS, header=HEADER):
-    """The whole CUDA source: the tile loop and one entry point per (kind, precision)."""
-    entries = "".join(_ENTRY.format(kind=k, precision=p, Kind=_KIND_STRUCT[k], Mode=_MODE_STRUCT[p])
-                      for p in precisions for k in KINDS)
-    return header + SOURCE + entries
+_MODE_SOURCE = {"tf32": TF32, "bf16": BF16, "fp16": FP16}
+
+
+def cuda_source(precisions=PRECISIONS, includes=True):
+    """The CUDA source with one entry point per (kind, precision) for the given precisions.
+
+    includes=False drops the CUDA headers (the host emulation brings its own stand-ins)."""
+    parts = [COMMON]
+    tensor_core = [p for p in precisions if p != "highest"]
+    if tensor_core:
+        parts.append(TENSOR_CORE)
+        parts += [_MODE_SOURCE[p] for p in tensor_core]
+    parts += [_ENTRY.format(kind=k, precision=p, Kind=_KIND_STRUCT[k], Mode=_MODE_STRUCT[p])
+              for p in precisions for k in KINDS]
+    source = "".join(parts)
+    if not includes:
+        source = re.sub(r"^#include <\w+\.h>$", "", source, flags=re.M)
+    return source
 
 
 # ---------------------------------------------------------------------------- host side
-_module = None
+_modules = {}         # precision -> cupy.RawModule, compiled on first use
 
 
 def _cupy():
@@ -342,12 +371,23 @@ def _xp():
 
 def _run_kernel(name, grid, args):
     """Launch one entry point: grid (x, y, z) blocks of THREADS threads."""
-    global _module
-    if _module is None:
+    precision = name.rsplit("_", 1)[1]
+    module = _modules.get(precision)
+    if module is None:
         cp = _cupy()
-        # Tensor-core fragments need sm_80+; CuPy compiles for the current device.
-        _module = cp.RawModule(code=cuda_source(), options=("--std=c++14",))
-    _module.get_function(name)(grid, (THREADS,), args)
+        # One module per precision, so that a missing CUDA header (the tensor-core modes
+        # include mma.h and cuda_bf16.h / cuda_fp16.h) leaves the other modes working.
+        try:
+            module = cp.RawModule(code=cuda_source((precision,)))
+            module.get_function(name)          # compiles now, inside the try
+        except cp.cuda.compiler.CompileException as exc:
+            raise RuntimeError(
+                f"the implicit-GEMM {precision!r} kernels did not compile with NVRTC; the "
+                "tensor-core modes need compute capability 8.0+ and CUDA's mma.h, cuda_bf16.h, "
+                "cuda_fp16.h (set CUDA_PATH to a CUDA toolkit), 'highest' needs neither. "
+                f"Compiler output:\n{exc}") from None
+        _modules[precision] = module
+    module.get_function(name)(grid, (THREADS,), args)
 
 
 def check_precision(precision):

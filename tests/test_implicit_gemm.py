@@ -100,21 +100,32 @@ def test_rounding_model():
 
 
 # ---------------------------------------------------------------------------- 2. nvcc
+@pytest.mark.parametrize("precisions", [ig.PRECISIONS] + [(p,) for p in ig.PRECISIONS],
+                         ids=["all"] + list(ig.PRECISIONS))
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_every_kernel_compiles_with_nvcc(arch, tmp_path):
+def test_every_kernel_compiles_with_nvcc(arch, precisions, tmp_path):
+    """The whole source and each precision's own module (as the loader compiles them)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc (the CUDA toolkit) is not on PATH; CI machines have it")
     src = tmp_path / "implicit_gemm.cu"
-    src.write_text(ig.cuda_source())
+    src.write_text(ig.cuda_source(precisions))
     proc = subprocess.run([nvcc, "-ptx", f"-arch={arch}", "--std=c++14", str(src), "-o",
                            str(tmp_path / "out.ptx")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     ptx = (tmp_path / "out.ptx").read_text()
     for kind in ig.KINDS:
-        for precision in ig.PRECISIONS:
+        for precision in precisions:
             assert f".entry {ig.kernel_name(kind, precision)}(" in ptx
-    assert "mma.sync" in ptx or "wmma.mma" in ptx           # the tensor-core modes use them
+    if precisions != ("highest",):             # the tensor-core modes issue MMA instructions
+        assert "mma.sync" in ptx or "wmma.mma" in ptx
+    else:
+        assert "#include" not in src.read_text()    # "highest" needs no header
+
+
+def test_source_without_includes_has_no_headers():
+    assert "#include" not in ig.cuda_source(includes=False)
+    assert "#include <mma.h>" in ig.cuda_source(("tf32",))
 
 
 # ---------------------------------------------------------------------------- 3./4. kernels
@@ -128,7 +139,7 @@ def runner(request, monkeypatch):
         return cupy.asnumpy, cupy.asarray
     import gpu_emulation_blocks
     try:
-        module = gpu_emulation_blocks.BlockModule(ig.cuda_source(header=""))
+        module = gpu_emulation_blocks.BlockModule(ig.cuda_source(includes=False))
     except RuntimeError as exc:
         pytest.skip(str(exc))
     monkeypatch.setattr(ig, "_xp", lambda: np)
