@@ -104,6 +104,8 @@ def torch_step_time(torch, depth, features, batch, size, mode, warmup=2, iters=5
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    del model, opt, x, target
+    torch.cuda.empty_cache()        # give the memory back before minidl (CuPy) runs again
     times.sort()
     return times[len(times) // 2]
 

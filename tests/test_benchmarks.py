@@ -83,6 +83,10 @@ def test_layer_list_of_minidl_unet():
     assert layers == [("Conv2d", (4, 1, 3, 3)), ("Conv2d", (4, 4, 3, 3)), ("Conv2d", (8, 4, 3, 3)),
                       ("Conv2d", (8, 8, 3, 3)), ("ConvTranspose2d", (8, 4, 2, 2)),
                       ("Conv2d", (4, 8, 3, 3)), ("Conv2d", (4, 4, 3, 3)), ("Conv2d", (2, 4, 1, 1))]
+    # weights plus one bias per output channel (a transposed conv's are weight.shape[1])
+    expected = sum(int(np.prod(shape)) + shape[0 if kind == "Conv2d" else 1] for kind, shape in layers)
+    model = seg.models.build("unet", 2, 1, depth=2, features_root=4, padding="same")
+    assert torch_compare.parameter_count(model) == expected
 
 
 def test_breakdown_counts_outermost_calls_and_restores():
