@@ -40,7 +40,7 @@ stored into shared memory. Tensor-core modes need compute capability 8.0 (A100) 
 
 Tiling: a block of 128 threads (4 warps) computes a BM x BN = 64 x 64 tile of C, walking R in
 steps of BK = 16: gather A's 64 x 16 tile and B's 16 x 64 tile into shared memory, sync,
-multiply-accumulate, sync. In the WMMA modes warp (wm, wn) owns the 32 x 32 quarter of the tile
+multiply-accumulate. In the WMMA modes warp (wm, wn) owns the 32 x 32 quarter of the tile
 at (32 wm, 32 wn), as 2 x 2 fragments of 16 x 16; in "highest" thread t owns rows
 8 (t / 16) ... + 7 and columns t % 16 + 16 c (c = 0..3). At the end the accumulators go through
 shared memory (Cs, 64 x 64) so that every kind writes its output with one scatter loop.
@@ -82,27 +82,33 @@ struct Conv {
 
 // ---------------------------------------------------------------- the three GEMMs as gathers
 // Each kind says how big its GEMM is and where A[m, r], B[r, q] and C[m, q] live.
-// `Col` caches what a thread needs about its fixed column q of B across all R steps.
+// The integer divisions that split an index into coordinates are done once per row r of a
+// BK slice (`Row`, kept in shared memory for the whole block) and once per column q a thread
+// gathers (`Col`, kept in registers for all R steps), not once per element.
 
 struct Fwd {
     // A = weight (C_out/G, C_in/G*kh*kw) of group g; B = im2col(x); C = y (N, C_out, ho, wo)
     static __device__ int M(const Conv& c) { return c.Cout_g(); }
     static __device__ int Q(const Conv& c) { return c.N * c.ho * c.wo; }
     static __device__ int R(const Conv& c) { return c.Cin_g() * c.kh * c.kw; }
-    static __device__ float a(const Conv& c, const float* w, const float*, int g, int m, int r) {
-        return w[(g * c.Cout_g() + m) * R(c) + r];
+    struct Row { int ci, di, dj; };          // row r = tap (ci, i, j), offsets i*dh, j*dw
+    static __device__ Row row(const Conv& c, int r) {
+        const int j = r % c.kw, t = r / c.kw;
+        return Row{t / c.kh, (t % c.kh) * c.dh, j * c.dw};
     }
-    struct Col { int n, y0, x0; };            // column q = output pixel (n, oy, ox)
+    struct Col { int n, y0, x0; };           // column q = output pixel (n, oy, ox)
     static __device__ Col col(const Conv& c, int q) {
         const int ox = q % c.wo, t = q / c.wo, oy = t % c.ho;
         return Col{t / c.ho, oy * c.sh - c.ph, ox * c.sw - c.pw};
     }
-    static __device__ float b(const Conv& c, const float*, const float* x, int g, const Col& p, int r) {
-        // row r = tap (ci, i, j): pixel (y0 + i*dh, x0 + j*dw) of input channel ci
-        const int j = r % c.kw, t = r / c.kw, i = t % c.kh, ci = t / c.kh;
-        const int iy = p.y0 + i * c.dh, ix = p.x0 + j * c.dw;
-        if (iy < 0 || iy >= c.H || ix < 0 || ix >= c.W) return 0.f;       // padding
-        return x[((p.n * c.Cin + g * c.Cin_g() + ci) * c.H + iy) * c.W + ix];
+    static __device__ float a(const Conv& c, const float* w, int g, int m, const Row&, int r) {
+        return w[(g * c.Cout_g() + m) * R(c) + r];
+    }
+    static __device__ float b(const Conv& c, const float* x, int g, const Row& k, const Col& p) {
+        // input channel ci at pixel (y0 + i*dh, x0 + j*dw), 0 in the padding
+        const int iy = p.y0 + k.di, ix = p.x0 + k.dj;
+        if (iy < 0 || iy >= c.H || ix < 0 || ix >= c.W) return 0.f;
+        return x[((p.n * c.Cin + g * c.Cin_g() + k.ci) * c.H + iy) * c.W + ix];
     }
     static __device__ void store(const Conv& c, float* y, int g, int, int m, int q, float v) {
         const int pix = q % (c.ho * c.wo), n = q / (c.ho * c.wo);
@@ -115,23 +121,26 @@ struct Dgrad {
     static __device__ int M(const Conv& c) { return c.Cin_g(); }
     static __device__ int Q(const Conv& c) { return c.N * c.H * c.W; }
     static __device__ int R(const Conv& c) { return c.Cout_g() * c.kh * c.kw; }
-    static __device__ float a(const Conv& c, const float* w, const float*, int g, int m, int r) {
-        const int khw = c.kh * c.kw, co = r / khw, ij = r % khw;
-        return w[((g * c.Cout_g() + co) * c.Cin_g() + m) * khw + ij];
+    struct Row { int co, ij, di, dj; };      // row r = (co, i, j): ij = i*kw + j
+    static __device__ Row row(const Conv& c, int r) {
+        const int j = r % c.kw, t = r / c.kw, i = t % c.kh;
+        return Row{t / c.kh, i * c.kw + j, i * c.dh, j * c.dw};
     }
     struct Col { int n, ty, tx; };           // column q = input pixel (n, iy, ix), shifted by padding
     static __device__ Col col(const Conv& c, int q) {
         const int ix = q % c.W, t = q / c.W, iy = t % c.H;
         return Col{t / c.H, iy + c.ph, ix + c.pw};
     }
-    static __device__ float b(const Conv& c, const float*, const float* gy, int g, const Col& p, int r) {
-        // row r = (co, i, j): the output (oy, ox) whose tap (i, j) read this pixel, if any
-        const int j = r % c.kw, t = r / c.kw, i = t % c.kh, co = t / c.kh;
-        const int ty = p.ty - i * c.dh, tx = p.tx - j * c.dw;              // = oy*sh, ox*sw
-        if (ty < 0 || tx < 0 || ty % c.sh || tx % c.sw) return 0.f;        // no output reads it
+    static __device__ float a(const Conv& c, const float* w, int g, int m, const Row& k, int) {
+        return w[((g * c.Cout_g() + k.co) * c.Cin_g() + m) * c.kh * c.kw + k.ij];
+    }
+    static __device__ float b(const Conv& c, const float* gy, int g, const Row& k, const Col& p) {
+        // gy at the output (oy, ox) whose tap (i, j) read this pixel, 0 if no output did
+        const int ty = p.ty - k.di, tx = p.tx - k.dj;                      // = oy*sh, ox*sw
+        if (ty < 0 || tx < 0 || ty % c.sh || tx % c.sw) return 0.f;
         const int oy = ty / c.sh, ox = tx / c.sw;
         if (oy >= c.ho || ox >= c.wo) return 0.f;
-        return gy[((p.n * c.Cout + g * c.Cout_g() + co) * c.ho + oy) * c.wo + ox];
+        return gy[((p.n * c.Cout + g * c.Cout_g() + k.co) * c.ho + oy) * c.wo + ox];
     }
     static __device__ void store(const Conv& c, float* gx, int g, int, int m, int q, float v) {
         const int pix = q % (c.H * c.W), n = q / (c.H * c.W);
@@ -144,21 +153,24 @@ struct Wgrad {
     static __device__ int M(const Conv& c) { return c.Cout_g(); }
     static __device__ int Q(const Conv& c) { return c.Cin_g() * c.kh * c.kw; }
     static __device__ int R(const Conv& c) { return c.N * c.ho * c.wo; }
-    static __device__ float a(const Conv& c, const float* gy, const float*, int g, int m, int r) {
-        const int pix = r % (c.ho * c.wo), n = r / (c.ho * c.wo);
-        return gy[(n * c.Cout + g * c.Cout_g() + m) * c.ho * c.wo + pix];
+    struct Row { int n, pix, y0, x0; };      // row r = output pixel (n, oy, ox): pix = oy*wo + ox
+    static __device__ Row row(const Conv& c, int r) {
+        const int ox = r % c.wo, t = r / c.wo, oy = t % c.ho;
+        return Row{t / c.ho, oy * c.wo + ox, oy * c.sh - c.ph, ox * c.sw - c.pw};
     }
     struct Col { int ci, di, dj; };          // column q = tap (ci, i, j): its offsets i*dh, j*dw
     static __device__ Col col(const Conv& c, int q) {
-        const int j = q % c.kw, t = q / c.kw, i = t % c.kh;
-        return Col{t / c.kh, i * c.dh, j * c.dw};
+        const int j = q % c.kw, t = q / c.kw;
+        return Col{t / c.kh, (t % c.kh) * c.dh, j * c.dw};
     }
-    static __device__ float b(const Conv& c, const float*, const float* x, int g, const Col& p, int r) {
-        // row r = output pixel (n, oy, ox): the input pixel its tap (i, j) reads
-        const int ox = r % c.wo, t = r / c.wo, oy = t % c.ho, n = t / c.ho;
-        const int iy = oy * c.sh - c.ph + p.di, ix = ox * c.sw - c.pw + p.dj;
+    static __device__ float a(const Conv& c, const float* gy, int g, int m, const Row& k, int) {
+        return gy[(k.n * c.Cout + g * c.Cout_g() + m) * c.ho * c.wo + k.pix];
+    }
+    static __device__ float b(const Conv& c, const float* x, int g, const Row& k, const Col& p) {
+        // the input pixel that output pixel (oy, ox) reads through tap (i, j)
+        const int iy = k.y0 + p.di, ix = k.x0 + p.dj;
         if (iy < 0 || iy >= c.H || ix < 0 || ix >= c.W) return 0.f;
-        return x[((n * c.Cin + g * c.Cin_g() + p.ci) * c.H + iy) * c.W + ix];
+        return x[((k.n * c.Cin + g * c.Cin_g() + p.ci) * c.H + iy) * c.W + ix];
     }
     static __device__ void store(const Conv& c, float* part, int g, int split, int m, int q, float v) {
         // part (splits, G, C_out/G, C_in/G*kh*kw): the host sums over splits
@@ -203,6 +215,7 @@ __device__ void conv_tile(const Conv c, const float* a_src, const float* b_src, 
     __shared__ __align__(32) elem As[BM * Mode::LDA];       // A[m0 + m, r0 + k]: BM x BK
     __shared__ __align__(32) elem Bs[BK * Mode::LDB];       // B[r0 + k, q0 + q]: BK x BN
     __shared__ __align__(32) float Cs[BM * (BN + PAD_F)];   // the finished C tile
+    __shared__ typename Kind::Row rows[BK];                 // rows r0 .. r0+BK as coordinates
 
     const int g = blockIdx.z / splits, split = blockIdx.z % splits;
     const int m0 = BM * blockIdx.y, q0 = BN * blockIdx.x;
@@ -222,24 +235,29 @@ __device__ void conv_tile(const Conv c, const float* a_src, const float* b_src, 
     Mode mode;
     mode.zero();
     for (int r0 = r_begin; r0 < r_end; r0 += BK) {
+        // 0. The slice's BK rows of the reduction axis as coordinates (a tap, or a pixel for
+        //    wgrad), split once here for the whole block. (Rows past r_end are never read.)
+        //    The barrier after it also keeps every thread from overwriting As, Bs below
+        //    before all warps have multiplied the previous slice (step 3).
+        if (threadIdx.x < BK) rows[threadIdx.x] = Kind::row(c, min(r0 + (int)threadIdx.x, r_end - 1));
+        __syncthreads();
         // 1. A tile: A[m0 .. m0+BM, r0 .. r0+BK] into As, rounded to the mode's type; zeros
         //    past the end of M or of this split's R range.
         for (int m = am0; m < BM; m += THREADS / BK) {
             const int r = r0 + ak;
-            const float v = (m0 + m < M && r < r_end) ? Kind::a(c, a_src, b_src, g, m0 + m, r) : 0.f;
+            const float v = (m0 + m < M && r < r_end) ? Kind::a(c, a_src, g, m0 + m, rows[ak], r) : 0.f;
             As[m * Mode::LDA + ak] = Mode::round(v);
         }
         // 2. B tile: B[r0 .. r0+BK, q0 .. q0+BN], the im2col values (or gy through the taps)
         //    gathered straight from the image into Bs: the column matrix is never stored.
         for (int k = bk0; k < BK; k += THREADS / BN) {
-            const int r = r0 + k;
-            const float v = (bq_inside && r < r_end) ? Kind::b(c, a_src, b_src, g, col, r) : 0.f;
+            const float v = (bq_inside && r0 + k < r_end) ? Kind::b(c, b_src, g, rows[k], col) : 0.f;
             Bs[k * Mode::LDB + bq] = Mode::round(v);
         }
         __syncthreads();
         // 3. C tile += As @ Bs (tensor cores or FMA, per mode).
         mode.mma(As, Bs);
-        __syncthreads();                       // before the next step overwrites As, Bs
+        // (No barrier here: step 0 writes only `rows`, which step 3 does not read.)
     }
     // 4. Accumulators -> Cs -> the output, each element through the kind's own index map.
     mode.to_shared(Cs);
