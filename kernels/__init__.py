@@ -4,6 +4,9 @@
     cpu.py        the same kernels compiled with Numba (used for NumPy arrays)
     gpu.py        the same kernels as CUDA source compiled by CuPy (used for CuPy arrays)
 
+    implicit_gemm.py  GPU convolution without the im2col buffer (tensor cores), not a bundle:
+                      called by the conv plan; its NumPy twin is implicit_gemm_reference.py
+
 Every bundle offers the same functions with the same signatures; `for_array(x)` returns
 the bundle that matches where `x` lives. This is the only place that chooses.
 """
