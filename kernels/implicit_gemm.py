@@ -1,7 +1,7 @@
 """Implicit-GEMM convolution on the GPU: im2col tiles gathered into shared memory, never to global.
 
-Read kernels/implicit_gemm_reference.py first: it is the same computation in NumPy, tile by
-tile. minidl/ops/conv.py does a convolution as im2col (a column matrix written to global
+Read kernels/implicit_gemm_reference.py first: it is the same computation in NumPy, with the
+gathered matrices written out whole. minidl/ops/conv.py does a convolution as im2col (a column matrix written to global
 memory) + one cuBLAS GEMM + col2im (read back). Here each thread block computes one tile of
 the GEMM's output and gathers the pieces of the column matrix it needs straight from the
 image into shared memory, so the column matrix never exists.
@@ -47,6 +47,10 @@ shared memory (Cs, 64 x 64) so that every kind writes its output with one scatte
 
 Index arithmetic is 32-bit (int): the wrappers refuse arrays of 2^31 elements or more.
 
+Python entry points (float32 arrays in, float32 arrays out; geometry as in kernels/reference.py:
+stride sh, sw, padding ph, pw, dilation dh, dw, output size given): conv2d_forward,
+conv2d_input_grad, conv2d_weight_grad, conv_transpose2d_forward / _input_grad / _weight_grad.
+
 Testing without a GPU: tests/test_implicit_gemm.py compiles this source with nvcc -ptx where
 nvcc exists (every instantiation), and runs it on the host (tests/gpu_emulation_blocks.py: one
 OS thread per CUDA thread, a barrier for __syncthreads, a WMMA stand-in with the same rounding).
@@ -57,7 +61,6 @@ import numpy as np
 
 PRECISIONS = ("highest", "tf32", "bf16", "fp16")
 KINDS = ("fwd", "dgrad", "wgrad")
-_MODE = {"highest": 0, "tf32": 1, "bf16": 2, "fp16": 3}
 BM, BN, BK, THREADS = 64, 64, 16, 128     # must match the #defines in the source
 
 # ---------------------------------------------------------------------------- CUDA source
@@ -409,7 +412,7 @@ def _run_kernel(name, grid, args):
 
 
 def check_precision(precision):
-    if precision not in _MODE:
+    if precision not in PRECISIONS:
         raise ValueError(f"implicit-GEMM convolution: precision must be one of {PRECISIONS}, "
                          f"got {precision!r}.")
 
@@ -425,6 +428,12 @@ def _check_size(*sizes):
     if max(sizes) >= 2 ** 31:
         raise ValueError("implicit-GEMM convolution indexes with 32-bit ints: every array must "
                          f"have fewer than 2^31 elements, got {max(sizes)}; split the batch.")
+
+
+def _check_shapes(op, ok, what):
+    # A mismatch would make the kernel read outside an array: refuse it here.
+    if not ok:
+        raise ValueError(f"implicit-GEMM {op}: {what}.")
 
 
 def _i32(*values):
@@ -457,7 +466,10 @@ def conv2d_forward(x, w, sh, sw, ph, pw, dh, dw, ho, wo, groups, precision="high
     check_precision(precision)
     x, w = _float32(x, "x"), _float32(w, "weight")
     n, c_in, h, wd = x.shape
-    c_out, _, kh, kw = w.shape
+    c_out, c_in_g, kh, kw = w.shape
+    _check_shapes("conv2d_forward", x.ndim == 4 and c_in_g * groups == c_in,
+                  f"x {tuple(x.shape)} needs weight.shape[1] * groups = its {c_in} channels, got "
+                  f"weight {tuple(w.shape)} and groups={groups}")
     y = _xp().empty((n, c_out, ho, wo), dtype=np.float32)
     _check_size(x.size, w.size, y.size)
     if y.size == 0:
@@ -475,6 +487,9 @@ def conv2d_input_grad(gy, w, h, wd, sh, sw, ph, pw, dh, dw, groups, precision="h
     gy, w = _float32(gy, "gy"), _float32(w, "weight")
     n, c_out, ho, wo = gy.shape
     _, c_in_g, kh, kw = w.shape
+    _check_shapes("conv2d_input_grad", gy.ndim == 4 and w.shape[0] == c_out,
+                  f"gy {tuple(gy.shape)} needs as many channels as weight.shape[0], got weight "
+                  f"{tuple(w.shape)}")
     c_in = c_in_g * groups
     gx = _xp().empty((n, c_in, h, wd), dtype=np.float32)
     _check_size(gy.size, w.size, gx.size)
@@ -493,6 +508,8 @@ def conv2d_weight_grad(x, gy, kh, kw, sh, sw, ph, pw, dh, dw, groups, precision=
     check_precision(precision)
     x, gy = _float32(x, "x"), _float32(gy, "gy")
     n, c_in, h, wd = x.shape
+    _check_shapes("conv2d_weight_grad", x.ndim == 4 and gy.ndim == 4 and gy.shape[0] == n,
+                  f"x {tuple(x.shape)} and gy {tuple(gy.shape)} must be 4-D with the same batch size")
     _, c_out, ho, wo = gy.shape
     c_out_g, c_in_g = c_out // groups, c_in // groups
     args = _conv_args(n, c_in, h, wd, c_out, ho, wo, kh, kw, sh, sw, ph, pw, dh, dw, groups)

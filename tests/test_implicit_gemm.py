@@ -217,7 +217,13 @@ def test_bad_arguments(runner):
     with pytest.raises(TypeError, match="must be float32"):
         ig.conv2d_forward(x.astype(np.float64), w, 1, 1, 1, 1, 1, 1, 4, 4, 1)
     with pytest.raises(ValueError, match="groups=3 must divide"):
-        ig.conv2d_forward(x, w, 1, 1, 1, 1, 1, 1, 4, 4, 3)
+        ig.conv2d_input_grad(x, w, 4, 4, 1, 1, 1, 1, 1, 1, 3)
+    with pytest.raises(ValueError, match=r"needs weight.shape\[1\] \* groups"):
+        ig.conv2d_forward(x, w, 1, 1, 1, 1, 1, 1, 4, 4, 2)
+    with pytest.raises(ValueError, match="as many channels as weight.shape"):
+        ig.conv2d_input_grad(to_dev(np.zeros((1, 3, 4, 4), np.float32)), w, 4, 4, 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="same batch size"):
+        ig.conv2d_weight_grad(x, to_dev(np.zeros((2, 2, 4, 4), np.float32)), 3, 3, 1, 1, 1, 1, 1, 1, 1)
 
 
 def test_wgrad_splits_cover_the_reduction():
