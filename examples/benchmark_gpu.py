@@ -23,7 +23,9 @@ Measures, on one GPU:
 5. A breakdown of one minidl step by category (GEMMs, im2col/col2im, batch norm, pooling,
    activations, loss, optimizer, other kernels + idle gaps), from CUDA events around the
    functions doing the work (examples/torch_compare.py, Breakdown).
-6. With --compare-torch, where PyTorch is importable (never a dependency): the same U-Net,
+6. Per distinct conv, on the GPU: the implicit-GEMM kernels (kernels/implicit_gemm.py) in the
+   --implicit-gemm precisions, forward + backward time and the forward's error against F.conv2d.
+7. With --compare-torch, where PyTorch is importable (never a dependency): the same U-Net,
    batch, loss and optimizer in PyTorch, timed in the same run in float32-strict, TF32 and
    bfloat16 autocast, and the minidl/PyTorch ratios (minidl float32 = precision "highest",
    TF32 = minidl.set_float32_matmul_precision("high"); minidl has no bfloat16 autocast yet).
@@ -263,14 +265,18 @@ def compare_torch(clock, args, step, minidl_f32_s):
     return out
 
 
-def per_layer_benchmark(clock, layers, iters):
-    """Forward + backward of each distinct convolution, and the same GEMMs as plain matmuls."""
+def per_layer_benchmark(clock, layers, iters, implicit=()):
+    """Forward + backward of each distinct convolution, and the same GEMMs as plain matmuls
+    (and the implicit-GEMM kernels in each precision of `implicit`, on the GPU)."""
     rows = {}
     for layer in layers:
         g = layer["geom"]
         key = (layer["kind"], layer["x"], layer["w"], g.args(), g.ho, g.wo, g.groups)
         if key not in rows:
             rows[key] = _measure_layer(clock, layer, iters)
+            if clock.cp is not None:
+                for precision in implicit:
+                    rows[key].update(_measure_implicit(clock, layer, iters, precision))
         rows[key]["count"] += 1          # how often the network runs this shape, for the totals
     return list(rows.values())
 
@@ -324,6 +330,42 @@ def _measure_layer(clock, layer, iters):
                 gemm_ms=t_gemm * 1e3, gemm_tflops=flops / t_gemm / 1e12)
 
 
+def implicit_gemm_step(layer, x, w, gy, precision):
+    """Forward, input gradient and weight gradient of one recorded layer with the implicit-GEMM
+    kernels (kernels/implicit_gemm.py): returns the forward output."""
+    from kernels import implicit_gemm as ig
+    g = layer["geom"]
+    geo = (g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+    if layer["kind"] == "conv":
+        y = ig.conv2d_forward(x, w, *geo, g.ho, g.wo, g.groups, precision)
+        ig.conv2d_input_grad(gy, w, x.shape[2], x.shape[3], *geo, g.groups, precision)
+        ig.conv2d_weight_grad(x, gy, g.kh, g.kw, *geo, g.groups, precision)
+        return y
+    y = ig.conv_transpose2d_forward(x, w, layer["out"][2:], *geo, g.groups, precision)
+    ig.conv_transpose2d_input_grad(gy, w, *geo, g.groups, x.shape[2:], precision)
+    ig.conv_transpose2d_weight_grad(x, gy, g.kh, g.kw, *geo, g.groups, precision)
+    return y
+
+
+def _measure_implicit(clock, layer, iters, precision):
+    """{implicit_<precision>_ms, implicit_<precision>_err}: the implicit-GEMM kernels' forward +
+    backward time, and the forward's largest error relative to minidl's conv (max |y|)."""
+    x, w = clock.randn(*layer["x"]), clock.randn(*layer["w"])
+    op, params, out_shape = layer_op(layer)
+    gy = clock.randn(*out_shape)
+    key = f"implicit_{precision}"
+    try:
+        t, _ = clock.time(lambda: implicit_gemm_step(layer, x, w, gy, precision), warmup=1, iters=iters)
+    except RuntimeError as exc:               # e.g. a tensor-core mode NVRTC could not compile
+        print(f"  implicit-GEMM {precision}: {str(exc).splitlines()[0]}")
+        return {key + "_ms": None, key + "_err": None}
+    y = implicit_gemm_step(layer, x, w, gy, precision)
+    with minidl.no_grad():
+        ref = op.apply(minidl.tensor(x), minidl.tensor(w), **params).data
+    err = float(clock.xp.abs(y - ref).max() / max(float(clock.xp.abs(ref).max()), 1e-30))
+    return {key + "_ms": t * 1e3, key + "_err": err}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depth", type=int, default=5)
@@ -337,6 +379,9 @@ def main(argv=None):
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer table")
     parser.add_argument("--device", default="gpu", choices=["gpu", "cpu"],
                         help="cpu only to smoke-test the script on a machine without a GPU")
+    parser.add_argument("--implicit-gemm", default="highest,tf32,bf16",
+                        help="precisions of the implicit-GEMM kernels to time per conv on the GPU "
+                             "(comma-separated; '' for none)")
     parser.add_argument("--compare-torch", action="store_true",
                         help="also time the same U-Net in PyTorch (when importable) and print ratios")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -373,7 +418,8 @@ def main(argv=None):
         result["torch"] = compare_torch(clock, args, step, result["train_step_s"])
 
     if not args.skip_layers:
-        rows = per_layer_benchmark(clock, layers, args.layer_iters)
+        implicit = [p for p in args.implicit_gemm.split(",") if p]
+        rows = per_layer_benchmark(clock, layers, args.layer_iters, implicit)
         result["layers"] = rows
         print("\n  per distinct conv, forward + backward:            minidl             same GEMMs")
         for r in rows:
@@ -381,6 +427,18 @@ def main(argv=None):
                   f"{r['conv_ms']:8.2f} ms {r['conv_tflops']:6.2f} TF/s  "
                   f"{r['gemm_ms']:8.2f} ms {r['gemm_tflops']:6.2f} TF/s  "
                   f"({100 * r['conv_tflops'] / max(r['gemm_tflops'], 1e-12):.0f}%)")
+            for p in implicit:
+                ms, err = r.get(f"implicit_{p}_ms"), r.get(f"implicit_{p}_err")
+                if ms is not None:
+                    print(f"        implicit-GEMM {p:8s} {ms:8.2f} ms "
+                          f"{r['flops'] / ms / 1e9:6.2f} TF/s  (forward error {err:.1e} of max |y|)")
+        for p in implicit:
+            if rows and all(r.get(f"implicit_{p}_ms") is not None for r in rows):
+                total = sum(r["count"] * r[f"implicit_{p}_ms"] for r in rows)
+                mine = sum(r["count"] * r["conv_ms"] for r in rows)
+                result[f"all_convs_implicit_{p}_ms"] = total
+                print(f"  all convs, forward + backward, implicit-GEMM {p}: {total:.1f} ms "
+                      f"(F.conv2d/conv_transpose2d today: {mine:.1f} ms)")
         conv_rate, gemm_rate = all_layers_rate(rows)
         result.update(all_convs_fwd_bwd_tflops=conv_rate, all_convs_same_gemms_tflops=gemm_rate,
                       conv_to_matmul_ratio=conv_rate / peak)

@@ -112,3 +112,26 @@ def test_breakdown_counts_outermost_calls_and_restores():
 def test_torch_mode_is_checked():
     with pytest.raises(ValueError, match="mode must be one of"):
         torch_compare.torch_step_time(None, 2, 4, 1, 16, "fp8")
+
+
+def test_implicit_gemm_step_reruns_every_recorded_layer(monkeypatch):
+    """The benchmark's implicit-GEMM call per recorded layer (conv and transposed conv, 'same'
+    padding) gives minidl's forward output: through the host emulation of the kernels."""
+    import gpu_emulation_blocks
+    import kernels.implicit_gemm as ig
+    module = gpu_emulation_blocks.BlockModule(ig.cuda_source(("highest",), includes=False))
+    monkeypatch.setattr(ig, "_xp", lambda: np)
+    monkeypatch.setattr(ig, "_run_kernel", lambda name, grid, args: module.launch(name, grid, ig.THREADS, args))
+    options, _, _ = benchmark.MODELS["default"]
+    model = benchmark.build_model(dict(options, depth=2))
+    layers = benchmark.record_layers(model, minidl.tensor(np.zeros((1, 1, 8, 8), np.float32)))
+    assert {layer["kind"] for layer in layers} == {"conv", "convT"}
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        x, w = (rng.standard_normal(layer[k]).astype(np.float32) for k in ("x", "w"))
+        op, params, out_shape = benchmark_gpu.layer_op(layer)
+        gy = rng.standard_normal(out_shape).astype(np.float32)
+        y = benchmark_gpu.implicit_gemm_step(layer, x, w, gy, "highest")
+        with minidl.no_grad():
+            ref = op.apply(minidl.tensor(x), minidl.tensor(w), **params).numpy()
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
