@@ -366,6 +366,14 @@ def _measure_implicit(clock, layer, iters, precision):
     return {key + "_ms": t * 1e3, key + "_err": err}
 
 
+def write_json(path, result):
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depth", type=int, default=5)
@@ -416,6 +424,9 @@ def main(argv=None):
         print(f"    {k:14s} {v:8.2f} ms")
     if args.compare_torch:
         result["torch"] = compare_torch(clock, args, step, result["train_step_s"])
+    # Written now and again at the end: the per-conv table below runs new kernels last, and a
+    # crash there should not lose the figures above.
+    write_json(args.json, result)
 
     if not args.skip_layers:
         implicit = [p for p in args.implicit_gemm.split(",") if p]
@@ -446,11 +457,7 @@ def main(argv=None):
               f"{100 * conv_rate / peak:.0f}% of the {args.matmul_size}^3 matmul rate "
               f"({100 * conv_rate / max(gemm_rate, 1e-12):.0f}% of their own GEMMs' "
               f"{gemm_rate:.2f} TFLOP/s)")
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        os.replace(tmp, args.json)
+    write_json(args.json, result)
     print("\nRESULT " + json.dumps({k: v for k, v in result.items() if k != "layers"}, default=str))
     return result
 
