@@ -29,6 +29,7 @@ What it imitates:
 What it cannot imitate: CUDA itself (races, memory limits, NVRTC's dialect), numerical
 differences of cuBLAS, and the exact set of keyword arguments each CuPy function accepts.
 """
+import re
 import sys
 import time
 import types
@@ -234,8 +235,8 @@ class _RawKernel:
 
     def __call__(self, grid, block, args, **kwargs):
         grid, block = tuple(grid), tuple(block)
-        if "__syncthreads" in self.module.code:          # threads of a block cooperate
-            import re
+        # Threads of a block cooperate (a barrier call, not the word in a comment).
+        if re.search(r"__syncthreads\s*\(", self.module.code):
             import gpu_emulation_blocks
             code = re.sub(r"^#include <\w+\.h>$", "", self.module.code, flags=re.M)
             grid = grid + (1,) * (3 - len(grid))
