@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import minidl
-from seg import cli, data, setup
+from seg import cli, data, distributed_training, setup
 from seg.checkpoints import load_checkpoint, read_checkpoint_meta
 from seg.train import Trainer
 
@@ -145,3 +145,21 @@ def test_resuming_with_another_number_of_ranks_says_how_many(kaggle, two_epochs_
 def test_sync_bn_without_distributed_is_refused(kaggle, tmp_path, capsys):
     assert cli.main(train_argv(kaggle, tmp_path / "run", 1, "--sync-bn")) == 2
     assert "--sync-bn synchronises batch norm across the ranks" in capsys.readouterr().err
+
+
+@needs_mpi
+def test_one_rank_trains_exactly_like_one_process(kaggle, tmp_path):
+    # Rank 0 keeps the one-process streams: same order, augmentation and weights, so a world of
+    # one rank (this pytest process) writes the figures of a run without --distributed.
+    assert cli.main(train_argv(kaggle, tmp_path / "plain", 1)) == 0
+    assert cli.main(train_argv(kaggle, tmp_path / "dist", 1, "--distributed")) == 0
+    plain, one_rank = metrics_rows(tmp_path / "plain"), metrics_rows(tmp_path / "dist")
+    for key in ("train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy", "lr"):
+        assert [row[key] for row in one_rank] == [row[key] for row in plain], key
+
+
+def test_other_ranks_draw_their_own_random_streams():
+    seeds = [distributed_training.rank_seed(5, rank) for rank in range(4)]
+    assert seeds[0] == 5                      # rank 0: the one-process streams
+    assert len(set(seeds)) == 4
+    assert distributed_training.rank_seed(6, 1) != seeds[1]
