@@ -44,9 +44,8 @@ from . import metrics as seg_metrics
 from .errors import UsageError
 from .train import Trainer
 
-__all__ = ["start", "on_rank_zero_first", "distribute_data", "wrap_model", "rank_seed", "reseed_rank_streams",
-           "reduce_validation",
-           "DistributedTrainer", "finish"]
+__all__ = ["start", "on_rank_zero_first", "distribute_data", "wrap_model", "rank_seed",
+           "reseed_rank_streams", "reduce_validation", "DistributedTrainer", "finish"]
 
 
 def rank_seed(seed, rank):
@@ -74,13 +73,14 @@ def start(args):
     and the "nccl" backend when every rank of the machine has a GPU of its own (NCCL refuses
     two ranks on one GPU; then gradients go through the host over MPI).
     """
-    if getattr(args, "sync_bn", False) and not args.distributed:
+    if getattr(args, "sync_bn", False) and not getattr(args, "distributed", False):
         raise UsageError("--sync-bn synchronises batch norm across the ranks of a "
                          "--distributed run; add --distributed (and launch with mpiexec).")
-    if not dist.is_available():
-        dist.init_process_group()          # raises the sentence naming the `dist` extra
     if not dist.is_initialized():
-        dist.init_process_group("mpi")
+        try:
+            dist.init_process_group("mpi")
+        except RuntimeError as exc:        # no MPI: the sentence naming the `dist` extra
+            raise UsageError(str(exc)) from None
         if args.device == "gpu":
             cp = backend.require_cupy()
             n_gpus = cp.cuda.runtime.getDeviceCount()

@@ -6,6 +6,7 @@ one thread each; they are skipped, with the reason, only where MPI is not instal
 """
 import csv
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -163,3 +164,10 @@ def test_other_ranks_draw_their_own_random_streams():
     assert seeds[0] == 5                      # rank 0: the one-process streams
     assert len(set(seeds)) == 4
     assert distributed_training.rank_seed(6, 1) != seeds[1]
+
+
+def test_distributed_without_mpi_names_the_dist_extra(kaggle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)   # makes `from mpi4py import MPI` fail
+    assert cli.main(train_argv(kaggle, tmp_path / "run", 1, "--distributed")) == 2
+    err = capsys.readouterr().err
+    assert '.[dist]' in err and len(err.strip().splitlines()) == 1
