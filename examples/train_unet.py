@@ -38,6 +38,9 @@ What happens, step by step (steps 1-3: `seg.setup.set_up_training`, step 4: `seg
 original 420x580 images and unpadded convs. The talk reports it did not converge in its time
 budget; options given explicitly still override the preset.
 
+--distributed trains data-parallel on every rank of an MPI job (`mpiexec -n 4 python
+examples/train_unet.py --distributed`; --batch-size is per rank; docs/DISTRIBUTED.md).
+
 --crf additionally scores the validation images after dense-CRF post-processing (seg.crf).
 --device gpu needs CuPy (`pip install -e ".[gpu]"`).
 """
@@ -50,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import minidl  # noqa: E402,F401  (first: it sets the Numba thread policy, see minidl/__init__.py)
-from seg import cli, setup  # noqa: E402
+from seg import cli, distributed_training, setup  # noqa: E402
 from seg.errors import NonFiniteLossError, UsageError  # noqa: E402
 from seg.inference import crf_report  # noqa: E402
 from seg.train import train  # noqa: E402
@@ -99,4 +102,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # --distributed: an error code on one rank ends every rank of the mpiexec job
+    sys.exit(distributed_training.finish(main()))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from minidl import backend
 
-from . import models
+from . import distributed_training, models
 from .data import IMAGE_SUFFIXES, load_image
 from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
 from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
@@ -129,6 +129,11 @@ def add_train_arguments(parser, defaults=None):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="seed-unet: the talk's U-Net settings (explicit options still win)")
+    p.add_argument("--distributed", action="store_true", default=d["distributed"],
+                   help="data-parallel training on every rank of `mpiexec -n R ...` "
+                        "(--batch-size is per rank); see docs/DISTRIBUTED.md")
+    p.add_argument("--sync-bn", action="store_true", default=d["sync_bn"],
+                   help="with --distributed: batch norm statistics over the global batch")
     return parser
 
 
@@ -316,4 +321,5 @@ def run_main(fn, args, prog):
 def main(argv=None):
     parser, train_parser = build_parsers()
     args = _parse(parser, sys.argv[1:] if argv is None else list(argv), train_parser)
-    return run_main(COMMANDS[args.command], args, f"python -m seg {args.command}")
+    code = run_main(COMMANDS[args.command], args, f"python -m seg {args.command}")
+    return distributed_training.finish(code)   # an error on one rank ends every rank

@@ -21,7 +21,7 @@ from minidl import optim
 from minidl.optim.lr_scheduler import PolyLR
 
 from . import data as sdata
-from . import models
+from . import distributed_training, models
 from .errors import UsageError
 from .losses import get_loss
 
@@ -51,7 +51,8 @@ TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "
                   "padding": "same", "batch_norm": True, "dropout": 0.0, "dropout_mode": "bottleneck",
                   "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
                   "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
-                  "plot_every": 4, "progress": True, "preset": None}
+                  "plot_every": 4, "progress": True, "preset": None, "distributed": False,
+                  "sync_bn": False}
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -73,10 +74,19 @@ def set_up_training(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
     The order is fixed (seeds first, the model after the data), so the same options give the
     same run. Bad options raise UsageError; bad data ValueError or FileNotFoundError.
     """
+    distributed = getattr(args, "distributed", False) or getattr(args, "sync_bn", False)
+    if distributed:                        # mpiexec -n R ... --distributed: join the job first
+        distributed_training.start(args)
+        if args.data is None:              # written once, by rank 0, before anyone reads it
+            distributed_training.on_rank_zero_first(ensure_synthetic, synthetic_root, log)
     minidl.manual_seed(args.seed)          # weights, dropout
     np.random.seed(args.seed)
     data = prepare_data(args, log, synthetic_root)
+    if distributed:
+        data = distributed_training.distribute_data(data, args)
     model = build_model_from_args(args, data.num_classes)
+    if distributed:
+        model = distributed_training.wrap_model(model, args)
     optimizer = make_optimizer(args, model)
     return TrainingRun(data, model, get_loss(args.loss), optimizer, make_scheduler(args, optimizer),
                        run_config(args, data.num_classes))
@@ -84,8 +94,11 @@ def set_up_training(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
 
 def trainer_options(args):
     """The keyword arguments of seg.train.train that come from the training options."""
-    return {"epochs": args.epochs, "out_dir": args.out, "device": args.device, "resume": args.resume,
-            "plot_every": args.plot_every, "progress": args.progress}
+    options = {"epochs": args.epochs, "out_dir": args.out, "device": args.device, "resume": args.resume,
+               "plot_every": args.plot_every, "progress": args.progress}
+    if getattr(args, "distributed", False):
+        options["trainer_class"] = distributed_training.DistributedTrainer
+    return options
 
 
 # ----------------------------------------------------------------------------- data

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidl import backend, no_grad
+from minidl.nn.parallel import DistributedDataParallel
 from minidl.ops.geometry import pair
 from minidl.tensor import Tensor
 
@@ -52,6 +53,8 @@ def input_geometry(model, h, w):
     The image's (h, w) window starts at the top-left corner of the model's output.
     Models without size rules (no `valid_input_size`) need no padding.
     """
+    if isinstance(model, DistributedDataParallel):
+        model = model.module                  # the wrapped model has the size rules
     if not _has_sizes(model):
         return (h, w), (0, 0, 0, 0)
     sizes, pads = [], []

@@ -242,13 +242,18 @@ class Trainer:
                     kept[1].extend(masks[:take])
                     kept[2].extend(pred[:take])
         self.model.train()
+        summary, total_loss, n_images = self._totals(scores, total_loss, n_images)
         if n_images == 0:
             raise ValueError("the validation loader gave no batches; check the split.")
-        summary = scores.summary()
         result = {"val_loss": total_loss / n_images, "val_dice": summary["dice"],
                   "val_iou": summary["iou"], "val_accuracy": summary["accuracy"]}
         samples = tuple(np.stack(k) for k in kept) if kept[0] else None
         return result, samples
+
+    def _totals(self, scores, loss_sum, n_images):
+        """evaluate's totals -> (scores.summary(), loss sum, number of images); a
+        DistributedTrainer sums them over the ranks first."""
+        return scores.summary(), loss_sum, n_images
 
     # -------------------------------------------------------------- the run
     def fit(self, epochs, resume=None):
@@ -345,8 +350,10 @@ class Trainer:
 
 
 def train(model, train_loader, val_loader, loss_fn, optimizer, scheduler=None, epochs=10,
-          out_dir="runs/unet", device="cpu", resume=None, **options):
-    """Train and validate for `epochs` epochs; see Trainer for the options. Returns TrainResult."""
-    trainer = Trainer(model, train_loader, val_loader, loss_fn, optimizer, scheduler,
-                      out_dir=out_dir, device=device, **options)
+          out_dir="runs/unet", device="cpu", resume=None, trainer_class=None, **options):
+    """Train and validate for `epochs` epochs; see Trainer for the options. Returns TrainResult.
+
+    trainer_class: Trainer or a subclass (seg.distributed_training.DistributedTrainer)."""
+    trainer = (trainer_class or Trainer)(model, train_loader, val_loader, loss_fn, optimizer,
+                                         scheduler, out_dir=out_dir, device=device, **options)
     return trainer.fit(epochs, resume=resume)

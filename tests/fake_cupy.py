@@ -219,6 +219,9 @@ class _Device:
     def synchronize(self):
         pass
 
+    def use(self):
+        pass
+
 
 _runtime = types.SimpleNamespace(
     getDeviceCount=lambda: 1,
