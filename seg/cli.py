@@ -256,7 +256,12 @@ def cmd_models(args, log=print):
         if args.explain not in models.available():
             raise UsageError(f"--explain: unknown model {args.explain!r}; choose one of: "
                              f"{', '.join(models.available())}.")
-        log(summary.explain(args.explain, input_size=getattr(args, "input_size", None)))
+        options = {k: getattr(args, k, None) for k in ("depth", "features_root")}
+        if args.explain != "unet" and any(v is not None for v in options.values()):
+            raise UsageError("--depth and --features-root describe the U-Net only; "
+                             f"leave them out for {args.explain}.")
+        log(summary.explain(args.explain, input_size=getattr(args, "input_size", None),
+                            **{k: v for k, v in options.items() if v is not None}))
         return 0
     log(summary.format_table(summary.models_table()))
     return 0
@@ -289,6 +294,10 @@ def build_parsers():
                           help="list NAME's conv layers: parameters, output sizes, receptive field")
     models_p.add_argument("--input-size", dest="input_size", type=_size, default=None, metavar="HxW",
                           help="input size for --explain; default: the paper's")
+    models_p.add_argument("--depth", type=_positive_int, default=None,
+                          help="for --explain unet: levels (default: the paper's 5)")
+    models_p.add_argument("--features-root", type=_positive_int, default=None,
+                          help="for --explain unet: channels of the first level (default 64)")
     return parser, train_p
 
 
