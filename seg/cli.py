@@ -26,6 +26,7 @@ from . import models
 from .data import IMAGE_SUFFIXES, load_image
 from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
 from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
+from .interrupt import is_interrupt
 from .losses import LOSSES
 from .models import summary
 from .setup import DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_dataset, set_up_training, trainer_options
@@ -317,7 +318,9 @@ def run_main(fn, args, prog):
     except (NonFiniteLossError, GPUOutOfMemoryError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as exc:
+        if not is_interrupt(exc):      # Ctrl-C inside a Numba kernel arrives as a SystemError
+            raise
         print(f"\n{prog}: interrupted.", file=sys.stderr)
         return 130
 
