@@ -179,9 +179,13 @@ def check_train_args(args):
     return args
 
 
-def parse_train_args(argv=None, prog="python -m seg train", description=None, defaults=None):
-    """Parse and check the training options (with --preset applied). Exits 2 on bad input."""
-    parser = build_train_parser(prog, description, defaults)
+def parse_train_args(argv=None, prog="python -m seg train", description=None, defaults=None,
+                     parser=None):
+    """Parse and check the training options (with --preset applied). Exits 2 on bad input.
+
+    parser: a build_train_parser() parser with options of its own added (examples/train_any.py).
+    """
+    parser = parser or build_train_parser(prog, description, defaults)
     args = _parse(parser, argv, parser)
     try:
         return check_train_args(args)
