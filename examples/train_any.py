@@ -57,6 +57,8 @@ def run(args):
     if args.model not in models.available():
         raise UsageError(f"unknown model {args.model!r} (--model); choose one of: "
                          f"{', '.join(models.available())}.")
+    if setup.preset_notice(args):
+        print(setup.preset_notice(args))
     args.size = fit_size(args)
     minidl.manual_seed(args.seed)
     np.random.seed(args.seed)
