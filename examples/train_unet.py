@@ -54,7 +54,6 @@ sys.path.insert(0, str(ROOT))
 
 import minidl  # noqa: E402,F401  (first: it sets the Numba thread policy, see minidl/__init__.py)
 from seg import cli, distributed_training, setup  # noqa: E402
-from seg.errors import NonFiniteLossError, UsageError  # noqa: E402
 from seg.inference import crf_report  # noqa: E402
 from seg.train import train  # noqa: E402
 
@@ -66,17 +65,18 @@ DEFAULTS = {"out": "runs/unet"}
 
 
 def main(argv=None):
-    start = time.perf_counter()
     args = cli.parse_train_args(argv, prog="train_unet.py", defaults=DEFAULTS,
                                 description="Train a U-Net on (synthetic) ultrasound nerve images.")
-    try:
-        # 1. data: generated once, read back with the Kaggle reader, split by patient;
-        # 2. model; 3. loss, optimizer and learning-rate schedule (seg/setup.py), after seeding
-        #    the random streams (weights, dropout, augmentation)
-        run = setup.set_up_training(args, synthetic_root=ROOT / "data" / "synthetic")
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        print(f"train_unet.py: error: {exc}", file=sys.stderr)
-        return 2
+    # Errors (bad data, a checkpoint of another model, ...) end in one sentence, as in `python -m seg`.
+    return cli.run_main(run, args, "train_unet.py")
+
+
+def run(args):
+    start = time.perf_counter()
+    # 1. data: generated once, read back with the Kaggle reader, split by patient;
+    # 2. model; 3. loss, optimizer and learning-rate schedule (seg/setup.py), after seeding
+    #    the random streams (weights, dropout, augmentation)
+    run = setup.set_up_training(args, synthetic_root=ROOT / "data" / "synthetic")
     data, model = run.data, run.model
     print(f"U-Net depth {args.depth}, {args.features_root} root features, {args.padding} padding: "
           f"{model.num_parameters():,} parameters")
@@ -84,12 +84,8 @@ def main(argv=None):
           f"{data.root}), resized to {args.size[0]}x{args.size[1]}")
 
     # 4. train (checkpoints, metrics.csv and plots go to args.out)
-    try:
-        result = train(model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
-                       run.scheduler, config=run.config, **setup.trainer_options(args))
-    except NonFiniteLossError as exc:
-        print(f"train_unet.py: {exc}", file=sys.stderr)
-        return 1
+    result = train(model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
+                   run.scheduler, config=run.config, **setup.trainer_options(args))
 
     # 5. result
     minutes = (time.perf_counter() - start) / 60

@@ -181,6 +181,11 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
+        # The residual branch starts as zero (gamma = 0 in its last BN; Goyal et al. 2017,
+        # "Accurate, Large Minibatch SGD", Sec. 5.1): each block begins as its shortcut, so 33
+        # summed branches do not multiply the activations' scale (~1e6 at init otherwise,
+        # worse in eval mode, where BN's initial statistics do not normalise).
+        nn.init.zeros_(self.bn3.weight)
         # Projection shortcut when the shape changes (1x1 conv + BN, "option B").
         self.downsample = None
         if stride != 1 or in_channels != out:
