@@ -52,7 +52,7 @@ import minidl  # noqa: E402  (first: it sets the Numba thread policy before Numb
 import numpy as np  # noqa: E402
 from minidl import functional as F  # noqa: E402
 from minidl import optim  # noqa: E402
-from minidl.ops import conv as conv_ops  # noqa: E402
+from minidl.ops import conv_plan  # noqa: E402
 from benchmark_gpu import ConvRecorder, conv_macs, gemm_shapes, layer_op  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,8 +331,8 @@ def main(argv=None):
     load = os.getloadavg()
     info = dict(cpu=cpu_model(), cpus=os.cpu_count(), numba_threads=numba.get_num_threads(),
                 openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
-                load_average_start=load[0], column_buffer_mib=conv_ops.COLUMN_BUFFER_BYTES / 2**20,
-                target_columns=conv_ops.TARGET_COLUMNS, repeat=repeat, quick=args.quick)
+                load_average_start=load[0], column_buffer_mib=conv_plan.settings.column_buffer_bytes / 2**20,
+                target_columns=conv_plan.settings.target_columns, repeat=repeat, quick=args.quick)
     print(f"{info['cpu']}, {info['cpus']} CPUs; Numba threads {info['numba_threads']}, "
           f"OPENBLAS_NUM_THREADS={info['openblas_threads']}; load average {load[0]:.1f} "
           f"(other processes skew timings); best of {repeat}")

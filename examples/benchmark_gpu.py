@@ -20,6 +20,16 @@ Measures, on one GPU:
 4. Peak GPU memory of one training step: the CuPy memory pool's high-water mark of bytes in
    use (tracked with a memory hook) and the bytes the pool holds from the driver.
 
+5. A breakdown of one minidl step by category (GEMMs, im2col/col2im, batch norm, pooling,
+   activations, loss, optimizer, other kernels + idle gaps), from CUDA events around the
+   functions doing the work (examples/torch_compare.py, Breakdown).
+6. Per distinct conv, on the GPU: the implicit-GEMM kernels (kernels/implicit_gemm.py) in the
+   --implicit-gemm precisions, forward + backward time and the forward's error against F.conv2d.
+7. With --compare-torch, where PyTorch is importable (never a dependency): the same U-Net,
+   batch, loss and optimizer in PyTorch, timed in the same run in float32-strict, TF32 and
+   bfloat16 autocast, and the minidl/PyTorch ratios (minidl float32 = precision "highest",
+   TF32 = minidl.set_float32_matmul_precision("high"); minidl has no bfloat16 autocast yet).
+
 Timing uses CUDA events recorded on the stream (kernels run asynchronously; a host clock
 would measure launches, not work), after warm-up steps that also compile every kernel.
 """
@@ -31,6 +41,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
@@ -38,6 +49,7 @@ import minidl  # noqa: E402
 from minidl import backend, optim  # noqa: E402
 from minidl import functional as F  # noqa: E402
 from minidl.ops import conv as conv_ops  # noqa: E402
+import torch_compare  # noqa: E402  (examples/torch_compare.py, next to this file)
 
 
 # ---------------------------------------------------------------------------- timing helpers
@@ -182,6 +194,7 @@ def training_step_benchmark(clock, args):
 
     median, times = clock.time(step, warmup=0, iters=args.iters)
     loss = float(step().item())
+    breakdown = step_breakdown(clock, step, opt)
     return dict(
         model=f"unet depth={args.depth} features_root={args.features} padding=same",
         device=dev, batch=args.batch, size=args.size, conv_layers=len(layers),
@@ -190,17 +203,80 @@ def training_step_benchmark(clock, args):
         conv_gflop_per_step=train_flops / 1e9,
         achieved_tflops=train_flops / median / 1e12,
         peak_used_bytes=peak_used, pool_total_bytes=pool_total, final_loss=loss,
-    ), layers
+        breakdown_ms={k: v * 1e3 for k, v in breakdown.items()},
+    ), layers, step
 
 
-def per_layer_benchmark(clock, layers, iters):
-    """Forward + backward of each distinct convolution, and the same GEMMs as plain matmuls."""
+BREAKDOWN = ("GEMMs", "im2col/col2im", "batch norm", "pooling", "activations", "loss", "optimizer")
+
+
+def step_breakdown(clock, step, opt):
+    """{category: seconds} of one step (the second of two, the first warms the wrappers)."""
+    import importlib
+    from minidl.ops import activation, loss, normalization
+    bundle = importlib.import_module("kernels.gpu" if clock.cp is not None else "kernels.cpu")
+    bd = torch_compare.Breakdown(clock)
+    bd.wrap(clock.xp, "matmul", "GEMMs")
+    for name in ("im2col", "col2im"):
+        bd.wrap(bundle, name, "im2col/col2im")
+    for cls in (normalization.BatchNorm, activation.ReLU, loss.CrossEntropy):
+        category = {"BatchNorm": "batch norm", "ReLU": "activations"}.get(cls.__name__, "loss")
+        for name in ("forward", "backward"):
+            bd.wrap(cls, name, category)
+    for name in ("maxpool2d_forward", "maxpool2d_backward"):
+        bd.wrap(bundle, name, "pooling")
+    bd.wrap(opt, "step", "optimizer")
+    try:
+        bd.measure(step, BREAKDOWN)
+        return bd.measure(step, BREAKDOWN)
+    finally:
+        bd.restore()
+        if "step" in vars(opt):
+            del opt.step                 # back to the class's method
+
+
+def compare_torch(clock, args, step, minidl_f32_s):
+    """{mode: (minidl s or None, torch s)}: PyTorch's step in each mode, minidl's where it has one."""
+    try:
+        import torch
+    except ImportError:
+        print("\n  --compare-torch: PyTorch is not importable here; comparison skipped")
+        return None
+    if clock.cp is None or not torch.cuda.is_available():
+        print("\n  --compare-torch: needs a GPU visible to both CuPy and PyTorch; skipped")
+        return None
+    minidl.set_float32_matmul_precision("high")
+    try:
+        minidl_tf32, _ = clock.time(step, warmup=1, iters=args.iters)
+    finally:
+        minidl.set_float32_matmul_precision("highest")
+    mine = {"float32": minidl_f32_s, "tf32": minidl_tf32, "bf16": None}
+    out = {}
+    print(f"\n  vs PyTorch {torch.__version__} (same U-Net, batch, CE, Adam), training step:")
+    for mode in torch_compare.TORCH_MODES:
+        t = torch_compare.torch_step_time(torch, args.depth, args.features, args.batch, args.size,
+                                          mode, iters=args.iters)
+        out[mode] = (mine[mode], t)
+        ratio = f"{mine[mode] / t:5.2f}x" if mine[mode] else "  n/a (no bf16 autocast in minidl)"
+        theirs = f"{mine[mode] * 1e3:8.1f} ms" if mine[mode] else "       -   "
+        print(f"  {mode:8s} minidl {theirs}   PyTorch {t * 1e3:8.1f} ms   minidl/PyTorch {ratio}")
+    best = min(mine["float32"], mine["tf32"])
+    print(f"  minidl's best / PyTorch bf16 autocast: {best / out['bf16'][1]:.2f}x")
+    return out
+
+
+def per_layer_benchmark(clock, layers, iters, implicit=()):
+    """Forward + backward of each distinct convolution, and the same GEMMs as plain matmuls
+    (and the implicit-GEMM kernels in each precision of `implicit`, on the GPU)."""
     rows = {}
     for layer in layers:
         g = layer["geom"]
         key = (layer["kind"], layer["x"], layer["w"], g.args(), g.ho, g.wo, g.groups)
         if key not in rows:
             rows[key] = _measure_layer(clock, layer, iters)
+            if clock.cp is not None:
+                for precision in implicit:
+                    rows[key].update(_measure_implicit(clock, layer, iters, precision))
         rows[key]["count"] += 1          # how often the network runs this shape, for the totals
     return list(rows.values())
 
@@ -254,6 +330,50 @@ def _measure_layer(clock, layer, iters):
                 gemm_ms=t_gemm * 1e3, gemm_tflops=flops / t_gemm / 1e12)
 
 
+def implicit_gemm_step(layer, x, w, gy, precision):
+    """Forward, input gradient and weight gradient of one recorded layer with the implicit-GEMM
+    kernels (kernels/implicit_gemm.py): returns the forward output."""
+    from kernels import implicit_gemm as ig
+    g = layer["geom"]
+    geo = (g.sh, g.sw, g.ph, g.pw, g.dh, g.dw)
+    if layer["kind"] == "conv":
+        y = ig.conv2d_forward(x, w, *geo, g.ho, g.wo, g.groups, precision)
+        ig.conv2d_input_grad(gy, w, x.shape[2], x.shape[3], *geo, g.groups, precision)
+        ig.conv2d_weight_grad(x, gy, g.kh, g.kw, *geo, g.groups, precision)
+        return y
+    y = ig.conv_transpose2d_forward(x, w, layer["out"][2:], *geo, g.groups, precision)
+    ig.conv_transpose2d_input_grad(gy, w, *geo, g.groups, x.shape[2:], precision)
+    ig.conv_transpose2d_weight_grad(x, gy, g.kh, g.kw, *geo, g.groups, precision)
+    return y
+
+
+def _measure_implicit(clock, layer, iters, precision):
+    """{implicit_<precision>_ms, implicit_<precision>_err}: the implicit-GEMM kernels' forward +
+    backward time, and the forward's largest error relative to minidl's conv (max |y|)."""
+    x, w = clock.randn(*layer["x"]), clock.randn(*layer["w"])
+    op, params, out_shape = layer_op(layer)
+    gy = clock.randn(*out_shape)
+    key = f"implicit_{precision}"
+    try:
+        t, _ = clock.time(lambda: implicit_gemm_step(layer, x, w, gy, precision), warmup=1, iters=iters)
+    except RuntimeError as exc:               # e.g. a tensor-core mode NVRTC could not compile
+        print(f"  implicit-GEMM {precision}: {str(exc).splitlines()[0]}")
+        return {key + "_ms": None, key + "_err": None}
+    y = implicit_gemm_step(layer, x, w, gy, precision)
+    with minidl.no_grad():
+        ref = op.apply(minidl.tensor(x), minidl.tensor(w), **params).data
+    err = float(clock.xp.abs(y - ref).max() / max(float(clock.xp.abs(ref).max()), 1e-30))
+    return {key + "_ms": t * 1e3, key + "_err": err}
+
+
+def write_json(path, result):
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depth", type=int, default=5)
@@ -267,6 +387,11 @@ def main(argv=None):
     parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer table")
     parser.add_argument("--device", default="gpu", choices=["gpu", "cpu"],
                         help="cpu only to smoke-test the script on a machine without a GPU")
+    parser.add_argument("--implicit-gemm", default="highest,tf32,bf16",
+                        help="precisions of the implicit-GEMM kernels to time per conv on the GPU "
+                             "(comma-separated; '' for none)")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="also time the same U-Net in PyTorch (when importable) and print ratios")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -281,7 +406,7 @@ def main(argv=None):
     peak = matmul_rate(clock, args.matmul_size)
     print(f"float32 matmul {args.matmul_size}^3 on {args.device}: {peak:.3f} TFLOP/s")
 
-    result, layers = training_step_benchmark(clock, args)
+    result, layers, step = training_step_benchmark(clock, args)
     result["gpu"] = name
     result["matmul_fp32_tflops"] = peak
     print(f"\n{result['model']}, batch {args.batch} x {args.size}x{args.size}, Adam, on {args.device}:")
@@ -294,8 +419,18 @@ def main(argv=None):
         print(f"  peak GPU memory    {result['peak_used_bytes'] / 2**30:8.2f} GiB in use "
               f"(pool holds {result['pool_total_bytes'] / 2**30:.2f} GiB)")
 
+    print("  breakdown of one step (CUDA events around the work; 'other + idle': the rest):")
+    for k, v in result["breakdown_ms"].items():
+        print(f"    {k:14s} {v:8.2f} ms")
+    if args.compare_torch:
+        result["torch"] = compare_torch(clock, args, step, result["train_step_s"])
+    # Written now and again at the end: the per-conv table below runs new kernels last, and a
+    # crash there should not lose the figures above.
+    write_json(args.json, result)
+
     if not args.skip_layers:
-        rows = per_layer_benchmark(clock, layers, args.layer_iters)
+        implicit = [p for p in args.implicit_gemm.split(",") if p]
+        rows = per_layer_benchmark(clock, layers, args.layer_iters, implicit)
         result["layers"] = rows
         print("\n  per distinct conv, forward + backward:            minidl             same GEMMs")
         for r in rows:
@@ -303,6 +438,18 @@ def main(argv=None):
                   f"{r['conv_ms']:8.2f} ms {r['conv_tflops']:6.2f} TF/s  "
                   f"{r['gemm_ms']:8.2f} ms {r['gemm_tflops']:6.2f} TF/s  "
                   f"({100 * r['conv_tflops'] / max(r['gemm_tflops'], 1e-12):.0f}%)")
+            for p in implicit:
+                ms, err = r.get(f"implicit_{p}_ms"), r.get(f"implicit_{p}_err")
+                if ms is not None:
+                    print(f"        implicit-GEMM {p:8s} {ms:8.2f} ms "
+                          f"{r['flops'] / ms / 1e9:6.2f} TF/s  (forward error {err:.1e} of max |y|)")
+        for p in implicit:
+            if rows and all(r.get(f"implicit_{p}_ms") is not None for r in rows):
+                total = sum(r["count"] * r[f"implicit_{p}_ms"] for r in rows)
+                mine = sum(r["count"] * r["conv_ms"] for r in rows)
+                result[f"all_convs_implicit_{p}_ms"] = total
+                print(f"  all convs, forward + backward, implicit-GEMM {p}: {total:.1f} ms "
+                      f"(F.conv2d/conv_transpose2d today: {mine:.1f} ms)")
         conv_rate, gemm_rate = all_layers_rate(rows)
         result.update(all_convs_fwd_bwd_tflops=conv_rate, all_convs_same_gemms_tflops=gemm_rate,
                       conv_to_matmul_ratio=conv_rate / peak)
@@ -310,11 +457,7 @@ def main(argv=None):
               f"{100 * conv_rate / peak:.0f}% of the {args.matmul_size}^3 matmul rate "
               f"({100 * conv_rate / max(gemm_rate, 1e-12):.0f}% of their own GEMMs' "
               f"{gemm_rate:.2f} TFLOP/s)")
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        os.replace(tmp, args.json)
+    write_json(args.json, result)
     print("\nRESULT " + json.dumps({k: v for k, v in result.items() if k != "layers"}, default=str))
     return result
 

@@ -79,7 +79,17 @@ def test_image(size):
         return (img + 0.02 * np.random.default_rng(0).standard_normal(img.shape)).astype(np.float32)
 
 
+def output_path(out, default_name="edge_detection.png"):
+    """The PNG file to write: `out`, or default_name inside `out` when it is a folder (an
+    existing one, or a name ending in a slash). Creates the folder it goes into."""
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        out = os.path.join(out, default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    return out
+
+
 def main(out="edge_detection.png", size=256):
+    out = output_path(out)
     image, kernel, edges = vertical_edge_example()
     print("image:\n", image.astype(int), "\n* kernel:\n", kernel.astype(int))
     print("= edges:\n", edges.astype(int))
@@ -132,7 +142,9 @@ def main(out="edge_detection.png", size=256):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="edge_detection.png")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--out", default="edge_detection.png", metavar="FILE_OR_DIR",
+                        help="the PNG to write, or a folder to write edge_detection.png into "
+                             "(created if missing); default %(default)s")
+    parser.add_argument("--size", type=int, default=256, help="test image size; default %(default)s")
     args = parser.parse_args()
     main(args.out, args.size)

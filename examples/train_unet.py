@@ -39,6 +39,9 @@ What happens, step by step (steps 1-3: `seg.setup.set_up_training`, step 4: `seg
 original 420x580 images and unpadded convs. The talk reports it did not converge in its time
 budget; options given explicitly still override the preset.
 
+--distributed trains data-parallel on every rank of an MPI job (`mpiexec -n 4 python
+examples/train_unet.py --distributed`; --batch-size is per rank; docs/DISTRIBUTED.md).
+
 --crf additionally scores the validation images after dense-CRF post-processing (seg.crf).
 --device gpu needs CuPy (`pip install -e ".[gpu]"`).
 """
@@ -51,8 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import minidl  # noqa: E402,F401  (first: it sets the Numba thread policy, see minidl/__init__.py)
-from seg import cli, setup  # noqa: E402
-from seg.errors import NonFiniteLossError, UsageError  # noqa: E402
+from seg import cli, distributed_training, setup  # noqa: E402
 from seg.inference import crf_report  # noqa: E402
 from seg.train import train  # noqa: E402
 
@@ -64,17 +66,18 @@ DEFAULTS = {"out": "runs/unet"}
 
 
 def main(argv=None):
-    start = time.perf_counter()
     args = cli.parse_train_args(argv, prog="train_unet.py", defaults=DEFAULTS,
                                 description="Train a U-Net on (synthetic) ultrasound nerve images.")
-    try:
-        # 1. data: generated once, read back with the Kaggle reader, split by patient;
-        # 2. model; 3. loss, optimizer and learning-rate schedule (seg/setup.py), after seeding
-        #    the random streams (weights, dropout, augmentation)
-        run = setup.set_up_training(args, synthetic_root=ROOT / "data" / "synthetic")
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        print(f"train_unet.py: error: {exc}", file=sys.stderr)
-        return 2
+    # Errors (bad data, a checkpoint of another model, ...) end in one sentence, as in `python -m seg`.
+    return cli.run_main(run, args, "train_unet.py")
+
+
+def run(args):
+    start = time.perf_counter()
+    # 1. data: generated once, read back with the Kaggle reader, split by patient;
+    # 2. model; 3. loss, optimizer and learning-rate schedule (seg/setup.py), after seeding
+    #    the random streams (weights, dropout, augmentation)
+    run = setup.set_up_training(args, synthetic_root=ROOT / "data" / "synthetic")
     data, model = run.data, run.model
     print(f"U-Net depth {args.depth}, {args.features_root} root features, {args.padding} padding: "
           f"{model.num_parameters():,} parameters")
@@ -82,12 +85,8 @@ def main(argv=None):
           f"{data.root}), resized to {args.size[0]}x{args.size[1]}")
 
     # 4. train (checkpoints, metrics.csv and plots go to args.out)
-    try:
-        result = train(model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
-                       run.scheduler, config=run.config, **setup.trainer_options(args))
-    except NonFiniteLossError as exc:
-        print(f"train_unet.py: {exc}", file=sys.stderr)
-        return 1
+    result = train(model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
+                   run.scheduler, config=run.config, **setup.trainer_options(args))
 
     # 5. result
     minutes = (time.perf_counter() - start) / 60
@@ -100,4 +99,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # --distributed: an error code on one rank ends every rank of the mpiexec job
+    sys.exit(distributed_training.finish(main()))

@@ -7,6 +7,9 @@
     permutohedral_{reference,cpu,gpu}.py   the dense CRF's lattice filter, the same three ways;
                   cpu.py and gpu.py expose theirs as PermutohedralLattice and softmax_rows
 
+    implicit_gemm.py  GPU convolution without the im2col buffer (tensor cores), not a bundle:
+                      called by the conv plan; its NumPy twin is implicit_gemm_reference.py
+
 Every bundle offers the same functions with the same signatures; `for_array(x)` returns
 the bundle that matches where `x` lives. This is the only place that chooses.
 """

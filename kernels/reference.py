@@ -17,7 +17,7 @@ and anything outside 0 <= iy < h, 0 <= ix < w is padding. Because ho/wo are give
 than computed, a caller can ask for more output rows than symmetric padding would give; the
 extra windows simply read more zeros. That is how conv2d's asymmetric padding="same" and
 pooling's ceil_mode are expressed without a second padding argument. Padding may also be
-negative: output row 0 then starts -ph rows into the input, which is how minidl/ops/conv.py
+negative: output row 0 then starts -ph rows into the input, which is how minidl/ops/conv_plan.py
 unfolds one band of output rows at a time.
 """
 import numpy as np

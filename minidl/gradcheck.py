@@ -66,17 +66,8 @@ def _numeric_difference(fn, inputs, i, direction, eps):
     return (plus - minus) / (2 * eps)
 
 
-def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, mode="auto", n_directions=10,
-              raise_exception=True, seed=0):
-    """Check fn's backward against finite differences.
-
-    fn:      callable taking the inputs and returning one Tensor (any shape)
-    inputs:  a Tensor or a sequence of Tensors/other arguments; every Tensor with
-             requires_grad=True is checked and must be float64
-    Returns True when every checked entry satisfies |analytic - numeric| <= atol + rtol * |numeric|.
-    Otherwise raises AssertionError naming the worst entry (input index, position, analytic
-    and numeric values), or returns False when raise_exception=False.
-    """
+def _check_arguments(inputs, mode):
+    """inputs as a list, and the indices of the Tensors to check; one sentence per mistake."""
     inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
     checked = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
     if not checked:
@@ -87,60 +78,62 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, mode="auto", n_directi
                              "need float64 inputs: make them with dtype='float64'.")
     if mode not in ("auto", "full", "random"):
         raise ValueError(f"gradcheck() got mode={mode!r}; use 'auto', 'full' or 'random'.")
-    saved_grads = [inputs[i].grad for i in checked]
+    return inputs, checked
 
-    out = _evaluate(fn, inputs)
+
+def _full_checks(fn, inputs, checked, out, eps):
+    """Every Jacobian entry: one backward per output element, two forwards per input element.
+    Returns [(input index, analytic (n_out, size), numeric (n_out, size), describe)]."""
     xp = backend.get_array_module(out.data)
-    n_in = sum(inputs[i].data.size for i in checked)
-    if mode == "auto":
-        mode = "full" if n_in <= FULL_LIMIT and out.data.size <= FULL_LIMIT else "random"
-    rng = numpy.random.default_rng(seed)
-
-    # All backward passes run before any input is perturbed, because ops may have saved
-    # the input arrays themselves for their backward.
-    # Each check: (input index, analytic array, numeric array, describe(flat index) -> str).
+    n_out = out.data.size
+    rows = []
+    for k in range(n_out):
+        v = numpy.zeros(n_out)
+        v[k] = 1.0
+        seed_k = xp.asarray(v.reshape(out.shape), dtype=out.dtype)
+        rows.append(_analytic_vjp(out, inputs, checked, seed_k))
     checks = []
-    try:
-        if mode == "full":
-            n_out = out.data.size
-            rows = []
-            for k in range(n_out):
-                v = numpy.zeros(n_out)
-                v[k] = 1.0
-                seed_k = xp.asarray(v.reshape(out.shape), dtype=out.dtype)
-                rows.append(_analytic_vjp(out, inputs, checked, seed_k))
-            for slot, i in enumerate(checked):
-                shape, size = inputs[i].shape, inputs[i].data.size
-                jac_analytic = numpy.stack([r[slot].reshape(-1) for r in rows])   # (n_out, size)
-                jac_numeric = numpy.empty((n_out, size))
-                for j in range(size):
-                    e = numpy.zeros(size)
-                    e[j] = 1.0
-                    jac_numeric[:, j] = _numeric_difference(fn, inputs, i, e.reshape(shape), eps).reshape(-1)
+    for slot, i in enumerate(checked):
+        shape, size = inputs[i].shape, inputs[i].data.size
+        jac_analytic = numpy.stack([r[slot].reshape(-1) for r in rows])   # (n_out, size)
+        jac_numeric = numpy.empty((n_out, size))
+        for j in range(size):
+            e = numpy.zeros(size)
+            e[j] = 1.0
+            jac_numeric[:, j] = _numeric_difference(fn, inputs, i, e.reshape(shape), eps).reshape(-1)
 
-                def describe(flat, shape=shape, size=size):
-                    k, j = divmod(flat, size)
-                    return (f"position {tuple(int(p) for p in numpy.unravel_index(j, shape))}, "
-                            f"output {tuple(int(p) for p in numpy.unravel_index(k, out.shape))}")
-                checks.append((i, jac_analytic, jac_numeric, describe))
-        else:
-            plans = []
-            for d in range(n_directions):
-                v = rng.standard_normal(out.shape)
-                v /= max(numpy.linalg.norm(v), 1e-300)
-                plans.append((v, _analytic_vjp(out, inputs, checked, xp.asarray(v, dtype=out.dtype))))
-            for slot, i in enumerate(checked):
-                analytic, numeric = numpy.empty(n_directions), numpy.empty(n_directions)
-                for d, (v, grads) in enumerate(plans):
-                    u = rng.standard_normal(inputs[i].shape)
-                    u /= max(numpy.linalg.norm(u), 1e-300)
-                    numeric[d] = (v * _numeric_difference(fn, inputs, i, u, eps)).sum()
-                    analytic[d] = (grads[slot] * u).sum()
-                checks.append((i, analytic, numeric, lambda d: f"random direction {d}"))
-    finally:
-        for i, g in zip(checked, saved_grads):
-            inputs[i].grad = g
+        def describe(flat, shape=shape, size=size):
+            k, j = divmod(flat, size)
+            return (f"position {tuple(int(p) for p in numpy.unravel_index(j, shape))}, "
+                    f"output {tuple(int(p) for p in numpy.unravel_index(k, out.shape))}")
+        checks.append((i, jac_analytic, jac_numeric, describe))
+    return checks
 
+
+def _random_checks(fn, inputs, checked, out, eps, n_directions, rng):
+    """v^T J u for random unit vectors v (output) and u (input), backward against finite
+    differences. Returns [(input index, analytic (n,), numeric (n,), describe)]."""
+    xp = backend.get_array_module(out.data)
+    plans = []
+    for d in range(n_directions):
+        v = rng.standard_normal(out.shape)
+        v /= max(numpy.linalg.norm(v), 1e-300)
+        plans.append((v, _analytic_vjp(out, inputs, checked, xp.asarray(v, dtype=out.dtype))))
+    checks = []
+    for slot, i in enumerate(checked):
+        analytic, numeric = numpy.empty(n_directions), numpy.empty(n_directions)
+        for d, (v, grads) in enumerate(plans):
+            u = rng.standard_normal(inputs[i].shape)
+            u /= max(numpy.linalg.norm(u), 1e-300)
+            numeric[d] = (v * _numeric_difference(fn, inputs, i, u, eps)).sum()
+            analytic[d] = (grads[slot] * u).sum()
+        checks.append((i, analytic, numeric, lambda d: f"random direction {d}"))
+    return checks
+
+
+def _worst_failure(checks, atol, rtol):
+    """(number of failed entries, total entries, the worst failure or None) where an entry
+    fails when |analytic - numeric| > atol + rtol * |numeric| (NaN fails)."""
     worst, failed, total = None, 0, 0
     for i, analytic, numeric, describe in checks:
         analytic, numeric = analytic.reshape(-1), numeric.reshape(-1)
@@ -152,6 +145,39 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, mode="auto", n_directi
         k = int(numpy.argmax(excess))
         if excess[k] > 1 and (worst is None or excess[k] > worst[0]):
             worst = (excess[k], i, describe(k), analytic[k], numeric[k], tolerance[k])
+    return failed, total, worst
+
+
+def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, mode="auto", n_directions=10,
+              raise_exception=True, seed=0):
+    """Check fn's backward against finite differences.
+
+    fn:      callable taking the inputs and returning one Tensor (any shape)
+    inputs:  a Tensor or a sequence of Tensors/other arguments; every Tensor with
+             requires_grad=True is checked and must be float64
+    Returns True when every checked entry satisfies |analytic - numeric| <= atol + rtol * |numeric|.
+    Otherwise raises AssertionError naming the worst entry (input index, position, analytic
+    and numeric values), or returns False when raise_exception=False.
+    """
+    inputs, checked = _check_arguments(inputs, mode)
+    saved_grads = [inputs[i].grad for i in checked]
+    out = _evaluate(fn, inputs)
+    if mode == "auto":
+        n_in = sum(inputs[i].data.size for i in checked)
+        mode = "full" if n_in <= FULL_LIMIT and out.data.size <= FULL_LIMIT else "random"
+    # All backward passes run before any input is perturbed, because ops may have saved
+    # the input arrays themselves for their backward.
+    try:
+        if mode == "full":
+            checks = _full_checks(fn, inputs, checked, out, eps)
+        else:
+            rng = numpy.random.default_rng(seed)
+            checks = _random_checks(fn, inputs, checked, out, eps, n_directions, rng)
+    finally:
+        for i, g in zip(checked, saved_grads):
+            inputs[i].grad = g
+
+    failed, total, worst = _worst_failure(checks, atol, rtol)
     if failed == 0:
         return True
     _, i, where, a, n, tol = worst

@@ -41,19 +41,12 @@ def trainer_options(args):
     return options
 
 
-def apply_matmul_precision(args, log=print):
-    """--matmul-precision: set minidl's float32 matmul precision for the run."""
+def apply_matmul_precision(args):
+    """--matmul-precision: set minidl's float32 matmul precision for the run ("high": TF32
+    tensor cores on the GPU; no effect on the CPU). Without the option nothing changes."""
     precision = getattr(args, "matmul_precision", None)
-    if precision is None:
-        return
-    # LEAD: minidl.set_float32_matmul_precision lands from another branch; once merged the
-    # getattr fallback below can become a plain call.
-    setter = getattr(minidl, "set_float32_matmul_precision", None)
-    if setter is None:
-        log(f"--matmul-precision {precision}: this minidl has no set_float32_matmul_precision "
-            "yet; the option is ignored.")
-        return
-    setter(precision)
+    if precision is not None:
+        minidl.set_float32_matmul_precision(precision)
 
 
 def backward_and_step(loss, optimizer, scaler=None):

@@ -261,7 +261,8 @@ class SparseAutoencoder(nn.Module):
         return F.sigmoid(self.decoder(self.encode(x))).reshape(*x.shape)
 
     def loss(self, x):
-        """(E, parts): parts holds mse, sparsity, weights (floats) and rho_hat (ndarray (D,))."""
+        """(E, parts): parts holds mse, sparsity, weights (floats, unweighted), rho_hat (ndarray
+        (D,)) and terms (dict: the weighted summands, which add up to E)."""
         x = _as_tensor(x)
         hidden = self.encode(x)
         recon = F.sigmoid(self.decoder(hidden)).reshape(*x.shape)
@@ -274,8 +275,11 @@ class SparseAutoencoder(nn.Module):
         sparsity = kl_sparsity(rho_hat, self.rho)
         weights = weight_l2([self.encoder.weight, self.decoder.weight])
         total = mse + self.beta * sparsity + self.lam * weights
+        # "terms": the three summands of E as they enter it (weighted), which add up to E.
+        terms = {"mse": mse.item(), "beta * sparsity": self.beta * sparsity.item(),
+                 "lambda * weights": self.lam * weights.item()}
         return total, {"mse": mse.item(), "sparsity": sparsity.item(), "weights": weights.item(),
-                       "rho_hat": backend.to_numpy(rho_hat.data)}
+                       "rho_hat": backend.to_numpy(rho_hat.data), "terms": terms}
 
 
 class VAE(nn.Module):
@@ -379,6 +383,9 @@ def train_autoencoder(model, images, steps=100, batch_size=32, lr=1e-2, seed=0, 
         opt.step()
         history.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if isinstance(v, float))
-            print(f"  step {step:4d}  loss {history[-1]:.4f}  ({shown})")
+            if "terms" in parts:      # summands that add up to the loss
+                shown = "= " + " + ".join(f"{k} {v:.4f}" for k, v in parts["terms"].items())
+            else:
+                shown = "(" + ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if isinstance(v, float)) + ")"
+            print(f"  step {step:4d}  loss {history[-1]:.4f}  {shown}")
     return history

@@ -93,6 +93,24 @@ def read_checkpoint_meta(path):
     return _read(path)["meta"]
 
 
+def _other_model_message(path, config):
+    """One sentence for a checkpoint whose weights do not fit the model: the command-line
+    options it was trained with (from its stored config), so the user can repeat them."""
+    options = {"model": config.get("model"), **(config.get("model_options") or {})}
+    flags = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            flags.append(f"{flag} {value}")
+    made = f" (it was trained with {' '.join(flags)})" if flags else ""
+    return (f"Checkpoint {path} holds a different model than the one these options build{made}; "
+            "resume with the options it was trained with, or leave out --resume to start anew.")
+
+
 def load_checkpoint(path, model, optimizer=None, scheduler=None):
     """Load a checkpoint into model (and optimizer/scheduler when given); return its meta dict.
 
@@ -100,7 +118,10 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
     minidl.set_rng_state); loading does not change the random streams by itself.
     """
     state = _read(path)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, ValueError):
+        raise ValueError(_other_model_message(path, state["meta"].get("config", {}))) from None
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:

@@ -17,18 +17,19 @@ stderr and exit code 2.
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from minidl import backend
 
-from . import models
-from .data import IMAGE_SUFFIXES, load_image
-from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
-from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
-from .losses import LOSSES
+from . import distributed_training, models
 from .acceleration import AMP_DTYPES, MATMUL_PRECISIONS
+from .data import load_image
+from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
+from .image_inputs import image_files
+from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
+from .interrupt import is_interrupt
+from .losses import LOSSES
 from .models import summary
 from .models.pretrained import resolve_mapping
 from .setup import DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_dataset, set_up_training, trainer_options
@@ -92,7 +93,8 @@ def add_train_arguments(parser, defaults=None):
                    help="architecture name (python -m seg models); default %(default)s")
     p.add_argument("--data", default=d["data"], metavar="DIR",
                    help="Kaggle layout (DIR/train/<s>_<n>.tif + _mask.tif) or DIR/images + DIR/masks; "
-                        f"default: synthetic data generated once into {DEFAULT_SYNTHETIC}")
+                        f"default: synthetic data generated once (over 100 MB) into {DEFAULT_SYNTHETIC} "
+                        "when run in the repository, else into ~/.cache/minidl/synthetic ($XDG_CACHE_HOME)")
     p.add_argument("--device", choices=("cpu", "gpu"), default=d["device"], help="default %(default)s")
     p.add_argument("--epochs", type=_positive_int, default=d["epochs"], help="default %(default)s")
     p.add_argument("--batch-size", type=_positive_int, default=d["batch_size"], help="default %(default)s")
@@ -131,7 +133,13 @@ def add_train_arguments(parser, defaults=None):
                    help="draw the X / Y / Pred panel every N epochs; default %(default)s")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="seed-unet: the talk's U-Net settings (explicit options still win)")
+                   help="seed-unet: the talk's U-Net settings, 400 epochs at 420x580 (about 10 hours "
+                        "on a 2-core CPU; explicit options still win)")
+    p.add_argument("--distributed", action="store_true", default=d["distributed"],
+                   help="data-parallel training on every rank of `mpiexec -n R ...` "
+                        "(--batch-size is per rank); see docs/DISTRIBUTED.md")
+    p.add_argument("--sync-bn", action="store_true", default=d["sync_bn"],
+                   help="with --distributed: batch norm statistics over the global batch")
     add_interop_arguments(p, d)
     return parser
 
@@ -212,9 +220,13 @@ def check_train_args(args):
     return args
 
 
-def parse_train_args(argv=None, prog="python -m seg train", description=None, defaults=None):
-    """Parse and check the training options (with --preset applied). Exits 2 on bad input."""
-    parser = build_train_parser(prog, description, defaults)
+def parse_train_args(argv=None, prog="python -m seg train", description=None, defaults=None,
+                     parser=None):
+    """Parse and check the training options (with --preset applied). Exits 2 on bad input.
+
+    parser: a build_train_parser() parser with options of its own added (examples/train_any.py).
+    """
+    parser = parser or build_train_parser(prog, description, defaults)
     args = _parse(parser, argv, parser)
     try:
         return check_train_args(args)
@@ -249,21 +261,24 @@ def _load_model_arg(args):
 
 
 def cmd_predict(args, log=print):
-    if not os.path.isdir(args.input):
-        raise UsageError(f"--input folder {args.input} does not exist.")
-    files = sorted(p for p in Path(args.input).iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
-    if not files:
-        raise UsageError(f"--input folder {args.input} holds no {'/'.join(IMAGE_SUFFIXES)} images.")
+    files = image_files(args.input, "--input")
     model, config = _load_model_arg(args)
     os.makedirs(args.output, exist_ok=True)
     binary = config["num_classes"] == 2
     suffix = ".png" if args.format == "png" else ".tif"
+    unreadable = []
     for path in tqdm(files, desc="predict", unit="image", disable=not args.progress):
-        probs = predict_image(model, load_image(path), config.get("size"), crf=args.crf)
+        try:
+            image = load_image(path)
+        except (ValueError, OSError) as exc:     # one bad file must not stop the others
+            unreadable.append(path)
+            log(f"skipped {path}: {exc}")
+            continue
+        probs = predict_image(model, image, config.get("size"), crf=args.crf)
         write_mask(os.path.join(args.output, path.stem + suffix), probs.argmax(axis=0), binary, args.format)
-    log(f"wrote {len(files)} mask(s) to {args.output}")
-    return 0
+    log(f"wrote {len(files) - len(unreadable)} mask(s) to {args.output}"
+        + (f"; {len(unreadable)} image(s) could not be read (listed above)" if unreadable else ""))
+    return 1 if unreadable else 0
 
 
 def cmd_evaluate(args, log=print):
@@ -301,7 +316,12 @@ def cmd_models(args, log=print):
         if args.explain not in models.available():
             raise UsageError(f"--explain: unknown model {args.explain!r}; choose one of: "
                              f"{', '.join(models.available())}.")
-        log(summary.explain(args.explain, input_size=getattr(args, "input_size", None)))
+        options = {k: getattr(args, k, None) for k in ("depth", "features_root")}
+        if args.explain != "unet" and any(v is not None for v in options.values()):
+            raise UsageError("--depth and --features-root describe the U-Net only; "
+                             f"leave them out for {args.explain}.")
+        log(summary.explain(args.explain, input_size=getattr(args, "input_size", None),
+                            **{k: v for k, v in options.items() if v is not None}))
         return 0
     log(summary.format_table(summary.models_table()))
     return 0
@@ -317,7 +337,7 @@ def build_parsers():
     add_train_arguments(train_p)
     pred = sub.add_parser("predict", help="write masks for a folder of images")
     pred.add_argument("--checkpoint", required=True)
-    pred.add_argument("--input", required=True, metavar="DIR")
+    pred.add_argument("--input", required=True, metavar="PATH", help="an image file or a folder of images")
     pred.add_argument("--output", required=True, metavar="DIR")
     pred.add_argument("--format", choices=("png", "tiff"), default="png")
     ev = sub.add_parser("evaluate", help="print metrics of a checkpoint on a data set")
@@ -334,6 +354,10 @@ def build_parsers():
                           help="list NAME's conv layers: parameters, output sizes, receptive field")
     models_p.add_argument("--input-size", dest="input_size", type=_size, default=None, metavar="HxW",
                           help="input size for --explain; default: the paper's")
+    models_p.add_argument("--depth", type=_positive_int, default=None,
+                          help="for --explain unet: levels (default: the paper's 5)")
+    models_p.add_argument("--features-root", type=_positive_int, default=None,
+                          help="for --explain unet: channels of the first level (default 64)")
     exp = sub.add_parser("export", help="write a checkpoint's model as an ONNX file")
     exp.add_argument("--checkpoint", required=True)
     exp.add_argument("--output", required=True, metavar="FILE.onnx")
@@ -360,7 +384,9 @@ def run_main(fn, args, prog):
     except (NonFiniteLossError, GPUOutOfMemoryError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as exc:
+        if not is_interrupt(exc):      # Ctrl-C inside a Numba kernel arrives as a SystemError
+            raise
         print(f"\n{prog}: interrupted.", file=sys.stderr)
         return 130
 
@@ -368,4 +394,5 @@ def run_main(fn, args, prog):
 def main(argv=None):
     parser, train_parser = build_parsers()
     args = _parse(parser, sys.argv[1:] if argv is None else list(argv), train_parser)
-    return run_main(COMMANDS[args.command], args, f"python -m seg {args.command}")
+    code = run_main(COMMANDS[args.command], args, f"python -m seg {args.command}")
+    return distributed_training.finish(code)   # an error on one rank ends every rank

@@ -11,6 +11,7 @@ A new training option flows through three places: its default in TRAIN_DEFAULTS,
 in seg.cli.add_train_arguments, and its use here (the builder it changes, `trainer_options` for
 the training loop, `run_config` when predicting needs it too).
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,17 +23,22 @@ from minidl.optim.lr_scheduler import PolyLR
 
 from . import acceleration
 from . import data as sdata
-from . import models
+from . import distributed_training, models
 from .errors import UsageError
 from .losses import get_loss
 
-__all__ = ["TRAIN_DEFAULTS", "PRESETS", "DEFAULT_SYNTHETIC", "Data", "TrainingRun", "set_up_training",
+__all__ = ["TRAIN_DEFAULTS", "PRESETS", "DEFAULT_SYNTHETIC", "default_synthetic_root", "preset_notice",
+           "Data", "TrainingRun", "set_up_training",
            "trainer_options", "prepare_data", "open_dataset", "ensure_synthetic", "model_options",
            "build_model_from_args", "make_optimizer", "make_scheduler", "run_config",
            "load_pretrained_from_args"]
 
-#: Where the synthetic stand-in for the Kaggle data is generated (once) when --data is not given.
+#: Where the synthetic stand-in for the Kaggle data is generated (once) when --data is not given
+#: and the command runs in the repository (elsewhere: default_synthetic_root(), a user cache).
 DEFAULT_SYNTHETIC = "data/synthetic"
+
+#: What a preset costs, said before it starts (measured on the 2-core CPU of issue 20).
+PRESET_COST = {"seed-unet": (400, (420, 580), "about 10 hours on a 2-core CPU")}
 
 #: --preset values. "seed-unet" is the talk's U-Net settings table (tf_unet: layers 3,
 #: features_root 8, keep_prob 0.6, learning rate 1e-4, batch 16, 400 epochs, original image
@@ -53,7 +59,8 @@ TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "
                   "padding": "same", "batch_norm": True, "dropout": 0.0, "dropout_mode": "bottleneck",
                   "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
                   "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
-                  "plot_every": 4, "progress": True, "preset": None,
+                  "plot_every": 4, "progress": True, "preset": None, "distributed": False,
+                  "sync_bn": False,
                   # issue 19 / 16 (seg/acceleration.py, seg.models.pretrained)
                   "pretrained": None, "pretrained_mapping": "auto", "amp": None, "cuda_graph": False,
                   "matmul_precision": None}
@@ -72,18 +79,31 @@ class TrainingRun:
     config: dict             # run_config: stored in every checkpoint
 
 
-def set_up_training(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
+def set_up_training(args, log=print, synthetic_root=None):
     """Seed the random streams, then build data, model, loss, optimizer and schedule from args.
 
     The order is fixed (seeds first, the model after the data), so the same options give the
     same run. Bad options raise UsageError; bad data ValueError or FileNotFoundError.
+    synthetic_root: where the synthetic data goes without --data (default_synthetic_root()).
     """
+    distributed = getattr(args, "distributed", False) or getattr(args, "sync_bn", False)
+    if distributed:                        # mpiexec -n R ... --distributed: join the job first
+        distributed_training.start(args)
+        if args.data is None:              # written once, by rank 0, before anyone reads it
+            distributed_training.on_rank_zero_first(ensure_synthetic, synthetic_root, log)
+    notice = preset_notice(args)
+    if notice:
+        log(notice)
     minidl.manual_seed(args.seed)          # weights, dropout
     np.random.seed(args.seed)
-    acceleration.apply_matmul_precision(args, log)
+    acceleration.apply_matmul_precision(args)
     data = prepare_data(args, log, synthetic_root)
+    if distributed:
+        data = distributed_training.distribute_data(data, args)
     model = build_model_from_args(args, data.num_classes)
     load_pretrained_from_args(args, model, log)
+    if distributed:
+        model = distributed_training.wrap_model(model, args)
     optimizer = make_optimizer(args, model)
     return TrainingRun(data, model, get_loss(args.loss), optimizer, make_scheduler(args, optimizer),
                        run_config(args, data.num_classes))
@@ -91,9 +111,12 @@ def set_up_training(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
 
 def trainer_options(args):
     """The keyword arguments of seg.train.train that come from the training options."""
-    return {"epochs": args.epochs, "out_dir": args.out, "device": args.device, "resume": args.resume,
-            "plot_every": args.plot_every, "progress": args.progress,
-            **acceleration.trainer_options(args)}
+    options = {"epochs": args.epochs, "out_dir": args.out, "device": args.device, "resume": args.resume,
+               "plot_every": args.plot_every, "progress": args.progress,
+               **acceleration.trainer_options(args)}
+    if getattr(args, "distributed", False):
+        options["trainer_class"] = distributed_training.DistributedTrainer
+    return options
 
 
 # ----------------------------------------------------------------------------- data
@@ -119,15 +142,54 @@ def open_dataset(root, num_classes=None):
     return sdata.KaggleUltrasound(root), "kaggle", 2
 
 
-def ensure_synthetic(root=DEFAULT_SYNTHETIC, log=print):
-    """Generate the synthetic Kaggle-layout data set into `root` once (later calls reuse it)."""
-    root = Path(root)
+def preset_notice(args):
+    """One line saying what the chosen --preset will cost, or None (no preset, or its length
+    changed by --epochs / --size)."""
+    cost = PRESET_COST.get(getattr(args, "preset", None))
+    if cost is None:
+        return None
+    epochs, size, time = cost
+    if args.epochs != epochs or tuple(args.size) != size:
+        return None
+    return (f"--preset {args.preset}: {epochs} epochs on {size[0]}x{size[1]} images, {time} "
+            "(less on a GPU, --device gpu); --epochs and --size shorten it.")
+
+
+def default_synthetic_root():
+    """Where the synthetic data set goes when --data is not given.
+
+    data/synthetic in the current folder when that is this repository (where the README's
+    commands expect it); anywhere else a per-user cache, $XDG_CACHE_HOME/minidl/synthetic
+    (~/.cache/minidl/synthetic), so that no ~110 MB lands in whatever folder the command ran in.
+    """
+    repository = Path(__file__).resolve().parents[1]
+    if (repository / "pyproject.toml").is_file() and Path.cwd().resolve() == repository:
+        return Path(DEFAULT_SYNTHETIC)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "minidl" / "synthetic"
+
+
+def _synthetic_megabytes():
+    """Disk use of the default synthetic set: uncompressed 8-bit TIFFs (images, masks, tests)."""
+    import inspect
+    from .data import synthetic
+    defaults = {k: p.default for k, p in
+                inspect.signature(synthetic.write_synthetic_dataset).parameters.items()}
+    files = 2 * defaults["n_subjects"] * defaults["images_per_subject"] + defaults["n_test"]
+    return files * defaults["size"][0] * defaults["size"][1] / 2 ** 20
+
+
+def ensure_synthetic(root=None, log=print):
+    """Generate the synthetic Kaggle-layout data set into `root` (default_synthetic_root())
+    once; later calls reuse it."""
+    root = Path(root) if root is not None else default_synthetic_root()
     if not (root / "synthetic.json").exists():
-        log(f"Generating the synthetic ultrasound data set in {root} (once) ...")
+        log(f"Generating the synthetic ultrasound data set (once, about {_synthetic_megabytes():.0f} MB) "
+            f"in {root.resolve()}; --data DIR trains on your own data instead.")
     return sdata.write_synthetic_dataset(root)
 
 
-def prepare_data(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
+def prepare_data(args, log=print, synthetic_root=None):
     """Loaders for training (augmented, shuffled) and validation, split by subject.
 
     Images are read with the real readers (the synthetic data goes through the Kaggle reader),

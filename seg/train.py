@@ -26,7 +26,8 @@ epochs produce the same losses as an uninterrupted run (the data loader's order 
 augmentation depend only on (seed, epoch), which the loop sets each epoch).
 
 A NaN or infinite loss stops the run before the bad update is applied, with one message; the
-last good checkpoint stays. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
+last good checkpoint stays. Ctrl-C stops after the current batch (seg.interrupt: never inside a
+kernel or a checkpoint write), saves out_dir/interrupted.npz and returns cleanly.
 """
 import contextlib
 import csv
@@ -45,6 +46,7 @@ from . import metrics as seg_metrics
 from .acceleration import GraphedSteps, backward_and_step
 from .checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .errors import NonFiniteLossError, explain_gpu_out_of_memory
+from .interrupt import DeferredInterrupt, is_interrupt
 from .tiling import forward_full
 
 __all__ = ["train", "Trainer", "TrainResult", "METRIC_FIELDS"]
@@ -220,6 +222,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss / n_images:.4f}",
                                 img_s=f"{n_images / max(compute_time, 1e-9):.1f}")
+                self._check_interrupt()
         finally:
             bar.close()
         if n_images == 0:
@@ -264,41 +267,66 @@ class Trainer:
                     kept[0].extend(np.asarray(backend.to_numpy(images))[:take])
                     kept[1].extend(masks[:take])
                     kept[2].extend(pred[:take])
+                self._check_interrupt()
         self.model.train()
+        summary, total_loss, n_images = self._totals(scores, total_loss, n_images)
         if n_images == 0:
             raise ValueError("the validation loader gave no batches; check the split.")
-        summary = scores.summary()
         result = {"val_loss": total_loss / n_images, "val_dice": summary["dice"],
                   "val_iou": summary["iou"], "val_accuracy": summary["accuracy"]}
         samples = tuple(np.stack(k) for k in kept) if kept[0] else None
         return result, samples
+
+    def _totals(self, scores, loss_sum, n_images):
+        """evaluate's totals -> (scores.summary(), loss sum, number of images); a
+        DistributedTrainer sums them over the ranks first."""
+        return scores.summary(), loss_sum, n_images
 
     # -------------------------------------------------------------- the run
     def fit(self, epochs, resume=None):
         """Train until `epochs` epochs are complete (counting those of a resumed checkpoint)."""
         if resume is not None:
             meta = self.resume(resume)
-            self.log(f"Resumed from {resume} after epoch {meta['epoch']} "
-                     f"(best validation Dice {self.best_score:.4f}).")
+            self.log(f"Resumed from {resume} after epoch {meta['epoch']} ({self._best_text()}).")
         result = TrainResult(out_dir=self.out_dir)
         epoch = self.epoch + 1
         try:
-            for epoch in range(self.epoch + 1, int(epochs) + 1):
-                self._run_epoch(epoch, int(epochs))
-        except KeyboardInterrupt:
+            with DeferredInterrupt() as self._interrupt:
+                for epoch in range(self.epoch + 1, int(epochs) + 1):
+                    self._run_epoch(epoch, int(epochs))
+        except (KeyboardInterrupt, SystemError) as exc:
+            if not is_interrupt(exc):
+                raise
             # Keep the partial epoch's work. Resuming from interrupted.npz repeats the rest of
             # epoch `epoch`; last.npz is the exact end of the previous epoch.
             path = self.save("interrupted.npz", interrupted_in_epoch=epoch)
-            self.log(f"\nInterrupted in epoch {epoch}: saved {path}. Resume with --resume {path} "
-                     f"(or --resume {self.path('last.npz')} to continue exactly after epoch "
-                     f"{self.epoch}).")
+            self.log(self._interrupted_text(epoch, path))
             result.interrupted = True
+        finally:
+            self._interrupt = None
         if self.plot and self.history:
             self._plot_samples()
         result.history = list(self.history)
         result.best_score, result.best_epoch = self.best_score, self.best_epoch
         result.epochs_done = self.epoch
         return result
+
+    def _check_interrupt(self):
+        """Stop here (KeyboardInterrupt) if Ctrl-C was pressed during fit (seg.interrupt)."""
+        if getattr(self, "_interrupt", None) is not None:
+            self._interrupt.check()
+
+    def _best_text(self):
+        if math.isfinite(self.best_score) and self.best_epoch:
+            return f"best validation Dice {self.best_score:.4f} at epoch {self.best_epoch}"
+        return "no validation score yet"
+
+    def _interrupted_text(self, epoch, path):
+        text = f"\nInterrupted in epoch {epoch}: saved {path}. Resume with --resume {path}"
+        last = self.path("last.npz")
+        if self.epoch > 0 and os.path.exists(last):    # a last.npz of this run, not an older one
+            return text + f" (or --resume {last} to continue exactly after epoch {self.epoch})."
+        return text + f" (it holds the weights part-way through epoch {epoch})."
 
     def _run_epoch(self, epoch, epochs):
         start = time.perf_counter()
@@ -368,8 +396,10 @@ class Trainer:
 
 
 def train(model, train_loader, val_loader, loss_fn, optimizer, scheduler=None, epochs=10,
-          out_dir="runs/unet", device="cpu", resume=None, **options):
-    """Train and validate for `epochs` epochs; see Trainer for the options. Returns TrainResult."""
-    trainer = Trainer(model, train_loader, val_loader, loss_fn, optimizer, scheduler,
-                      out_dir=out_dir, device=device, **options)
+          out_dir="runs/unet", device="cpu", resume=None, trainer_class=None, **options):
+    """Train and validate for `epochs` epochs; see Trainer for the options. Returns TrainResult.
+
+    trainer_class: Trainer or a subclass (seg.distributed_training.DistributedTrainer)."""
+    trainer = (trainer_class or Trainer)(model, train_loader, val_loader, loss_fn, optimizer,
+                                         scheduler, out_dir=out_dir, device=device, **options)
     return trainer.fit(epochs, resume=resume)

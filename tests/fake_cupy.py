@@ -17,7 +17,10 @@ What it imitates:
   instead of NumPy scalars, and has no attribute that CuPy 14 lacks (names listed below).
 * `cupy.RawModule` compiles the CUDA source for the host (tests/gpu_emulation.py) and runs
   every thread of each launch (grid x block, one after another), checking the arguments
-  against the kernel's C signature.
+  against the kernel's C signature. Sources whose threads cooperate (__syncthreads, shared
+  memory, WMMA: kernels/implicit_gemm.py) run through tests/gpu_emulation_blocks.py instead.
+* `cupy_backends.cuda.libs.cublas.setMathMode/getMathMode` on `cupy.cuda.device.get_cublas_handle()`
+  only remember the mode (no TF32 arithmetic).
 * Matrix products get a fixed relative wobble of MATMUL_WOBBLE epsilons, standing in for cuBLAS's
   different summation order, so GPU-vs-CPU tolerances are exercised.
 * `cupy.random.RandomState`, `cupyx.scatter_add`, events, streams, the memory pool and
@@ -26,6 +29,7 @@ What it imitates:
 What it cannot imitate: CUDA itself (races, memory limits, NVRTC's dialect), numerical
 differences of cuBLAS, and the exact set of keyword arguments each CuPy function accepts.
 """
+import re
 import sys
 import time
 import types
@@ -215,6 +219,9 @@ class _Device:
     def synchronize(self):
         pass
 
+    def use(self):
+        pass
+
 
 _runtime = types.SimpleNamespace(
     getDeviceCount=lambda: 1,
@@ -231,6 +238,14 @@ class _RawKernel:
 
     def __call__(self, grid, block, args, **kwargs):
         grid, block = tuple(grid), tuple(block)
+        # Threads of a block cooperate (a barrier call, not the word in a comment).
+        if re.search(r"__syncthreads\s*\(", self.module.code):
+            import gpu_emulation_blocks
+            code = re.sub(r"^#include <\w+\.h>$", "", self.module.code, flags=re.M)
+            grid = grid + (1,) * (3 - len(grid))
+            gpu_emulation_blocks.BlockModule(code).launch(self.name, grid, block[0],
+                                                          tuple(_unwrap(a) for a in args))
+            return
         if any(g != 1 for g in grid[1:]) or any(b != 1 for b in block[1:]):
             raise NotImplementedError("fake CuPy: only 1-D grids and blocks are emulated")
         host = gpu_emulation.HostModule(self.module.code)
@@ -284,7 +299,9 @@ def _make_modules():
     cp.get_default_pinned_memory_pool = lambda: _Pool()
     cp.cuda = types.SimpleNamespace(
         runtime=_runtime, Device=_Device, Event=_Event, Stream=types.SimpleNamespace(null=_Stream()),
-        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, MemoryHook=_MemoryHook)
+        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, MemoryHook=_MemoryHook,
+        device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
+        compiler=types.SimpleNamespace(CompileException=type("CompileException", (Exception,), {})))
     cp.random = types.SimpleNamespace(RandomState=_RandomState,
                                       standard_normal=lambda size=None, dtype=float:
                                       _RandomState().standard_normal(size, dtype))
@@ -315,11 +332,26 @@ def _make_modules():
     return cp, cupyx
 
 
+def _cublas_module():
+    """cupy_backends.cuda.libs.cublas with only the math mode of a handle."""
+    modes = {}
+    cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
+    cublas.setMathMode = lambda handle, mode: modes.__setitem__(handle, int(mode))
+    cublas.getMathMode = lambda handle: modes.get(handle, 0)
+    return cublas
+
+
 def install():
-    """Put the fake into sys.modules (as `cupy` and `cupyx`) and into the CuPy loader's cache."""
+    """Put the fake into sys.modules (as `cupy`, `cupyx`, and cupy_backends' cublas) and into
+    the CuPy loader's cache."""
     cp, cupyx = _make_modules()
     sys.modules["cupy"], sys.modules["cupyx"] = cp, cupyx
     sys.modules["cupyx.scipy"], sys.modules["cupyx.scipy.special"] = cupyx.scipy, cupyx.scipy.special
+    names = ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs")
+    for name in names:
+        sys.modules.setdefault(name, types.ModuleType(name))
+    cublas = sys.modules["cupy_backends.cuda.libs.cublas"] = _cublas_module()
+    sys.modules["cupy_backends.cuda.libs"].cublas = cublas
     from kernels import cuda
     cuda._cupy, cuda._cupy_error = cp, None
     return cp

@@ -4,8 +4,10 @@ No timing is asserted here: speed is measured by running the scripts, not by tes
 """
 import os
 import sys
+import time
 
 import numpy as np
+import pytest
 
 import minidl
 
@@ -58,3 +60,78 @@ def test_gpu_benchmark_runs_on_the_cpu_path(tmp_path):
     assert result["images_per_s"] > 0 and result["conv_layers"] == 8
     assert 0 < result["conv_to_matmul_ratio"]
     assert sum(r["count"] for r in result["layers"]) == result["conv_layers"]
+
+
+# ---------------------------------------------------------------- --compare-torch helpers
+import torch_compare  # noqa: E402  (examples/, on the path through benchmark_gpu)
+
+
+def test_torch_unet_has_minidl_unets_layers():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed (never a dependency)")
+    import seg.models
+    mine = seg.models.build("unet", 2, 1, depth=3, features_root=4, padding="same")
+    theirs = torch_compare.build_torch_unet(torch, depth=3, features_root=4)
+    assert torch_compare.layer_list(theirs) == torch_compare.layer_list(mine)
+    assert torch_compare.parameter_count(theirs) == torch_compare.parameter_count(mine)
+    assert tuple(theirs(torch.zeros(1, 1, 16, 16)).shape) == (1, 2, 16, 16)
+
+
+def test_layer_list_of_minidl_unet():
+    import seg.models
+    layers = torch_compare.layer_list(seg.models.build("unet", 2, 1, depth=2, features_root=4,
+                                                       padding="same"))
+    assert layers == [("Conv2d", (4, 1, 3, 3)), ("Conv2d", (4, 4, 3, 3)), ("Conv2d", (8, 4, 3, 3)),
+                      ("Conv2d", (8, 8, 3, 3)), ("ConvTranspose2d", (8, 4, 2, 2)),
+                      ("Conv2d", (4, 8, 3, 3)), ("Conv2d", (4, 4, 3, 3)), ("Conv2d", (2, 4, 1, 1))]
+    # weights plus one bias per output channel (a transposed conv's are weight.shape[1])
+    expected = sum(int(np.prod(shape)) + shape[0 if kind == "Conv2d" else 1] for kind, shape in layers)
+    model = seg.models.build("unet", 2, 1, depth=2, features_root=4, padding="same")
+    assert torch_compare.parameter_count(model) == expected
+
+
+def test_breakdown_counts_outermost_calls_and_restores():
+    class Work:
+        def outer(self):
+            time.sleep(0.02)
+            self.inner()
+
+        def inner(self):
+            time.sleep(0.01)
+
+    w = Work()
+    bd = torch_compare.Breakdown(benchmark_gpu.Clock("cpu"))
+    bd.wrap(Work, "outer", "a")
+    bd.wrap(Work, "inner", "b")
+    out = bd.measure(lambda: (w.outer(), w.inner()), ("a", "b"))
+    bd.restore()
+    assert out["a"] >= 0.03 and 0.01 <= out["b"] < 0.02        # inner inside outer not counted
+    assert abs(out["step"] - out["a"] - out["b"] - out["other + idle"]) < 1e-9
+    assert Work.outer.__name__ == "outer" and Work.inner.__name__ == "inner"
+
+
+def test_torch_mode_is_checked():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        torch_compare.torch_step_time(None, 2, 4, 1, 16, "fp8")
+
+
+def test_implicit_gemm_step_reruns_every_recorded_layer(monkeypatch):
+    """The benchmark's implicit-GEMM call per recorded layer (conv and transposed conv, 'same'
+    padding) gives minidl's forward output: through the host emulation of the kernels."""
+    import gpu_emulation_blocks
+    import kernels.implicit_gemm as ig
+    module = gpu_emulation_blocks.BlockModule(ig.cuda_source(("highest",), includes=False))
+    monkeypatch.setattr(ig, "_xp", lambda: np)
+    monkeypatch.setattr(ig, "_run_kernel", lambda name, grid, args: module.launch(name, grid, ig.THREADS, args))
+    options, _, _ = benchmark.MODELS["default"]
+    model = benchmark.build_model(dict(options, depth=2))
+    layers = benchmark.record_layers(model, minidl.tensor(np.zeros((1, 1, 8, 8), np.float32)))
+    assert {layer["kind"] for layer in layers} == {"conv", "convT"}
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        x, w = (rng.standard_normal(layer[k]).astype(np.float32) for k in ("x", "w"))
+        op, params, out_shape = benchmark_gpu.layer_op(layer)
+        gy = rng.standard_normal(out_shape).astype(np.float32)
+        y = benchmark_gpu.implicit_gemm_step(layer, x, w, gy, "highest")
+        with minidl.no_grad():
+            ref = op.apply(minidl.tensor(x), minidl.tensor(w), **params).numpy()
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)

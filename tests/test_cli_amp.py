@@ -107,15 +107,18 @@ def test_cuda_graph_refuses_the_fp16_scaler_with_its_reason(tmp_path):
     assert "GradScaler" in steps.reason and "--amp bf16" in lines[0]
 
 
-def test_matmul_precision_calls_minidl_or_says_it_is_missing(monkeypatch):
-    args = cli.parse_train_args(["--matmul-precision", "high"])
-    calls, lines = [], []
-    monkeypatch.setattr(minidl, "set_float32_matmul_precision", calls.append, raising=False)
-    acceleration.apply_matmul_precision(args, lines.append)
-    assert calls == ["high"] and lines == []
-    monkeypatch.delattr(minidl, "set_float32_matmul_precision")
-    acceleration.apply_matmul_precision(args, lines.append)
-    assert len(lines) == 1 and "ignored" in lines[0]
+def test_matmul_precision_flag_sets_minidls_setting():
+    before = minidl.get_float32_matmul_precision()
+    try:
+        acceleration.apply_matmul_precision(cli.parse_train_args(["--matmul-precision", "high"]))
+        assert minidl.get_float32_matmul_precision() == "high"
+        acceleration.apply_matmul_precision(cli.parse_train_args(["--matmul-precision", "highest"]))
+        assert minidl.get_float32_matmul_precision() == "highest"
+        minidl.set_float32_matmul_precision("high")
+        acceleration.apply_matmul_precision(cli.parse_train_args([]))    # no flag: unchanged
+        assert minidl.get_float32_matmul_precision() == "high"
+    finally:
+        minidl.set_float32_matmul_precision(before)
     with pytest.raises(SystemExit):
         cli.parse_train_args(["--matmul-precision", "medium"])
 

@@ -1,7 +1,6 @@
 """conv2d / conv_transpose2d: values against a direct-loop oracle, the adjoint identity,
 float64 gradient checks, torch's size arithmetic, chunking, errors; Conv layers, the
 bilinear_/identity_ initialisers, receptive fields and the edge-detection example."""
-import contextlib
 import importlib.util
 import os
 
@@ -11,7 +10,7 @@ from hypothesis import given, strategies as st
 
 import minidl
 from minidl import functional as F, nn
-from minidl.ops import conv as conv_ops
+from minidl.ops import conv as conv_ops, conv_plan
 
 from conftest import to_numpy
 
@@ -86,7 +85,7 @@ def conv_kwargs(case):
 
 
 # ---------------------------------------------------------------------- conv2d
-@pytest.mark.parametrize("route", ["rows", "full"])
+@pytest.mark.parametrize("route", ["rows", "full", "plain"])
 @given(case=conv_case())
 def test_conv2d_matches_direct_loops(device, route, case):
     case = on_route(case, route)
@@ -100,23 +99,14 @@ def test_conv2d_matches_direct_loops(device, route, case):
     np.testing.assert_allclose(to_numpy(y.data), expected, rtol=1e-10, atol=1e-10)
 
 
-@contextlib.contextmanager
 def columns_kept(keep, route="full"):
     """keep=False: small layers rebuild their columns in backward like big ones do.
     route "rows": every conv with vertical stride 1 and kh > 1 takes the row route (see
-    minidl/ops/conv.py; on the CPU; the size rules that pick it are lifted), "full": none."""
-    names = ("KEEP_COLUMNS_BYTES", "ROW_COLUMNS", "ROW_MIN_CHANNELS", "ROW_MAX_OUT_CHANNELS",
-             "ROW_MAX_EXTRA_SHARE")
-    saved = {name: getattr(conv_ops, name) for name in names}
-    conv_ops.KEEP_COLUMNS_BYTES = saved["KEEP_COLUMNS_BYTES"] if keep else 0
-    conv_ops.ROW_COLUMNS = route == "rows"
-    conv_ops.ROW_MIN_CHANNELS, conv_ops.ROW_MAX_OUT_CHANNELS = 1, 10 ** 9
-    conv_ops.ROW_MAX_EXTRA_SHARE = float("inf")
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(conv_ops, name, value)
+    minidl/ops/conv_plan.py; on the CPU; the size rules that pick it are lifted), "full":
+    none, "plain": conv.py's Im2col (the whole column matrix, no plan)."""
+    algorithm = {"rows": "row", "full": "im2col", "plain": "plain"}[route]
+    keep_bytes = conv_plan.settings.keep_columns_bytes if keep else 0
+    return conv_plan.override(algorithm=algorithm, keep_columns_bytes=keep_bytes)
 
 
 def on_route(case, route):
@@ -124,8 +114,8 @@ def on_route(case, route):
     return dict(case, stride=(1, case["stride"][1])) if route == "rows" else case
 
 
-COLUMNS = [(True, "rows"), (True, "full"), (False, "rows"), (False, "full")]
-COLUMN_IDS = ["kept-rows", "kept-full", "rebuilt-rows", "rebuilt-full"]
+COLUMNS = [(True, "rows"), (True, "full"), (False, "rows"), (False, "full"), (True, "plain")]
+COLUMN_IDS = ["kept-rows", "kept-full", "rebuilt-rows", "rebuilt-full", "plain"]
 
 
 @pytest.mark.parametrize("keep, route", COLUMNS, ids=COLUMN_IDS)
@@ -151,35 +141,35 @@ def test_stride1_input_gradient_as_a_convolution(device, case, c_in):
     x, w, _ = arrays_for(case)
     kw = conv_kwargs(case)
     geom = conv_ops.conv2d_geometry(x.shape, w.shape, **kw)
-    taken = conv_ops._adjoint_geometry(geom, x.shape[2:])
+    taken = conv_plan._adjoint_geometry(geom, x.shape[2:])
     assert (taken is None) == any(p > d * (k - 1) for p, d, k in
                                   zip(case["padding"], case["dilation"], case["k"]))
     xp = minidl.backend.array_module(device)
     gy = xp.asarray(np.random.default_rng(case["seed"]).standard_normal(
         (case["n"], case["c_out"], geom.ho, geom.wo)))
     routes = []
-    for adjoint in (True, False):
-        saved, conv_ops.ADJOINT_AS_CONV = conv_ops.ADJOINT_AS_CONV, adjoint
-        try:
-            routes.append(to_numpy(conv_ops.conv_input_grad(gy, xp.asarray(w), geom, x.shape)))
-        finally:
-            conv_ops.ADJOINT_AS_CONV = saved
+    for input_grad in ("auto", "col2im"):
+        with conv_plan.override(input_grad=input_grad):
+            plan = conv_plan.plan(geom, x.shape, case["c_out"], device)
+        assert (plan.adjoint is not None) == (input_grad == "auto" and device == "cpu"
+                                              and taken is not None
+                                              and plan.kind != "pointwise")
+        routes.append(to_numpy(plan.input_grad(gy, xp.asarray(w), x.shape)))
     np.testing.assert_allclose(routes[0], routes[1], rtol=1e-10, atol=1e-10)
     check_grad(lambda x, w: F.conv2d(x, w, **kw), [x, w], device)
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["columns-kept", "columns-rebuilt"])
 @given(case=conv_case(max_hw=5))
-def test_weight_gradient_in_either_layout(device, keep, case, monkeypatch):
+def test_weight_gradient_in_either_layout(device, keep, case):
     """The weight gradient is summed transposed for narrow layers and in its own layout for
-    wide ones (_WeightGrad.TRANSPOSED_MAX_OUT): both give the gradient-checked result."""
+    wide ones (settings.transposed_max_out): both give the gradient-checked result."""
     x, w, _ = arrays_for(case)
     kw = conv_kwargs(case)
     grads = []
     for bound in (10 ** 9, 0):
-        monkeypatch.setattr(conv_ops._WeightGrad, "TRANSPOSED_MAX_OUT", bound)
         wt = t(w, device, True)
-        with columns_kept(keep):
+        with columns_kept(keep), conv_plan.override(transposed_max_out=bound):
             F.conv2d(t(x, device), wt, **kw).sum().backward()
         grads.append(to_numpy(wt.grad))
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-10, atol=1e-10)
@@ -292,7 +282,7 @@ def test_padding_same_and_valid(device, k, d):
 
 
 @pytest.mark.parametrize("route, stride", [("full", (2, 1)), ("rows", (1, 2))])
-def test_chunked_columns_give_the_same_results(device, monkeypatch, route, stride):
+def test_chunked_columns_give_the_same_results(device, route, stride):
     """A tiny column-buffer bound forces sample chunks and bands of output rows (on the row
     route the bands of row columns overlap by the kernel's extra rows)."""
     rng = np.random.default_rng(5)
@@ -300,10 +290,9 @@ def test_chunked_columns_give_the_same_results(device, monkeypatch, route, strid
     w = rng.standard_normal((6, 2, 3, 2))
     gy = None
     results = []
-    for bound in (conv_ops.COLUMN_BUFFER_BYTES, 4 * 4 * 3 * 2 * 9 * 8 * 3, 300):
-        monkeypatch.setattr(conv_ops, "COLUMN_BUFFER_BYTES", bound)
+    for bound in (conv_plan.settings.column_buffer_bytes, 4 * 4 * 3 * 2 * 9 * 8 * 3, 300):
         xt, wt = t(x, device, True), t(w, device, True)
-        with columns_kept(False, route):
+        with columns_kept(False, route), conv_plan.override(column_buffer_bytes=bound):
             y = F.conv2d(xt, wt, stride=stride, padding=(2, 1), dilation=(2, 1), groups=2)
             gy = rng.standard_normal(y.shape) if gy is None else gy
             y.backward(t(gy, device))
@@ -320,9 +309,9 @@ def test_chunked_columns_give_the_same_results(device, monkeypatch, route, strid
 def test_row_route_is_taken_where_it_pays():
     """The size rules: small-channel layers on large maps take the row route; the first
     layer of one channel, small maps, wide layers and strided convs keep the full im2col."""
-    def route(x_shape, w_shape, **kw):
-        g = conv_ops.conv2d_geometry(x_shape, w_shape, **kw)
-        return conv_ops._row_route(g, x_shape[1], w_shape[0], "cpu")
+    def route(x_shape, w_shape, device="cpu", **kw):
+        geom = conv_ops.conv2d_geometry(x_shape, w_shape, **kw)
+        return conv_plan.plan(geom, x_shape, w_shape[0], device).kind == "row"
     assert route((4, 16, 64, 88), (8, 16, 3, 3), padding=1)
     assert route((1, 128, 256, 256), (64, 128, 3, 3), padding=1)
     assert not route((1, 1, 256, 256), (64, 1, 3, 3), padding=1)          # C = 1
@@ -330,8 +319,7 @@ def test_row_route_is_taken_where_it_pays():
     assert not route((1, 512, 32, 32), (512, 512, 3, 3), padding=1)       # wide
     assert not route((4, 16, 64, 88), (8, 16, 3, 3), padding=1, stride=2)
     assert not route((4, 16, 64, 88), (8, 16, 1, 3), padding=(0, 1))      # kh = 1
-    g = conv_ops.conv2d_geometry((4, 16, 64, 88), (8, 16, 3, 3), padding=1)
-    assert not conv_ops._row_route(g, 16, 8, "gpu")
+    assert not route((4, 16, 64, 88), (8, 16, 3, 3), "gpu", padding=1)
 
 
 def test_one_by_one_conv(device):
@@ -482,3 +470,22 @@ def test_geometry_is_cached_per_arguments_and_errors_are_not():
     for _ in range(2):
         with pytest.raises(ValueError, match="stride must be positive"):
             conv2d_geometry((2, 3, 9, 9), (4, 3, 3, 3), 0, 0, 1, 1)
+
+
+def test_conv_settings_refuse_unknown_names_and_values_and_override_restores():
+    """The route switches are named settings: a misspelt name or an unknown algorithm is
+    refused with a sentence listing the choices; override() puts the old values back."""
+    before = conv_plan.settings.algorithm, conv_plan.settings.column_buffer_bytes
+    with pytest.raises(ValueError, match="algorithm must be one of .*'row'.*got 'rows'"):
+        conv_plan.settings.algorithm = "rows"
+    with pytest.raises(AttributeError, match="no attribute 'column_buffer'.*column_buffer_bytes"):
+        with conv_plan.override(column_buffer=1):
+            pass
+    geom = conv_ops.conv2d_geometry((1, 16, 64, 64), (8, 16, 3, 3), padding=1)
+    with conv_plan.override(algorithm="im2col", column_buffer_bytes=1024):
+        assert conv_plan.plan(geom, (1, 16, 64, 64), 8, "cpu").kind == "im2col"
+        assert conv_plan.plan(geom, (1, 16, 64, 64), 8, "cpu").budget == 1024
+        with conv_plan.override(algorithm="plain"):
+            assert conv_plan.plan(geom, (1, 16, 64, 64), 8, "cpu") is None
+    assert (conv_plan.settings.algorithm, conv_plan.settings.column_buffer_bytes) == before
+    assert conv_plan.plan(geom, (1, 16, 64, 64), 8, "cpu").kind == "row"

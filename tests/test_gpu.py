@@ -185,12 +185,12 @@ def test_conv2d_non_contiguous_inputs():
             randn(2, 4, 18, 16), randn(5, 4, 3, 3, seed=2))
 
 
-def test_conv2d_big_enough_to_be_chunked(monkeypatch):
-    """A column buffer above ops.conv.COLUMN_BUFFER_BYTES is built in bands of rows."""
-    from minidl.ops import conv
-    monkeypatch.setattr(conv, "COLUMN_BUFFER_BYTES", 64 * 1024)
-    compare("conv2d (banded im2col)", lambda x, w, b: F.conv2d(x, w, b, padding=1),
-            randn(3, 8, 30, 28), randn(16, 8, 3, 3, seed=2), randn(16, seed=3))
+def test_conv2d_big_enough_to_be_chunked():
+    """A column buffer above the settings' bound (conv_plan.settings) is built in bands of rows."""
+    from minidl.ops import conv_plan
+    with conv_plan.override(column_buffer_bytes=64 * 1024, gpu_column_buffer_bytes=64 * 1024):
+        compare("conv2d (banded im2col)", lambda x, w, b: F.conv2d(x, w, b, padding=1),
+                randn(3, 8, 30, 28), randn(16, 8, 3, 3, seed=2), randn(16, seed=3))
 
 
 CONVT_CASES = [

@@ -63,7 +63,7 @@ def test_im2col_col2im_match_reference_and_are_adjoint(device, xp, g, dtype, see
 @given(g=geometry(), seed=st.integers(0, 99), data=st.data())
 def test_im2col_of_a_band_by_negative_padding(device, xp, g, seed, data):
     """im2col with padding ph - r0*sh (negative past the top) gives output rows r0.. of the
-    full unfolding: conv.py unfolds bands of rows that way, without copying x's rows."""
+    full unfolding: conv_plan.py unfolds bands of rows that way, without copying x's rows."""
     kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = g["args"]
     r0 = data.draw(st.integers(0, ho - 1))
     x = np.random.default_rng(seed).standard_normal((g["n"], g["c"], g["h"], g["w"]))

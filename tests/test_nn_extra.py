@@ -4,6 +4,8 @@ clipping and the minidl.nn.functional alias. Forwards against plain NumPy refere
 from PyTorch's documented formulas; float64 gradchecks driven by hypothesis."""
 import math
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, strategies as st
@@ -167,6 +169,18 @@ def test_bce_clamps_its_logs_like_torch():
     assert_close(F.binary_cross_entropy(t(p), t(y), reduction="none").data, [100.0, 100.0])
     with pytest.raises(ValueError, match="probabilities in \\[0, 1\\]"):
         F.binary_cross_entropy(t(np.array([1.5])), t(np.array([1.0])))
+
+
+def test_bce_gradient_is_finite_at_0_and_1_like_torch():
+    # PyTorch's gradient (p - t) / max(p (1 - p), 1e-12): 0 where p equals its target,
+    # -(or +)1e12 where it is the opposite end; never NaN, and no warning on the way.
+    p = t(np.array([0.0, 1.0, 0.0, 1.0]))
+    p.requires_grad = True
+    y = np.array([0.0, 1.0, 1.0, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.binary_cross_entropy(p, y, reduction="sum").backward()
+    assert_close(p.grad, [0.0, 0.0, -1e12, 1e12])
 
 
 def np_smoothed_ce(x, target, eps, weight=None, ignore_index=-100, reduction="mean"):

@@ -2,10 +2,8 @@
 Runtime, gives minidl's logits; SegNet's pooling switches reach the unpooling; the index
 conversion between ONNX (over the whole tensor) and minidl (per plane); clear errors.
 
-Models are width-reduced copies on small inputs (as in test_models.py). Their BatchNorm
-statistics are first set from one training-mode pass, so that the untrained deep networks
-give logits of a sensible size (a fresh ResNet-101 grows them to ~1e7, where float32 can
-no longer be compared to 1e-4).
+Models are width-reduced copies on small inputs (as in test_models.py), calibrated first
+(_calibrate) so that every path carries a signal of order one.
 """
 import subprocess
 import sys
@@ -38,10 +36,14 @@ def _build(name):
 
 
 def _calibrate(model, x):
-    """Make an untrained model give logits of order one, as a trained one would (a fresh
-    ResNet-101 or RefineNet grows them to ~1e7, where float32 cannot be compared to 1e-4):
-    in one pass on batch x, each conv's weights (drawn anew where all zero, as FCN's score
-    layers) are divided by the spread of its output. BatchNorm keeps its initial statistics
+    """Make every path of an untrained model carry a signal of order one, as in a trained one.
+
+    Untrained models start with some layers at zero or near it (FCN's score layers, DeepLab's
+    and Dilation's small classifiers, the last BN gamma or conv of every residual branch of
+    ResNet / RefineNet): such a path would compare zeros with zeros. So zero conv weights are
+    drawn anew and zero BN gammas set to 1; then, in one pass on batch x, each conv's weights
+    are divided by the spread of its output, so that the reawakened residual sums do not grow
+    to where float32 cannot be compared to 1e-4. BatchNorm keeps its initial statistics
     (mean 0, variance 1), so it does not amplify rounding differences. Returns the model
     in eval mode.
     """
@@ -62,6 +64,9 @@ def _calibrate(model, x):
         if not conv.weight.data.any():
             conv.weight.data[...] = rng.standard_normal(conv.weight.shape)
         conv.forward = rescaling(conv)
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d) and not bn.weight.data.any():
+            bn.weight.data[...] = 1.0
     with minidl.no_grad():
         model.eval()(x)
     for conv in convs:

@@ -76,6 +76,8 @@ def test_center_crop_int_size_and_error():
     assert F.center_crop(x, 4).shape == (1, 3, 4, 4)
     with pytest.raises(ValueError, match="not be larger than the input"):
         F.center_crop(x, (9, 4))
+    # A crop to the input's own size is the input itself (U-Net's skips with padding "same").
+    assert F.center_crop(x, (8, 10)) is x
 
 
 # ---------------------------------------------------------------------- dropout

@@ -177,6 +177,15 @@ def test_norm(p, data, shape, keepdim):
     check_grad(lambda x: x.norm(p, dim, keepdim), a)
 
 
+def test_norm_2_gradient_is_zero_at_an_all_zero_input_like_torch(device):
+    x = minidl.tensor(np.zeros((2, 3)), requires_grad=True, device=device)
+    y = minidl.tensor(np.array([[3.0, 4.0], [0.0, 0.0]]), requires_grad=True, device=device)
+    x.norm().backward()
+    y.norm(dim=1).sum().backward()
+    assert_close(minidl.backend.to_numpy(x.grad), np.zeros((2, 3)))
+    assert_close(minidl.backend.to_numpy(y.grad), [[0.6, 0.8], [0.0, 0.0]])
+
+
 def test_norm_rejects_unknown_p():
     with pytest.raises(ValueError, match="norm\\(\\) supports p"):
         t(np.ones(3)).norm("nuc")

@@ -2,7 +2,8 @@
 import math
 
 from .. import backend
-from ..ops.conv import _pair, conv2d, conv_transpose2d, conv_transpose_output_size
+from ..ops.conv import conv2d, conv_transpose2d
+from ..ops.geometry import conv_transpose_output_size, pair
 from . import init
 from .module import Module, Parameter
 
@@ -18,11 +19,11 @@ class _ConvNd(Module):
             raise ValueError(f"{name}: groups={groups} must divide in_channels ({in_channels}) "
                              f"and out_channels ({out_channels}).")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size, "kernel_size", name)
-        self.stride = _pair(stride, "stride", name)
-        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding", name)
-        self.dilation = _pair(dilation, "dilation", name)
-        self.output_padding = _pair(output_padding, "output_padding", name)
+        self.kernel_size = pair(kernel_size, "kernel_size", name)
+        self.stride = pair(stride, "stride", name)
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", name)
+        self.dilation = pair(dilation, "dilation", name)
+        self.output_padding = pair(output_padding, "output_padding", name)
         xp = backend.array_module(device)
         dtype = "float32" if dtype is None else dtype
         # conv: (C_out, C_in / groups, kh, kw); transposed: (C_in, C_out / groups, kh, kw).

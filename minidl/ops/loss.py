@@ -9,6 +9,8 @@ compositions of differentiable ops, so they get their gradients from those ops.
 Shapes follow torch.nn.functional: logits (N, C) or (N, C, d1, ..., dk) with integer
 targets (N,) or (N, d1, ..., dk); the class axis is axis 1.
 """
+import numpy
+
 from .. import backend
 from ..function import Function
 from ..tensor import Tensor
@@ -321,6 +323,29 @@ def kl_div(input, target, reduction="mean", log_target=False):
     return _reduce(loss, reduction)
 
 
+class BinaryCrossEntropy(Function):
+    """Element-wise -(t log p + (1 - t) log(1 - p)); p: probabilities, t: targets, same shape.
+
+    As PyTorch: each log is clamped at -100, so p = 0 or 1 gives a finite loss, and the
+    gradient (p - t) / (p (1 - p)) has its denominator clamped at 1e-12, so it stays finite
+    there too (composing log and clip would give 0 * inf = NaN).
+    """
+    LOG_FLOOR, EPS = -100.0, 1e-12
+
+    def forward(self, p, t):
+        xp = backend.get_array_module(p)
+        self.p, self.t = p, t
+        with numpy.errstate(divide="ignore"):     # log(0) = -inf, clamped next (CuPy never warns)
+            log_p = xp.maximum(xp.log(p), self.LOG_FLOOR)
+            log_q = xp.maximum(xp.log1p(-p), self.LOG_FLOOR)
+        return -(t * log_p + (1 - t) * log_q)
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        p, t = self.p, self.t
+        return gy * (p - t) / xp.maximum(p * (1 - p), self.EPS), None
+
+
 def binary_cross_entropy(input, target, weight=None, reduction="mean"):
     """-(t log p + (1 - t) log(1 - p)) for probabilities p = input in [0, 1].
 
@@ -335,8 +360,7 @@ def binary_cross_entropy(input, target, weight=None, reduction="mean"):
     if a.size and (float(a.min()) < 0 or float(a.max()) > 1):
         raise ValueError("binary_cross_entropy() needs probabilities in [0, 1] as input; apply "
                          "sigmoid first or use binary_cross_entropy_with_logits.")
-    floor = -100.0
-    loss = -(t * log(p).clip(min=floor) + (1 - t) * log(1 - p).clip(min=floor))
+    loss = BinaryCrossEntropy.apply(p, _array(t))
     if weight is not None:
         loss = loss * _float_target(weight, p)
     return _reduce(loss, reduction)

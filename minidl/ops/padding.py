@@ -137,7 +137,9 @@ def center_crop(x, size):
     if h > H or w > W or h < 0 or w < 0:
         raise ValueError(f"center_crop() cannot cut a ({h}, {w}) window from an input of spatial "
                          f"size ({H}, {W}); the crop must not be larger than the input.")
-    top, left = (H - h) // 2, (W - w) // 2
     if not isinstance(x, Tensor):
         x = Tensor(x)
+    elif (h, w) == (H, W):
+        return x            # nothing to cut: no copy in backward (U-Net with padding "same")
+    top, left = (H - h) // 2, (W - w) // 2
     return x[..., top:top + h, left:left + w]

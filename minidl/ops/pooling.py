@@ -1,65 +1,16 @@
 """Pooling: max (with argmax "switches"), max-unpooling, average and adaptive average.
 
-Sizes follow torch's pooling arithmetic: along one axis,
-
-    out = floor((in + 2p - d(k-1) - 1 + (s-1 if ceil_mode else 0)) / s) + 1
-
-and with ceil_mode the last window must start inside the input or the left padding (else
-it is dropped). Padding may be at most half the kernel. The kernels get ho/wo explicitly and
-treat everything outside the input as padding, so ceil_mode's extra window needs no special
-case.
+Sizes follow torch's pooling arithmetic (`pool_output_size` in geometry.py, with ceil_mode);
+padding may be at most half the kernel. The kernels get ho/wo explicitly and treat
+everything outside the input as padding, so ceil_mode's extra window needs no special case.
 """
 import numpy
 
 from .. import backend
 from ..function import Function
 from ..tensor import Tensor
-from .conv import _check_4d, _pair, memoize_geometry
+from .geometry import check_4d, pair, pool_geometry, pool_output_size  # noqa: F401
 import kernels
-
-
-def pool_output_size(size, kernel, stride, padding=0, dilation=1, ceil_mode=False):
-    """torch's pooling_output_shape along one axis."""
-    out = (size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) \
-        // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1        # the last window would start in the right padding
-    return out
-
-
-@memoize_geometry
-def _pool_geometry(op, x_shape, kernel_size, stride, padding, dilation, ceil_mode):
-    """Check pooling arguments; returns (kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)."""
-    if len(x_shape) != 4:
-        raise ValueError(f"{op}: input must be 4-D (N, C, H, W), got shape {tuple(x_shape)}; "
-                         "add a batch axis with x.reshape(1, *x.shape) for a single image.")
-    kernel = _pair(kernel_size, "kernel_size", op)
-    stride = kernel if stride is None or stride == () or stride == [] else _pair(stride, "stride", op)
-    padding, dilation = _pair(padding, "padding", op), _pair(dilation, "dilation", op)
-    if min(kernel) <= 0 or min(stride) <= 0 or min(dilation) <= 0:
-        raise ValueError(f"{op}: kernel_size {kernel}, stride {stride} and dilation {dilation} "
-                         "must be positive.")
-    if min(padding) < 0 or padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
-        raise ValueError(f"{op}: padding {padding} must be between 0 and half the kernel size "
-                         f"{kernel} (as in PyTorch).")
-    h, w = x_shape[2:]
-    out = tuple(pool_output_size(s, k, st, p, d, ceil_mode) for s, k, st, p, d in
-                zip((h, w), kernel, stride, padding, dilation))
-    if min(out) < 1:
-        raise ValueError(f"{op}: input {h}x{w} is too small for kernel {kernel} with padding "
-                         f"{padding} and dilation {dilation}: the output would be "
-                         f"{out[0]}x{out[1]}.")
-    for axis, (size, k, st, p, d, n) in enumerate(zip((h, w), kernel, stride, padding,
-                                                       dilation, out)):
-        if d == 1:   # padding <= k // 2: every window overlaps the input
-            continue
-        for o in range(n):   # with dilation a window can fall between the pixels entirely
-            if not any(0 <= o * st - p + i * d < size for i in range(k)):
-                raise ValueError(f"{op}: output {'row' if axis == 0 else 'column'} {o} would "
-                                 f"pool over padding only (input {h}x{w}, kernel {kernel}, "
-                                 f"padding {padding}, dilation {dilation}); reduce the padding "
-                                 "or the dilation.")
-    return kernel + stride + padding + dilation + out
 
 
 def _data(t):
@@ -90,7 +41,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     (N, C, H_out, W_out) of each maximum as h*W + w inside its input plane (first maximum wins
     ties), which max_unpool2d takes back.
     """
-    geom = _pool_geometry("max_pool2d", _data(x).shape, kernel_size, stride, padding,
+    geom = pool_geometry("max_pool2d", _data(x).shape, kernel_size, stride, padding,
                           dilation, ceil_mode)
     fn = MaxPool2d(geom=geom)
     y = fn(x)
@@ -123,10 +74,10 @@ def max_unpool2d(x, indices, kernel_size, stride=None, padding=0, output_size=No
     """
     op = "max_unpool2d"
     xa, idx = _data(x), _data(indices)
-    _check_4d(xa, "input", op, "(N, C, h, w)")
-    kernel = _pair(kernel_size, "kernel_size", op)
-    stride = kernel if stride is None else _pair(stride, "stride", op)
-    padding = _pair(padding, "padding", op)
+    check_4d(xa, "input", op, "(N, C, h, w)")
+    kernel = pair(kernel_size, "kernel_size", op)
+    stride = kernel if stride is None else pair(stride, "stride", op)
+    padding = pair(padding, "padding", op)
     h, w = xa.shape[2:]
     default = tuple((s - 1) * st - 2 * p + k for s, st, p, k in zip((h, w), stride, padding, kernel))
     if output_size is None:
@@ -199,12 +150,12 @@ class AvgPool2d(Function):
         n, c, h, w = self.shape
         if self.plain:
             gx = xp.zeros(self.shape, dtype=gy.dtype)
-            g = gy[:, :, :, None, :, None] / gy.dtype.type(kh * kw)
-            gx[:, :, :ho * kh, :wo * kw] = xp.broadcast_to(g, (n, c, ho, kh, wo, kw)).reshape(
+            share = gy[:, :, :, None, :, None] / gy.dtype.type(kh * kw)   # per pixel
+            gx[:, :, :ho * kh, :wo * kw] = xp.broadcast_to(share, (n, c, ho, kh, wo, kw)).reshape(
                 n, c, ho * kh, wo * kw)
             return gx
-        g = (gy.reshape(n * c, 1, ho * wo) / self.div).astype(gy.dtype)
-        gcols = xp.ascontiguousarray(xp.broadcast_to(g, (n * c, kh * kw, ho * wo)))
+        share = (gy.reshape(n * c, 1, ho * wo) / self.div).astype(gy.dtype)
+        gcols = xp.ascontiguousarray(xp.broadcast_to(share, (n * c, kh * kw, ho * wo)))
         gx = kernels.for_array(gy).col2im(gcols, 1, h, w, kh, kw, sh, sw, ph, pw, 1, 1, ho, wo)
         return gx.reshape(self.shape)
 
@@ -214,7 +165,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
 
     x: (N, C, H, W) -> (N, C, H_out, W_out).
     """
-    geom = _pool_geometry("avg_pool2d", _data(x).shape, kernel_size, stride, padding, 1,
+    geom = pool_geometry("avg_pool2d", _data(x).shape, kernel_size, stride, padding, 1,
                           ceil_mode)
     return AvgPool2d.apply(x, geom=geom, count_include_pad=bool(count_include_pad))
 
@@ -256,7 +207,7 @@ def adaptive_avg_pool2d(x, output_size):
     x: (N, C, H, W); output_size: int or (H_out, W_out), None keeping that input size.
     """
     xa = _data(x)
-    _check_4d(xa, "input", "adaptive_avg_pool2d", "(N, C, H, W)")
+    check_4d(xa, "input", "adaptive_avg_pool2d", "(N, C, H, W)")
     if isinstance(output_size, (tuple, list)):
         if len(output_size) != 2:
             raise ValueError(f"adaptive_avg_pool2d: output_size must be an int or (H, W), got "

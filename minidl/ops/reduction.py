@@ -241,6 +241,25 @@ def std(x, dim=None, *, correction=1, keepdim=False, unbiased=None, axis=None, k
                axis=axis, keepdims=keepdims).sqrt()
 
 
+class Norm2(Function):
+    """sqrt(sum(x^2)) over `axis`; its gradient x / norm is taken as 0 where the norm is 0
+    (PyTorch's subgradient there; sqrt's own derivative would give 0 / 0 = NaN)."""
+
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        self.shape, axes = x.shape, _normalize_axis(self.axis, x.ndim)
+        self.kept = _kept_shape(x.shape, axes)
+        r = xp.sqrt((x * x).sum(axis=axes, keepdims=True))
+        self.x, self.r = x, r
+        return r if self.keepdims else r.reshape([n for i, n in enumerate(r.shape) if i not in axes])
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        r = self.r
+        safe = xp.where(r > 0, r, 1)
+        return gy.reshape(self.kept) * self.x / safe * (r > 0)
+
+
 def norm(x, p="fro", dim=None, keepdim=False, *, axis=None, keepdims=None):
     """The vector p-norm over `dim` (all dims when None), as torch.norm / torch.linalg.vector_norm.
 
@@ -249,7 +268,7 @@ def norm(x, p="fro", dim=None, keepdim=False, *, axis=None, keepdims=None):
     """
     dim, keepdim = resolve_dim("norm", dim, keepdim, axis, keepdims)
     if p == "fro" or p == 2:
-        return sum(x * x, dim, keepdim).sqrt()
+        return Norm2.apply(x, axis=dim, keepdims=keepdim)
     if p == 1:
         return sum(x.abs(), dim, keepdim)
     if p == float("inf"):

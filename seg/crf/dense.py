@@ -60,7 +60,7 @@ PRESETS = {
     "deeplab_v2": {"gaussian": (1.0, 3.0), "bilateral": (67.0, 3.0, 4.0), "iterations": 10},
 }
 
-def _pair(value, name):
+def _positive_values(value, name):
     """A theta given as one number or one per axis -> float array; checks positivity."""
     arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
@@ -258,7 +258,7 @@ class DenseCRF:
         self.kernels.append(_Kernel(lattice, norm.astype(self.xp.float32).reshape(-1), kind, c))
 
     def _scaled_positions(self, sxy):
-        s = _pair(sxy, "sxy")
+        s = _positive_values(sxy, "sxy")
         if s.size > 2:
             raise ValueError(f"sxy must be one number or a pair (sx, sy); got {sxy!r}.")
         return self._positions / s  # (N, 2) / (1,) or (2,)
@@ -276,7 +276,7 @@ class DenseCRF:
         pos = self._scaled_positions(sxy)
         img = _check_image(image, self.height, self.width)
         c = img.shape[2]
-        r = _pair(srgb, "srgb")
+        r = _positive_values(srgb, "srgb")
         if r.size not in (1, c):
             raise ValueError(f"srgb must be one number or one per channel ({c}); got {srgb!r}.")
         floating = np.issubdtype(backend.to_numpy(image).dtype, np.floating)

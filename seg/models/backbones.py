@@ -18,6 +18,8 @@ import math
 
 from minidl import nn
 from minidl import functional as F
+# Re-exported: the models size their maps with minidl's formulas.
+from minidl.ops.geometry import conv_output_size, pool_output_size  # noqa: F401
 
 __all__ = ["scaled", "pool_output_size", "conv_output_size", "VGG", "Bottleneck", "ResNet",
            "init_weights_", "PooledBatchNorm2d", "VGG_STAGES", "VGG_CHANNELS"]
@@ -31,24 +33,6 @@ VGG_CHANNELS = (64, 128, 256, 512, 512)
 def scaled(channels, width):
     """`channels * width`, rounded, at least 1: the channel count of a width-reduced layer."""
     return max(1, int(round(channels * width)))
-
-
-def conv_output_size(size, kernel_size, stride=1, padding=0, dilation=1):
-    """Output length of a convolution along one axis (PyTorch's formula, floor division)."""
-    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
-
-
-def pool_output_size(size, kernel_size, stride, padding=0, ceil_mode=False):
-    """Output length of a max-pool along one axis, as torch.nn.MaxPool2d computes it.
-
-    ceil_mode=True rounds up (Caffe's rule, which the FCN / SegNet / DeepLab prototxts rely
-    on) but, as in PyTorch, drops a last window that would start in the right padding.
-    """
-    span = size + 2 * padding - kernel_size
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
 
 
 def init_weights_(module, conv="kaiming"):
@@ -168,7 +152,7 @@ class VGG(nn.Module):
                     s = s + 2 * self.first_padding - 2
                 if self.pool_specs[stage - 1] is not None:
                     k, stride, pad = self.pool_specs[stage - 1]
-                    s = pool_output_size(s, k, stride, pad, self.ceil_mode)
+                    s = pool_output_size(s, k, stride, pad, ceil_mode=self.ceil_mode)
             sizes.append(s)
         return tuple(sizes)
 
@@ -197,6 +181,11 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
+        # The residual branch starts as zero (gamma = 0 in its last BN; Goyal et al. 2017,
+        # "Accurate, Large Minibatch SGD", Sec. 5.1): each block begins as its shortcut, so 33
+        # summed branches do not multiply the activations' scale (~1e6 at init otherwise,
+        # worse in eval mode, where BN's initial statistics do not normalise).
+        nn.init.zeros_(self.bn3.weight)
         # Projection shortcut when the shape changes (1x1 conv + BN, "option B").
         self.downsample = None
         if stride != 1 or in_channels != out:
@@ -279,7 +268,7 @@ class ResNet(nn.Module):
         hw = []
         for s in (h, w):
             s = conv_output_size(s, 7, 2, 3)
-            s = pool_output_size(s, 3, 2, 1, self.ceil_mode)
+            s = pool_output_size(s, 3, 2, 1, ceil_mode=self.ceil_mode)
             hw.append(s)
         for i, stride in enumerate(self.strides, start=1):
             if stride == 2:

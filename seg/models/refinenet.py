@@ -19,6 +19,14 @@ resolution (output_stride 4), bilinearly upsampled to the input size (upsample=F
 1/4 map). The paper reports no parameter count; `seg.models.summary.describe("refinenet")`
 prints ours. The adaptation, fusion and CRP convs have no bias; the RCU convs and the
 classifier have one.
+
+Initialisation. The RCUs and the CRP stages are residual branches without normalisation, 36 of
+them summed in a row at width 1; with He init each one adds its own variance and the logits of
+an untrained model reach ~1e6. So every residual branch starts at zero, Fixup-style (Zhang,
+Dauphin & Ma, "Fixup Initialization", ICLR 2019, Sec. 3): the last conv of each RCU and each
+CRP conv are zero, the RCU's first conv is He init scaled by L^(-1/2) (L = the number of
+residual branches; Fixup's L^(-1/(2m-2)) with m = 2 layers per branch). The backbone's
+blocks start as their shortcuts too (zero gamma in their last BN, see backbones.Bottleneck).
 """
 from minidl import nn
 from minidl import functional as F
@@ -26,7 +34,8 @@ from minidl import functional as F
 from . import register
 from .backbones import ResNet, check_common, init_weights_, scaled
 
-__all__ = ["RefineNet", "RefineNetBlock", "ResidualConvUnit", "ChainedResidualPooling", "refinenet"]
+__all__ = ["RefineNet", "RefineNetBlock", "ResidualConvUnit", "ChainedResidualPooling", "fixup_init_",
+           "refinenet"]
 
 
 def _conv3x3(in_channels, out_channels, bias=False):
@@ -93,6 +102,21 @@ class RefineNetBlock(nn.Module):
         return self.out(self.crp(y))
 
 
+def fixup_init_(module):
+    """Zero the last layer of every RCU / CRP branch in `module` and scale the RCUs' first convs
+    by L^(-1/2) (Fixup, Zhang et al. 2019; see the module docstring). Returns `module`."""
+    rcus = [m for m in module.modules() if isinstance(m, ResidualConvUnit)]
+    crps = [m for m in module.modules() if isinstance(m, ChainedResidualPooling)]
+    branches = len(rcus) + sum(len(crp.convs) for crp in crps)
+    for rcu in rcus:
+        rcu.conv1.weight.data *= branches ** -0.5
+        nn.init.zeros_(rcu.conv2.weight)
+    for crp in crps:
+        for conv in crp.convs:
+            nn.init.zeros_(conv.weight)
+    return module
+
+
 class RefineNet(nn.Module):
     """4-cascaded RefineNet on ResNet-101.
 
@@ -124,6 +148,7 @@ class RefineNet(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else None
         self.classifier = nn.Conv2d(narrow, num_classes, 3, padding=1)
         init_weights_(self)
+        fixup_init_(self)
 
     def output_size(self, h, w):
         """(h, w) with upsample=True, else the 1/4 map's size."""

@@ -9,6 +9,9 @@ the size of its output for a given input, and how the receptive field grows: the
 input pixels (per side) that can influence one output pixel, grown by each layer as
     RF += (dilation * (k - 1)) * jump,    jump *= stride
 where jump is the distance, in input pixels, between neighbouring pixels of the layer's input.
+Pools count as layers (k, stride); an upsampling layer divides the jump. After upsampling
+this is the field of a typical pixel: where a pixel sits in the pooling grid moves its own
+field by up to the deepest jump (`measure=True` measures the centre pixel's).
 The layer sizes come from running a width-reduced copy of the model (widths change channel
 counts only, never spatial sizes) on a zero image; the parameter counts come from the full
 model. In branching networks (FCN skips, ASPP, RefineNet) each layer's RF follows its own
@@ -23,6 +26,8 @@ import minidl
 from minidl import nn
 from minidl import functional as F
 from minidl.function import Function
+from minidl.ops.geometry import pair
+from minidl.nn import pooling as nn_pooling
 from minidl.tensor import Tensor
 
 from . import available, build
@@ -220,10 +225,6 @@ class _Recorder:
             self.set(out, best)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 @contextlib.contextmanager
 def _recording(rec, module_names):
     saved_call = Function.__call__
@@ -249,13 +250,15 @@ def _recording(rec, module_names):
 
     def conv_forward(self, x):
         y = saved_conv(self, x)
-        grow(x, y, self.weight.shape[2], _pair(self.stride)[0], _pair(self.dilation)[0], "conv",
+        grow(x, y, self.weight.shape[2], pair(self.stride, "stride", "Conv2d")[0],
+             pair(self.dilation, "dilation", "Conv2d")[0], "conv",
              module_names.get(id(self), "?"), self)
         return y
 
     def tconv_forward(self, x, *args, **kwargs):
         y = saved_tconv(self, x, *args, **kwargs)
-        grow(x, y, self.weight.shape[2], _pair(self.stride)[0], 1, "transposed",
+        grow(x, y, self.weight.shape[2], pair(self.stride, "stride", "ConvTranspose2d")[0], 1,
+             "transposed",
              module_names.get(id(self), "?"), self)
         return y
 
@@ -263,8 +266,8 @@ def _recording(rec, module_names):
         def wrapped(x, kernel_size, stride=None, padding=0, *args, **kwargs):
             y = saved_f[fname](x, kernel_size, stride, padding, *args, **kwargs)
             out = y[0] if isinstance(y, tuple) else y
-            k = _pair(kernel_size)[0]
-            grow(x, out, k, _pair(stride if stride is not None else kernel_size)[0], 1,
+            k = pair(kernel_size, "kernel_size", fname)[0]
+            grow(x, out, k, pair(stride if stride is not None else kernel_size, "stride", fname)[0], 1,
                  fname.split("_")[0] + "pool", fname)
             return y
         return wrapped
@@ -292,6 +295,10 @@ def _recording(rec, module_names):
     nn.Conv2d.forward, nn.ConvTranspose2d.forward = conv_forward, tconv_forward
     F.max_pool2d, F.avg_pool2d = pool("max_pool2d"), pool("avg_pool2d")
     F.max_unpool2d, F.interpolate = unpool, interpolate
+    # The pooling layers (nn.MaxPool2d, as in the U-Net) call the functions by their own names.
+    saved_layers = {k: getattr(nn_pooling, k) for k in ("max_pool2d", "avg_pool2d", "max_unpool2d")}
+    for k in saved_layers:
+        setattr(nn_pooling, k, getattr(F, k))
     try:
         yield
     finally:
@@ -299,6 +306,8 @@ def _recording(rec, module_names):
         nn.Conv2d.forward, nn.ConvTranspose2d.forward = saved_conv, saved_tconv
         for k, v in saved_f.items():
             setattr(F, k, v)
+        for k, v in saved_layers.items():
+            setattr(nn_pooling, k, v)
 
 
 def trace(model, input_size, in_channels=None):
@@ -318,6 +327,33 @@ def trace(model, input_size, in_channels=None):
     return rec.events, tuple(y.shape)
 
 
+def _check_options(name, options):
+    """ValueError naming the options model `name`'s builder does not take."""
+    from . import _BUILDERS
+    takes = inspect.signature(_BUILDERS[name]).parameters
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        known = ", ".join(k for k in takes if k not in ("num_classes", "in_channels"))
+        raise ValueError(f"model {name!r} has no option {', '.join(unknown)}; its options are: {known}.")
+
+
+def _small_copy(name, options, width):
+    """A copy of model `name` with real weights and `width` times the channels, to be run.
+
+    Spatial sizes and receptive fields do not depend on the widths. The U-Net has no width
+    option: its first level's channels (features_root) shrink instead. (Running the model
+    built by fast_init instead would compute with uninitialised memory: overflow warnings.)
+    """
+    from . import _BUILDERS
+    takes = inspect.signature(_BUILDERS[name]).parameters
+    if "width" in takes:
+        return _build(name, "default", **{**options, "width": width})
+    if "features_root" in takes:
+        root = options.get("features_root", takes["features_root"].default)
+        return _build(name, "default", **{**options, "features_root": max(1, round(root * width))})
+    return _build(name, "default", **options)
+
+
 def explain(name, input_size=None, width=1 / 16, measure=False, **options):
     """A text table of model `name`'s layers: parameter arithmetic, output sizes, receptive field.
 
@@ -335,12 +371,11 @@ def explain(name, input_size=None, width=1 / 16, measure=False, **options):
         input_size = paper_input_size(name)
     elif isinstance(input_size, int):
         input_size = (input_size, input_size)
+    _check_options(name, options)
     options = {**_defaults(name), **options}
     full = _build(name, "none", **options)
     full_params = dict(full.named_parameters())
-    from . import _BUILDERS
-    takes_width = "width" in inspect.signature(_BUILDERS[name]).parameters
-    small = _build(name, "default", **{**options, "width": width}) if takes_width else full
+    small = _small_copy(name, options, width)
     events, out_shape = trace(small, input_size, options.get("in_channels", 3))
 
     lines = [f"{name} ({', '.join(f'{k}={v}' for k, v in options.items())}), input "

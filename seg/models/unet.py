@@ -58,16 +58,6 @@ class DoubleConv(nn.Module):
         return x
 
 
-def _center_crop(x, size):
-    """Crop x: (N, C, H, W) to (N, C, h, w) around its centre (the paper's crop of the skip)."""
-    h, w = size
-    H, W = x.shape[2], x.shape[3]
-    if (H, W) == (h, w):
-        return x
-    top, left = (H - h) // 2, (W - w) // 2
-    return x[:, :, top:top + h, left:left + w]
-
-
 class UNet(nn.Module):
     """The U-Net: contracting path, expanding path with crop-and-concat skips, 1x1 classifier.
 
@@ -228,7 +218,7 @@ class UNet(nn.Module):
         for upconv, block, skip in zip(self.upconvs, self.up, reversed(skips)):
             x = upconv(x)
             # [skip, up]: the paper's order (copy and crop, then concatenate).
-            x = cat([_center_crop(skip, x.shape[2:]), x], axis=1)
+            x = cat([F.center_crop(skip, x.shape[2:]), x], axis=1)
             x = block(x)
         return self.classifier(x)
 

@@ -1,0 +1,89 @@
+"""examples/train_any.py and examples/train_unet.py (issue 20, items 6 and 7): --preset and
+--lr-schedule are honoured, a too-small --size becomes the nearest one the model takes, and bad
+input ends in the one sentence `python -m seg train` prints (no traceback, no Python advice)."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import minidl
+from seg import cli, models
+from seg.models.input_size import fitting_input_size
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _folder(root, classes=2, n=12, size=20):
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        image = (rng.random((size, size)) * 255).astype(np.uint8)
+        mask = image // (256 // classes + 1) if classes > 2 else (image > 128) * 255
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{i}.png")
+    return root
+
+
+def _lrs(out):
+    with open(out / "metrics.csv") as f:
+        return [float(row["lr"]) for row in csv.DictReader(f)]
+
+
+QUICK = ["--size", "16x16", "--batch-size", "3", "--no-progress", "--no-augment", "--plot-every", "9"]
+
+
+def test_train_any_follows_lr_schedule_and_preset(tmp_path):
+    train_any = _example("train_any")
+    data = str(_folder(tmp_path / "data"))
+    assert train_any.main(["--data", data, "--epochs", "2", "--out", str(tmp_path / "poly")] + QUICK) == 0
+    # The lr each epoch trained with: poly decay, stepped after each epoch.
+    assert _lrs(tmp_path / "poly") == [pytest.approx(1e-3), pytest.approx(1e-3 * (1 - 1 / 2) ** 0.9)]
+    # The preset's lr 1e-4 and constant schedule; explicit options still win.
+    assert train_any.main(["--data", data, "--preset", "seed-unet", "--epochs", "2",
+                           "--out", str(tmp_path / "preset")] + QUICK) == 0
+    assert _lrs(tmp_path / "preset") == [pytest.approx(1e-4)] * 2
+
+
+def test_too_small_size_becomes_the_nearest_the_model_takes():
+    minidl.manual_seed(0)
+    model = models.build("deconvnet", 2, in_channels=1, width=1 / 16).eval()
+    h, w = fitting_input_size(model, (64, 64))
+    assert h == w and 64 < h
+    with minidl.no_grad():
+        assert model(minidl.tensor(np.zeros((1, 1, h, w), np.float32))).shape[2:] == (h, w)
+        with pytest.raises(ValueError):
+            model(minidl.tensor(np.zeros((1, 1, h - 16, w - 16), np.float32)))
+    assert fitting_input_size(model, (h, w + 5)) == (h, w + 5)        # a size that fits stays
+
+
+@pytest.mark.parametrize("entry", ["cli", "train_any", "train_unet"])
+def test_bad_input_is_one_sentence_everywhere(entry, tmp_path, capsys):
+    if entry == "cli":
+        main = lambda argv: cli.main(["train"] + argv)  # noqa: E731
+    else:
+        main = _example(entry).main
+    three = str(_folder(tmp_path / "three", classes=3))
+    assert main(["--data", three, "--model", "unet", "--epochs", "1",
+                 "--out", str(tmp_path / "a")] + QUICK) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "Mask file" in err
+    # A checkpoint of another model: the options it was trained with, not "strict=False".
+    two = str(_folder(tmp_path / "two"))
+    assert cli.main(["train", "--data", two, "--model", "unet", "--depth", "2", "--epochs", "1",
+                     "--out", str(tmp_path / "b")] + QUICK) == 0
+    capsys.readouterr()
+    assert main(["--data", two, "--model", "unet", "--depth", "3", "--epochs", "2",
+                 "--resume", str(tmp_path / "b" / "last.npz"), "--out", str(tmp_path / "c")] + QUICK) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--depth 2" in err and "strict" not in err
