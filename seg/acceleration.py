@@ -5,7 +5,8 @@
                            checkpoints), bf16 uses none, as PyTorch does (float32's exponent range)
     --cuda-graph           the whole training step recorded once per epoch as a CUDA graph and
                            replayed (minidl.cuda.make_graphed_step); where it cannot be captured,
-                           one line says why and training goes on eagerly
+                           one line says why and training goes on eagerly (seg.setup builds
+                           Adam with capturable=True for it on the GPU)
     --matmul-precision     minidl.set_float32_matmul_precision("highest" | "high")
 
 seg.setup.trainer_options passes `step_context`, `scaler` and `cuda_graph` to seg.train.Trainer,

@@ -200,18 +200,16 @@ class Trainer:
                 with explain_gpu_out_of_memory("training", images):
                     x = Tensor(_to_device(images, self.device))
                     y = _to_device(masks, self.device)
-                    if self.graph is not None:      # (the update is applied before the check)
+                    if self.graph is not None:      # the whole step (its update comes before the check)
                         logits, loss = None, self.graph(x, y)
-                        value = float(loss.item())
-                        if not math.isfinite(value):
-                            self._stop_non_finite(value, epoch, step)
                     else:
                         with self.step_context():
                             logits = forward_full(self.model, x)
                             loss = self.loss_fn(logits, y)
-                        value = float(loss.item())
-                        if not math.isfinite(value):
-                            self._stop_non_finite(value, epoch, step)
+                    value = float(loss.item())
+                    if not math.isfinite(value):
+                        self._stop_non_finite(value, epoch, step)
+                    if self.graph is None:
                         self.optimizer.zero_grad()
                         backward_and_step(loss, self.optimizer, self.scaler)
                 del x, logits, loss           # the graph is freed here, not kept to the next step
