@@ -45,15 +45,15 @@ def main(argv=None):
         np.random.seed(args.seed)
         data = setup.prepare_data(args, synthetic_root=ROOT / "data" / "synthetic")
         if args.model == "unet":
-            model = setup.build_model_from_args(args, data.num_classes, in_channels=1)
+            model = setup.build_model_from_args(args, data.num_classes, in_channels=data.in_channels)
         else:
-            model = models.build(args.model, data.num_classes, in_channels=1, width=args.width)
+            model = models.build(args.model, data.num_classes, in_channels=data.in_channels, width=args.width)
     except (UsageError, ValueError, FileNotFoundError) as exc:
         print(f"train_any.py: error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.model} at width {args.width:g}: {model.num_parameters():,} parameters "
           f"(output stride {getattr(model, 'output_stride', 1)})")
-    config = setup.run_config(args, data.num_classes)
+    config = setup.run_config(args, data.num_classes, data.in_channels)
     if args.model != "unet":               # so `python -m seg predict` rebuilds the same width
         config["model_options"] = {"width": args.width}
     result = train(model, data.train_loader, data.val_loader, get_loss(args.loss),
