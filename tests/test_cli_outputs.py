@@ -27,7 +27,7 @@ def kaggle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(kaggle, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert cli.main(["train", "--data", str(kaggle), "--out", str(out), "--overwrite"] + TINY) == 0
+    assert cli.main(["train", "--data", str(kaggle), "--out", str(out)] + TINY) == 0
     return out / "best.npz"
 
 
