@@ -88,10 +88,10 @@ def test_kaggle_frames_as_rgb(tmp_path):
     np.testing.assert_array_equal(image3, np.repeat(image[..., None], 3, axis=-1))
 
 
-def test_cli_trains_on_colour_and_predicts_with_it(tmp_path, capsys):
+def test_cli_trains_on_colour_and_predicts_with_it(tmp_path, capsys, device):
     root = colour_folder(tmp_path / "data")
     out = tmp_path / "run"
-    assert cli.main(["train", "--data", str(root), "--out", str(out)] + TINY) == 0
+    assert cli.main(["train", "--data", str(root), "--out", str(out), "--device", device] + TINY) == 0
     assert "binary foreground masks, 2 classes; images read as RGB (3 channel(s))" in capsys.readouterr().out
     config = read_checkpoint_meta(out / "best.npz")["config"]
     assert config["in_channels"] == 3
@@ -99,13 +99,13 @@ def test_cli_trains_on_colour_and_predicts_with_it(tmp_path, capsys):
     assert model.in_channels == 3
     masks = tmp_path / "masks"
     assert cli.main(["predict", "--checkpoint", str(out / "best.npz"), "--input", str(root / "images"),
-                     "--output", str(masks), "--no-progress"]) == 0
+                     "--output", str(masks), "--no-progress", "--device", device]) == 0
     for name in ("0.png", "5.png"):
         rgb = data.load_image(root / "images" / name, channels=3)
         expected = inference.predict_image(model, rgb, config["size"]).argmax(0)
         np.testing.assert_array_equal(data.load_mask(masks / name, binary=True), expected)
     assert cli.main(["evaluate", "--checkpoint", str(out / "best.npz"), "--data", str(root),
-                     "--no-progress"]) == 0
+                     "--no-progress", "--device", device]) == 0
     assert "9 images (all): Dice (Kaggle)" in capsys.readouterr().out
     # --in-channels 1 forces gray.
     assert cli.main(["train", "--data", str(root), "--out", str(tmp_path / "gray"), "--in-channels", "1"]

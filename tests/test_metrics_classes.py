@@ -115,10 +115,10 @@ def test_swapping_two_classes_does_not_score_one():
     assert metrics.format_class_table(binary.summary()) == ""
 
 
-def test_cli_trains_three_classes_and_reports_each(tmp_path, capsys):
+def test_cli_trains_three_classes_and_reports_each(tmp_path, capsys, device):
     root = mask_folder(tmp_path / "data", blobs((1, 2)))
     out = tmp_path / "run"
-    assert cli.main(["train", "--data", str(root), "--out", str(out)] + TINY) == 0
+    assert cli.main(["train", "--data", str(root), "--out", str(out), "--device", device] + TINY) == 0
     log = capsys.readouterr().out
     assert "mask values {0, 1, 2}: class ids, 3 classes" in log and "Dice per class" in log
     with open(out / "metrics.csv", newline="") as f:
@@ -133,7 +133,7 @@ def test_cli_trains_three_classes_and_reports_each(tmp_path, capsys):
     assert meta["best_score"] == pytest.approx(max(scores))
     assert meta["best_epoch"] == 1 + int(np.argmax(scores))
     assert cli.main(["evaluate", "--checkpoint", str(out / "best.npz"), "--data", str(root),
-                     "--no-progress"]) == 0
+                     "--no-progress", "--device", device]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("9 images (all): mean Dice (classes 1-2) ")
     assert lines[1].split() == ["class", "Dice", "IoU"] and [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]
