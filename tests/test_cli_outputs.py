@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg import cli, data, inference
+import minidl
+from minidl import optim
+from seg import cli, data, inference, losses, models
 from seg.errors import UsageError
 from seg.outputs import choose_run_folder, mask_outputs
+from seg.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--epochs", "1", "--batch-size", "4", "--size", "24x32", "--depth", "2", "--features-root", "2",
@@ -165,3 +168,21 @@ def test_choose_run_folder_rules(tmp_path):
     (tmp_path / "run-2").mkdir()
     (tmp_path / "run-2" / "metrics.csv").write_text("")
     assert choose_run_folder(str(run) + "/", given=False)[0] == str(tmp_path / "run-3")
+
+
+def test_a_new_trainer_run_starts_its_own_metrics_table(tmp_path):
+    """seg.train used directly: a run from epoch 0 in a folder with an old metrics.csv writes a
+    fresh table instead of appending to the old one (a resume rewrites it from its history)."""
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss\n1,9.0\n2,8.0\n")
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 16, 16)).astype(np.float32)
+    masks = (images > 0.5).astype(np.uint8)
+    dataset = data.Dataset(list(range(4)), lambda i: (images[i], masks[i]))
+    minidl.manual_seed(0)
+    model = models.build("unet", num_classes=2, in_channels=1, depth=2, features_root=2)
+    result = train(model, data.DataLoader(dataset, batch_size=2), data.DataLoader(dataset, batch_size=2),
+                   losses.get_loss("ce"), optim.Adam(model.parameters(), lr=1e-3), epochs=1,
+                   out_dir=tmp_path, plot=False, progress=False, log=None)
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["train_loss"]) == pytest.approx(
+        result.history[0]["train_loss"])
