@@ -28,7 +28,9 @@ from .image_inputs import image_files
 from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
 from .interrupt import is_interrupt
 from .losses import LOSSES
+from .metrics import format_class_table
 from .models import summary
+from .outputs import choose_run_folder, mask_outputs
 from .setup import DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_dataset, set_up_training, trainer_options
 from .train import train
 
@@ -79,6 +81,15 @@ _positive_float = _number(float, lambda v: v > 0, "must be positive")
 _fraction = _number(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+class _StoreOut(argparse.Action):
+    """--out: stores the folder and notes that it was typed, since a default folder that holds
+    an earlier run gives way to a numbered one while a typed one is refused (seg.outputs)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.out_given = True
+
+
 def add_train_arguments(parser, defaults=None):
     """Add the training options (shared by `python -m seg train` and the examples).
 
@@ -114,14 +125,22 @@ def add_train_arguments(parser, defaults=None):
     p.add_argument("--dropout-mode", choices=("bottleneck", "every_conv"), default=d["dropout_mode"],
                    help="paper: bottleneck; tf_unet: every_conv")
     p.add_argument("--loss", choices=tuple(LOSSES), default=d["loss"], help="default %(default)s")
-    p.add_argument("--out", default=d["out"], metavar="DIR", help="output folder; default %(default)s")
+    p.add_argument("--out", default=d["out"], metavar="DIR", action=_StoreOut,
+                   help="output folder; default %(default)s (or %(default)s-2, -3, ... when it holds "
+                        "an earlier run; with --resume: the checkpoint's folder)")
+    p.add_argument("--overwrite", action="store_true", default=d["overwrite"],
+                   help="let --out replace the training run it already holds")
+    p.set_defaults(out_given=False)
     p.add_argument("--resume", default=d["resume"], metavar="CHECKPOINT",
                    help="continue from a checkpoint (e.g. OUT/last.npz)")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed; default %(default)s")
     p.add_argument("--val-fraction", type=_fraction, default=d["val_fraction"],
                    help="share of subjects held out for validation; default %(default)s")
     p.add_argument("--num-classes", type=_positive_int, default=d["num_classes"],
-                   help="classes for an images/masks folder (Kaggle data: 2)")
+                   help="classes for an images/masks folder; default: read off the mask values "
+                        "(0/255 or 0/1: 2, ids 0..K-1: K; Kaggle data: 2)")
+    p.add_argument("--in-channels", type=int, choices=(1, 3), default=d["in_channels"],
+                   help="1 (gray) or 3 (RGB) model input; default: 3 when the images are colour")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d["augment"],
                    help="flips, small rotations, elastic deformation, intensity jitter")
     p.add_argument("--crf", action="store_true", default=d["crf"],
@@ -174,8 +193,11 @@ def require_device(device):
             raise UsageError(str(exc)) from None
 
 
-def check_train_args(args):
-    """Checks that need more than one option, or the outside world; UsageError on failure."""
+def check_train_args(args, log=print):
+    """Checks that need more than one option, or the outside world; UsageError on failure.
+
+    Also settles args.out, so that no earlier run is replaced by accident (seg.outputs).
+    """
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be a probability in [0, 1), got {args.dropout}.")
     if args.resume is not None and not os.path.exists(args.resume):
@@ -183,6 +205,10 @@ def check_train_args(args):
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
     require_device(args.device)
+    args.out, note = choose_run_folder(args.out, getattr(args, "out_given", True), args.resume,
+                                       getattr(args, "overwrite", False))
+    if note:
+        log(note)
     return args
 
 
@@ -204,7 +230,7 @@ def parse_train_args(argv=None, prog="python -m seg train", description=None, de
 
 def cmd_train(args, log=print):
     """`python -m seg train`: the same steps as examples/train_unet.py."""
-    check_train_args(args)
+    check_train_args(args, log)
     run = set_up_training(args, log)
     data = run.data
     log(f"{args.model}: {run.model.num_parameters():,} parameters; {data.n_train} training / "
@@ -228,21 +254,25 @@ def _load_model_arg(args):
 
 def cmd_predict(args, log=print):
     files = image_files(args.input, "--input")
+    pairs, note = mask_outputs(files, args.output, ".png" if args.format == "png" else ".tif")
     model, config = _load_model_arg(args)
     os.makedirs(args.output, exist_ok=True)
+    if note:
+        log(note)
     binary = config["num_classes"] == 2
-    suffix = ".png" if args.format == "png" else ".tif"
+    channels = config.get("in_channels", 1)      # checkpoints from before RGB support: gray
     unreadable = []
-    for path in tqdm(files, desc="predict", unit="image", disable=not args.progress):
+    for path, target in tqdm(pairs, desc="predict", unit="image", disable=not args.progress):
         try:
-            image = load_image(path)
+            image = load_image(path, channels)
         except (ValueError, OSError) as exc:     # one bad file must not stop the others
             unreadable.append(path)
             log(f"skipped {path}: {exc}")
             continue
         probs = predict_image(model, image, config.get("size"), crf=args.crf)
-        write_mask(os.path.join(args.output, path.stem + suffix), probs.argmax(axis=0), binary, args.format)
-    log(f"wrote {len(files) - len(unreadable)} mask(s) to {args.output}"
+        write_mask(target, probs.argmax(axis=0), binary, args.format)
+    written = len(pairs) - len(unreadable)
+    log(f"wrote {written} mask(s) to {args.output}"
         + (f"; {len(unreadable)} image(s) could not be read (listed above)" if unreadable else ""))
     return 1 if unreadable else 0
 
@@ -251,7 +281,7 @@ def cmd_evaluate(args, log=print):
     if not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
     model, config = _load_model_arg(args)
-    reader, _, num_classes = open_dataset(args.data, config["num_classes"])
+    reader, _, num_classes = open_dataset(args.data, config["num_classes"], config.get("in_channels", 1))
     samples = reader.samples
     if args.split == "val":
         samples = reader.split(config.get("val_fraction", 0.25), seed=0)[1]
@@ -259,8 +289,10 @@ def cmd_evaluate(args, log=print):
     for crf in ((False, True) if args.crf else (False,)):
         scores = evaluate_samples(model, reader, samples, config.get("size"), num_classes, crf=crf,
                                   progress=args.progress)
-        log(f"{scores['images']} images ({args.split}){' + dense CRF' if crf else ''}: Dice (Kaggle) "
-            f"{scores['dice']:.4f}  mean IoU {scores['iou']:.4f}  pixel accuracy {scores['accuracy']:.4f}")
+        dice = "Dice (Kaggle)" if num_classes == 2 else f"mean Dice (classes 1-{num_classes - 1})"
+        log(f"{scores['images']} images ({args.split}){' + dense CRF' if crf else ''}: {dice} "
+            f"{scores['dice']:.4f}  mean IoU {scores['iou']:.4f}  pixel accuracy {scores['accuracy']:.4f}"
+            + format_class_table(scores))
     return 0
 
 

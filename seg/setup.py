@@ -58,7 +58,7 @@ TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "
                   "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
                   "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
                   "plot_every": 4, "progress": True, "preset": None, "distributed": False,
-                  "sync_bn": False}
+                  "sync_bn": False, "in_channels": None, "overwrite": False}
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -94,12 +94,12 @@ def set_up_training(args, log=print, synthetic_root=None):
     data = prepare_data(args, log, synthetic_root)
     if distributed:
         data = distributed_training.distribute_data(data, args)
-    model = build_model_from_args(args, data.num_classes)
+    model = build_model_from_args(args, data.num_classes, data.in_channels)
     if distributed:
         model = distributed_training.wrap_model(model, args)
     optimizer = make_optimizer(args, model)
     return TrainingRun(data, model, get_loss(args.loss), optimizer, make_scheduler(args, optimizer),
-                       run_config(args, data.num_classes))
+                       run_config(args, data.num_classes, data.in_channels))
 
 
 def trainer_options(args):
@@ -123,15 +123,21 @@ class Data:
     kind: str                 # "kaggle" or "folder"
     n_train: int
     n_val: int
+    in_channels: int = 1      # 1 gray, 3 RGB: the model's input channels
 
 
-def open_dataset(root, num_classes=None):
-    """A Kaggle-layout or images/masks data set -> (reader, kind, num_classes)."""
+def open_dataset(root, num_classes=None, in_channels=None):
+    """A Kaggle-layout or images/masks data set -> (reader, kind, num_classes).
+
+    For an images/masks folder, num_classes None is inferred from the mask values and
+    in_channels None from the image files (seg.data.describe); Kaggle frames are gray, 2
+    classes. reader.in_channels is the channel count the images are loaded with.
+    """
     root = Path(root)
     if (root / "images").is_dir():
-        classes = num_classes or 2
-        return sdata.ImageMaskFolder(root, num_classes=classes, binary=classes == 2), "folder", classes
-    return sdata.KaggleUltrasound(root), "kaggle", 2
+        reader = sdata.ImageMaskFolder(root, num_classes=num_classes, binary=None, in_channels=in_channels)
+        return reader, "folder", reader.num_classes
+    return sdata.KaggleUltrasound(root, in_channels=in_channels or 1), "kaggle", 2
 
 
 def preset_notice(args):
@@ -188,7 +194,10 @@ def prepare_data(args, log=print, synthetic_root=None):
     resized once to args.size and cached in memory.
     """
     root = args.data if args.data is not None else ensure_synthetic(synthetic_root, log)
-    reader, kind, num_classes = open_dataset(root, args.num_classes)
+    reader, kind, num_classes = open_dataset(root, args.num_classes, args.in_channels)
+    if kind == "folder":
+        log(f"{root}: {reader.classes.describe()}; images read as "
+            f"{'RGB' if reader.in_channels == 3 else 'gray'} ({reader.in_channels} channel(s))")
     train_samples, val_samples = reader.split(args.val_fraction, seed=0)
     if not val_samples:
         raise UsageError(f"the data in {root} has too few subjects for a validation split; "
@@ -202,7 +211,8 @@ def prepare_data(args, log=print, synthetic_root=None):
     val_set = sdata.Dataset(val_samples, reader.load, cache=True, preprocess=resize)
     train_loader = sdata.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed)
     val_loader = sdata.DataLoader(val_set, batch_size=args.batch_size, shuffle=False)
-    return Data(train_loader, val_loader, str(root), num_classes, kind, len(train_set), len(val_set))
+    return Data(train_loader, val_loader, str(root), num_classes, kind, len(train_set), len(val_set),
+                reader.in_channels)
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule

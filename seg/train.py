@@ -12,7 +12,9 @@ What one epoch does:
    and images/s. Losses are kept as Python floats, and nothing of the graph survives a step,
    so memory does not grow with the number of steps.
 2. validation: mean Dice with the Kaggle rule (an empty prediction on an empty mask scores 1),
-   mean IoU and pixel accuracy (seg.metrics), plus the validation loss.
+   mean IoU and pixel accuracy (seg.metrics), plus the validation loss. With more than 2
+   classes, "val_dice" is the mean of the per-class Dice over the foreground classes, and the
+   per-class Dice and IoU are logged too (columns val_dice_c<k>, val_iou_c<k>).
 3. logging: one row appended to out_dir/metrics.csv; out_dir/curves.png redrawn; an
    "X / Y / Pred" panel of a few validation images (out_dir/samples_epochNNN.png).
 4. checkpoints: out_dir/last.npz every epoch and out_dir/best.npz when the validation Dice
@@ -147,7 +149,8 @@ class Trainer:
     def _write_metrics_csv(self):
         tmp = self.path("metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            fields = _csv_fields(self.history[0] if self.history else {})
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.history)
         os.replace(tmp, self.path("metrics.csv"))
@@ -156,7 +159,7 @@ class Trainer:
         path = self.path("metrics.csv")
         new = not os.path.exists(path)
         with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=_csv_fields(row), extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -250,7 +253,8 @@ class Trainer:
         if n_images == 0:
             raise ValueError("the validation loader gave no batches; check the split.")
         result = {"val_loss": total_loss / n_images, "val_dice": summary["dice"],
-                  "val_iou": summary["iou"], "val_accuracy": summary["accuracy"]}
+                  "val_iou": summary["iou"], "val_accuracy": summary["accuracy"],
+                  **seg_metrics.class_columns(summary)}
         samples = tuple(np.stack(k) for k in kept) if kept[0] else None
         return result, samples
 
@@ -265,6 +269,8 @@ class Trainer:
         if resume is not None:
             meta = self.resume(resume)
             self.log(f"Resumed from {resume} after epoch {meta['epoch']} ({self._best_text()}).")
+        elif self.epoch == 0 and os.path.exists(self.path("metrics.csv")):
+            os.remove(self.path("metrics.csv"))    # a new run starts its own table, never appends
         result = TrainResult(out_dir=self.out_dir)
         epoch = self.epoch + 1
         try:
@@ -338,7 +344,7 @@ class Trainer:
         self.log(f"epoch {epoch}/{epochs}  loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
                  f"val Dice {row['val_dice']:.4f}  IoU {row['val_iou']:.4f}  "
                  f"acc {row['val_accuracy']:.4f}  {images_per_s:.1f} img/s  {row['seconds']:.1f}s"
-                 + ("  *" if improved else ""))
+                 + ("  *" if improved else "") + seg_metrics.format_class_scores(row))
 
     # -------------------------------------------------------------- plots
     def _plot_epoch(self, epoch, samples):
@@ -370,6 +376,11 @@ class Trainer:
             if not self._plot_warned:
                 self.log(f"warning: could not draw the sample panel ({type(exc).__name__}: {exc}).")
                 self._plot_warned = True
+
+
+def _csv_fields(row):
+    """metrics.csv's columns: METRIC_FIELDS, then the per-class ones of a multi-class run."""
+    return METRIC_FIELDS + tuple(k for k in row if k.startswith(("val_dice_c", "val_iou_c")))
 
 
 def train(model, train_loader, val_loader, loss_fn, optimizer, scheduler=None, epochs=10,

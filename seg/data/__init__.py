@@ -2,6 +2,7 @@
 
 Files (seg.data.readers):
     load_image (-> float32 (H, W) in [0, 1]), load_mask (-> integer class ids (H, W)), read_array
+What a data set holds (seg.data.describe): infer_in_channels, infer_mask_classes (MaskClasses)
 Samples (seg.data.samples): ``Sample(image_path, mask_path, subject, n)``, load_sample, split_by_subject
 Data sets on disk (return lists of Samples):
     KaggleUltrasound, find_kaggle_samples, find_kaggle_test_samples      (seg.data.kaggle)
@@ -29,16 +30,18 @@ from .augment import (
     resize,
     vflip,
 )
+from .describe import MaskClasses, infer_in_channels, infer_mask_classes
 from .folder import ImageMaskFolder, find_folder_samples
 from .kaggle import KaggleUltrasound, find_kaggle_samples, find_kaggle_test_samples
 from .loader import DataLoader, Dataset, collate
-from .readers import IMAGE_SUFFIXES, load_image, load_mask, read_array
+from .readers import IMAGE_SUFFIXES, image_channels, load_image, load_mask, read_array
 from .samples import Sample, load_sample, split_by_subject
 from .sampler import DistributedSampler
 from .synthetic import DEFAULT_SIZE, synthetic_image, write_synthetic_dataset
 
 __all__ = [
-    "Sample", "read_array", "load_image", "load_mask", "IMAGE_SUFFIXES",
+    "Sample", "read_array", "load_image", "load_mask", "image_channels", "IMAGE_SUFFIXES",
+    "MaskClasses", "infer_mask_classes", "infer_in_channels",
     "KaggleUltrasound", "find_kaggle_samples", "find_kaggle_test_samples", "split_by_subject", "load_sample",
     "ImageMaskFolder", "find_folder_samples",
     "synthetic_image", "write_synthetic_dataset", "DEFAULT_SIZE",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .describe import infer_in_channels, infer_mask_classes
 from .readers import IMAGE_SUFFIXES
 from .samples import Sample, load_sample, split_by_subject
 
@@ -83,22 +84,32 @@ class ImageMaskFolder:
     data.split(val_fraction, seed)    -> (train samples, validation samples)
 
     num_classes: when given, masks holding larger ids are rejected with a clear error.
-    binary: masks are 0/255 (or 0/1) foreground masks, loaded as {0, 1}.
+    binary: masks are 0/255 (or 0/1) foreground masks, loaded as {0, 1}; None: read every mask
+        now and infer binary and num_classes from the values (seg.data.describe; the result is
+        in data.classes, data.classes.describe() says it in words).
+    in_channels: 1 loads gray (H, W) images (colour converted), 3 loads RGB (H, W, 3); None:
+        3 when any image file is colour, else 1 (file headers only).
     """
 
     def __init__(self, root, images="images", masks="masks", num_classes=None, binary=False,
-                 require_masks=True):
+                 require_masks=True, in_channels=1):
         self.root = Path(root)
+        self.samples = find_folder_samples(root, images, masks, require_masks=require_masks)
+        self.classes = None
+        if binary is None:
+            self.classes = infer_mask_classes(self.samples, num_classes)
+            num_classes, binary = self.classes.num_classes, self.classes.binary
         self.num_classes = num_classes
         self.binary = binary
-        self.samples = find_folder_samples(root, images, masks, require_masks=require_masks)
+        self.in_channels = infer_in_channels(self.samples) if in_channels is None else int(in_channels)
 
     def __len__(self):
         return len(self.samples)
 
     def load(self, sample):
-        """Sample -> (image float32 (H, W) in [0, 1], mask (H, W) class ids or None)."""
-        return load_sample(sample, binary=self.binary, num_classes=self.num_classes)
+        """Sample -> (image float32 (H, W) or (H, W, 3) in [0, 1], mask (H, W) class ids or None)."""
+        return load_sample(sample, binary=self.binary, num_classes=self.num_classes,
+                           in_channels=self.in_channels)
 
     def split(self, val_fraction=0.2, seed=0):
         """Split by subject (here: by file stem); see ``seg.data.split_by_subject``."""

@@ -139,17 +139,20 @@ def find_kaggle_test_samples(root):
 class KaggleUltrasound:
     """The Kaggle ultrasound-nerve data set on disk.
 
-    data = KaggleUltrasound(root, verify=False)
+    data = KaggleUltrasound(root, verify=False, in_channels=1)
     data.samples          training Samples (subject, n), sorted
     data.test_samples     test Samples (mask_path None), possibly empty
     data.split(val_fraction=0.2, seed=0) -> (train, val) lists, disjoint in subjects
     data.load(sample)     -> (image float32 (H, W) in [0, 1], mask uint8 (H, W) in {0, 1} or None)
+
+    in_channels=3 gives the (gray) frames as (H, W, 3), for models that take RGB input.
     """
 
     num_classes = 2
 
-    def __init__(self, root, verify=False):
+    def __init__(self, root, verify=False, in_channels=1):
         self.root = Path(root)
+        self.in_channels = int(in_channels)
         self.samples = find_kaggle_samples(root, verify=verify)
         self.test_samples = find_kaggle_test_samples(root)
 
@@ -164,6 +167,5 @@ class KaggleUltrasound:
     def split(self, val_fraction=0.2, seed=0):
         return split_by_subject(self.samples, val_fraction, seed)
 
-    @staticmethod
-    def load(sample):
-        return load_sample(sample)
+    def load(self, sample):
+        return load_sample(sample, in_channels=self.in_channels)

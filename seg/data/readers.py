@@ -1,7 +1,8 @@
 """Reading one image or mask file (TIFF or PNG) into the arrays the networks use.
 
 - ``read_array(path)``  the raw array stored in a TIFF (tifffile) or PNG (Pillow) file;
-- ``load_image(path)``  -> float32 (H, W) in [0, 1], the network input;
+- ``load_image(path)``  -> float32 (H, W) in [0, 1], the network input ((H, W, 3) with channels=3);
+- ``image_channels(path)`` -> 3 for a colour file, 1 for a gray one (read from the header only);
 - ``load_mask(path)``   -> integer class ids (H, W), the training target;
 - ``to_float_image`` / ``to_class_ids``: the same conversions for arrays already in memory.
 
@@ -21,6 +22,7 @@ __all__ = [
     "to_class_ids",
     "load_image",
     "load_mask",
+    "image_channels",
     "check_same_size",
 ]
 
@@ -85,13 +87,17 @@ def _squeeze_to_2d_or_channels(a, path, what):
     )
 
 
-def to_float_image(a, path="<array>"):
-    """Convert a stored image array to float32 (H, W) in [0, 1].
+def to_float_image(a, path="<array>", channels=1):
+    """Convert a stored image array to float32 in [0, 1]: (H, W) for channels=1, (H, W, 3) for 3.
 
     uint8 is divided by 255 and uint16 by 65535 (their full ranges). Other dtypes have no
     standard scale: they are kept if already in [0, 1], else min-max stretched to [0, 1].
-    RGB(A) is turned into gray with the ITU-R BT.601 luminance weights 0.299, 0.587, 0.114.
+    channels=1: RGB(A) is turned into gray with the ITU-R BT.601 luminance weights 0.299,
+    0.587, 0.114. channels=3: RGB is kept, a gray image is repeated in the three channels.
+    Alpha is ignored either way.
     """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}.")
     a = _squeeze_to_2d_or_channels(np.asarray(a), path, "Image")
     if a.dtype == np.bool_:
         x = a.astype(np.float32)
@@ -108,7 +114,9 @@ def to_float_image(a, path="<array>"):
             x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
     else:
         raise ValueError(f"Image file {path} has unsupported dtype {a.dtype}; expected integers or floats.")
-    if x.ndim == 3:
+    if channels == 3:
+        x = x[..., :3] if x.ndim == 3 else np.repeat(x[..., None], 3, axis=-1)
+    elif x.ndim == 3:
         x = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114  # alpha (if any) ignored
     return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -156,10 +164,35 @@ def to_class_ids(a, path="<array>", binary=False, num_classes=None):
     return a.astype(np.uint8 if (not values.size or values[-1] <= 255) else np.int64)
 
 
-def load_image(path):
-    """Read an image file (TIFF or PNG) as float32 (H, W) in [0, 1]."""
+def load_image(path, channels=1):
+    """Read an image file (TIFF or PNG) as float32 in [0, 1]: (H, W), or (H, W, 3) for channels=3."""
     path = os.fspath(path)
-    return to_float_image(read_array(path), path)
+    return to_float_image(read_array(path), path, channels)
+
+
+def image_channels(path):
+    """3 when the file stores a colour (RGB or RGBA) image, else 1; only the header is read.
+
+    The same rule as ``to_float_image``: after dropping size-1 axes, a last axis of 3 or 4 is
+    colour. Palette PNGs count as gray (their pixels are palette indices, as in VOC masks).
+    """
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return 3 if im.mode in ("RGB", "RGBA", "RGBX") else 1
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            shape = tuple(n for n in tif.pages[0].shape if n != 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file {path} does not exist.") from None
+    except Exception as exc:
+        raise ValueError(f"Could not read image file {path} ({exc}); the file is damaged.") from exc
+    return 3 if len(shape) == 3 and shape[-1] in (3, 4) else 1
 
 
 def load_mask(path, binary=False, num_classes=None):
