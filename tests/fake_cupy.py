@@ -29,6 +29,7 @@ What it imitates:
 What it cannot imitate: CUDA itself (races, memory limits, NVRTC's dialect), numerical
 differences of cuBLAS, and the exact set of keyword arguments each CuPy function accepts.
 """
+import re
 import sys
 import time
 import types
@@ -212,6 +213,9 @@ class _MemoryHook:
 
 
 class _Device:
+    # The WMMA stand-ins of tests/gpu_emulation_blocks.py run every tensor-core mode: an sm_90.
+    compute_capability = "90"
+
     def __init__(self, device=0):
         self.id = int(device)
 
@@ -234,8 +238,8 @@ class _RawKernel:
 
     def __call__(self, grid, block, args, **kwargs):
         grid, block = tuple(grid), tuple(block)
-        if "__syncthreads" in self.module.code:          # threads of a block cooperate
-            import re
+        # Threads of a block cooperate: a call of __syncthreads (not a comment naming it).
+        if re.search(r"__syncthreads\s*\(", re.sub(r"//[^\n]*", "", self.module.code)):
             import gpu_emulation_blocks
             code = re.sub(r"^#include <\w+\.h>$", "", self.module.code, flags=re.M)
             grid = grid + (1,) * (3 - len(grid))
