@@ -327,7 +327,7 @@ extern "C" __global__ void batchnorm_stats_kernel(
 // (c, k), k < K, sums values k, k + K, k + 2K, ... of channel c in that order, so the
 // result does not depend on thread scheduling; neighbouring k read neighbouring addresses.
 // The wrapper adds up the K partial sums per channel (one small CuPy reduction).
-// (One kernel for the whole backward would need a block-wide reduction with __syncthreads,
+// (One kernel for the whole backward would need a block-wide reduction with a barrier,
 // which the host emulation that tests this source, tests/gpu_emulation.py, cannot run.)
 extern "C" __global__ void batchnorm_backward_reduce_kernel(
         const T* gy, const T* xhat, const T* scale, const T* shift,

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidl import backend, no_grad
+from minidl.ops.geometry import pair
 from minidl.tensor import Tensor
 
 from .errors import explain_gpu_out_of_memory
@@ -98,14 +99,6 @@ def forward_full(model, x):
     return out[:, :, :h, :w]
 
 
-def _pair(v, name):
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    if len(v) != 2:
-        raise ValueError(f"{name} must be an int or a (height, width) pair, got {v!r}.")
-    return int(v[0]), int(v[1])
-
-
 def _softmax(logits, axis):
     shifted = logits - logits.max(axis=axis, keepdims=True)   # log-sum-exp: no overflow
     e = np.exp(shifted)
@@ -150,11 +143,11 @@ def tile_plan(model, height, width, tile_size=None, context=None):
         # Output tiles of up to 256 pixels (one tile for a small image), plus the context.
         if context is None:
             context = 0 if valid_padding else max(8, 2 * align)
-        c = _pair(context, "context")
+        c = pair(context, "context", "predict_tiled")
         want = (min(H, 256) + margins[0] + 2 * c[0], min(W, 256) + margins[1] + 2 * c[1])
         tile = model.valid_input_size(*want) if sized else want
     else:
-        tile = _pair(tile_size, "tile_size")
+        tile = pair(tile_size, "tile_size", "predict_tiled")
     if sized:
         if hasattr(model, "check_input_size"):
             model.check_input_size(*tile)
@@ -164,7 +157,7 @@ def tile_plan(model, height, width, tile_size=None, context=None):
     if context is None:
         ctx = (0, 0) if valid_padding else (out_tile[0] // 8, out_tile[1] // 8)
     else:
-        ctx = _pair(context, "context")
+        ctx = pair(context, "context", "predict_tiled")
 
     steps = []
     for o, c in zip(out_tile, ctx):

@@ -238,8 +238,8 @@ class _RawKernel:
 
     def __call__(self, grid, block, args, **kwargs):
         grid, block = tuple(grid), tuple(block)
-        # Threads of a block cooperate: a call of __syncthreads (not a comment naming it).
-        if re.search(r"__syncthreads\s*\(", re.sub(r"//[^\n]*", "", self.module.code)):
+        # Threads of a block cooperate (a barrier call, not the word in a comment).
+        if re.search(r"__syncthreads\s*\(", self.module.code):
             import gpu_emulation_blocks
             code = re.sub(r"^#include <\w+\.h>$", "", self.module.code, flags=re.M)
             grid = grid + (1,) * (3 - len(grid))
