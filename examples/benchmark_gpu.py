@@ -248,11 +248,13 @@ class settings_of:
 MINIDL_MODES = {
     "float32": [("strict", "highest", None, "auto")],
     "tf32": [("high, auto", "high", None, "auto"), ("high, im2col", "high", None, "im2col")],
-    "bf16": [("bf16, auto", "highest", "bf16", "auto"), ("bf16, im2col", "highest", "bf16", "im2col")],
+    "bf16": [("bf16, auto", "highest", "bf16", "auto"),
+             ("bf16, im2col", "highest", "bf16", "im2col")],
 }
 
 
-BREAKDOWN = ("GEMMs", "im2col/col2im", "implicit GEMM", "batch norm", "pooling", "activations", "loss", "optimizer")
+BREAKDOWN = ("GEMMs", "im2col/col2im", "implicit GEMM", "batch norm", "pooling", "activations",
+             "loss", "optimizer")
 
 
 def step_breakdown(clock, step, opt):
