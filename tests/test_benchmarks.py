@@ -170,3 +170,30 @@ def test_minidl_modes_of_the_torch_comparison_each_give_a_time(device):
     assert list(times) == labels and all(t > 0 for t in times.values())
     assert minidl.get_float32_matmul_precision() == "highest"
     assert minidl.backends.conv_algorithm == "auto"
+
+
+def test_compare_torch_puts_minidl_next_to_every_torch_mode(device, monkeypatch, capsys):
+    """--compare-torch's table with a stand-in for PyTorch (its step time fixed): every mode
+    gets PyTorch's time and minidl's in each matching setting, with the ratio printed."""
+    import argparse
+    import types
+    import seg.models
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
+        __version__="stand-in", cuda=types.SimpleNamespace(is_available=lambda: True)))
+    monkeypatch.setattr(torch_compare, "torch_step_time", lambda torch, *a, iters=5: 0.01)
+    model = seg.models.build("unet", 2, 1, depth=2, features_root=4, padding="same").to(device)
+    step = benchmark_gpu.make_step(model, minidl.optim.Adam(model.parameters()),
+                                   minidl.randn(1, 1, 16, 16, device=device),
+                                   minidl.randint(0, 2, (1, 16, 16), device=device))
+    args = argparse.Namespace(depth=2, features=4, batch=1, size=16, iters=1)
+    out = benchmark_gpu.compare_torch(benchmark_gpu.Clock(device), args, step)
+    printed = capsys.readouterr().out
+    if device == "cpu":                   # PyTorch's side needs CUDA: nothing compared
+        assert out is None and "needs a GPU" in printed
+        return
+    assert list(out) == list(torch_compare.TORCH_MODES)
+    for mode, rows in benchmark_gpu.MINIDL_MODES.items():
+        assert out[mode]["torch"] == 0.01
+        for label, *_ in rows:
+            assert out[mode][label] > 0 and f"minidl ({label:13s})" in printed
+    assert printed.count("minidl/PyTorch") == sum(map(len, benchmark_gpu.MINIDL_MODES.values()))
