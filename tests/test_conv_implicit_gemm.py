@@ -237,9 +237,10 @@ def _spy(monkeypatch):
 @pytest.mark.parametrize("algorithm, matmul, autocast_dtype", SETTINGS)
 @pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
 def test_conv_ops_end_to_end(device, op, algorithm, matmul, autocast_dtype, monkeypatch):
-    """Forward and both gradients of the op match the CPU's float32 im2col result within the
-    precision's bound; on the GPU every product ran on the kernels, in the precision the
-    setting names, backward included (it runs outside the autocast block)."""
+    """Forward and both gradients of the op match the CPU's float32 result, to a tolerance per
+    precision stated as a share of the largest value (the tight per-element bounds are
+    tests/test_implicit_gemm.py's); on the GPU every product ran on the kernels, in the
+    precision the setting names, backward included (it runs outside the autocast block)."""
     rng = np.random.default_rng(5)
     if op == "conv2d":
         xs, ws, kwargs = (2, 4, 6, 5), (6, 2, 3, 3), dict(padding=1, groups=2)
@@ -263,9 +264,9 @@ def test_conv_ops_end_to_end(device, op, algorithm, matmul, autocast_dtype, monk
     got = [to_numpy(a) for a in (y.data, xt.grad, wt.grad)]
     assert got[1].dtype == got[2].dtype == np.float32       # gradients of float32 parameters
     if autocast_dtype is None:
-        tol = 1e-5 if matmul == "highest" or device == "cpu" else 4e-3
+        tol = 1e-5 if matmul == "highest" or device == "cpu" else 1e-2   # TF32: 2^-11 steps
     else:                                                   # inputs rounded: bf16 / fp16 epsilons
-        tol = {"bfloat16": 3e-2, "float16": 1e-2}[autocast_dtype]
+        tol = {"bfloat16": 4e-2, "float16": 1e-2}[autocast_dtype]
     for g, r in zip(got, (ref.data, xr.grad, wr.grad)):
         r = to_numpy(r)
         np.testing.assert_allclose(g.astype(np.float32), r, rtol=0, atol=tol * np.abs(r).max())
