@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 import minidl  # noqa: E402,F401  (first: it sets the Numba thread policy, see minidl/__init__.py)
 from seg import cli, setup  # noqa: E402
-from seg.errors import NonFiniteLossError, UsageError  # noqa: E402
+from seg.errors import NonFiniteLossError, TrainingDataError, UsageError  # noqa: E402
 from seg.inference import crf_report  # noqa: E402
 from seg.train import train  # noqa: E402
 
@@ -84,7 +84,7 @@ def main(argv=None):
     try:
         result = train(model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
                        run.scheduler, config=run.config, **setup.trainer_options(args))
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, TrainingDataError) as exc:
         print(f"train_unet.py: {exc}", file=sys.stderr)
         return 1
 

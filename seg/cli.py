@@ -6,6 +6,7 @@
     python -m seg predict --checkpoint runs/unet/best.npz --input data/synthetic/test --output out/
     python -m seg evaluate --checkpoint runs/unet/best.npz --data data/synthetic
     python -m seg models
+    python -m seg check-data ~/kaggle/ultrasound                        # the data check alone
 
 This module parses the arguments and runs the commands; the work is done by seg.setup
 (training set-up: data, model, optimizer, schedule), seg.train (the loop) and seg.inference
@@ -16,19 +17,20 @@ stderr and exit code 2.
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from minidl import backend
 
 from . import models
-from .data import IMAGE_SUFFIXES, load_image
-from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
-from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
+from .data import DataCheckError, Problem, load_image
+from .errors import GPUOutOfMemoryError, NonFiniteLossError, TrainingDataError, UsageError
+from .inference import crf_report, evaluate_samples, predict_image, write_mask
 from .losses import LOSSES
 from .models import summary
-from .setup import DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_dataset, set_up_training, trainer_options
+from .prediction_inputs import load_model_checked, prepare_output_folder, scan_inputs
+from .setup import (DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_checked_dataset, set_up_training,
+                    trainer_options)
 from .train import train
 
 __all__ = ["main", "parse_train_args", "build_train_parser", "add_train_arguments", "check_train_args",
@@ -129,6 +131,9 @@ def add_train_arguments(parser, defaults=None):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="seed-unet: the talk's U-Net settings (explicit options still win)")
+    p.add_argument("--skip-bad", action="store_true", default=d["skip_bad"],
+                   help="train on the files the data check finds no problem with, listing the "
+                        "others in OUT/skipped.csv (default: problems stop the run)")
     return parser
 
 
@@ -208,27 +213,38 @@ def cmd_train(args, log=print):
 
 
 def _load_model_arg(args):
-    if not os.path.exists(args.checkpoint):
-        raise UsageError(f"--checkpoint {args.checkpoint} does not exist.")
     require_device(args.device)
-    return load_for_inference(args.checkpoint, args.device)
+    return load_model_checked(args.checkpoint, args.device)
 
 
 def cmd_predict(args, log=print):
-    if not os.path.isdir(args.input):
-        raise UsageError(f"--input folder {args.input} does not exist.")
-    files = sorted(p for p in Path(args.input).iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
-    if not files:
-        raise UsageError(f"--input folder {args.input} holds no {'/'.join(IMAGE_SUFFIXES)} images.")
+    """Masks for every image of --input; files that cannot be predicted are listed and skipped
+    (exit code 1 when some were), see seg.prediction_inputs."""
+    scan = scan_inputs(args.input)
     model, config = _load_model_arg(args)
-    os.makedirs(args.output, exist_ok=True)
+    scan = scan.for_channels(config.get("in_channels", 1), args.checkpoint)
+    prepare_output_folder(args.output)
     binary = config["num_classes"] == 2
     suffix = ".png" if args.format == "png" else ".tif"
-    for path in tqdm(files, desc="predict", unit="image", disable=not args.progress):
-        probs = predict_image(model, load_image(path), config.get("size"), crf=args.crf)
-        write_mask(os.path.join(args.output, path.stem + suffix), probs.argmax(axis=0), binary, args.format)
-    log(f"wrote {len(files)} mask(s) to {args.output}")
+    written = 0
+    for path, _ in tqdm(scan.files, desc="predict", unit="image", disable=not args.progress):
+        try:
+            image = load_image(path)
+        except ValueError as exc:      # damage the header did not show
+            scan.skipped.append(Problem(str(path), str(exc)))
+            continue
+        probs = predict_image(model, image, config.get("size"), crf=args.crf)
+        out = os.path.join(args.output, path.stem + suffix)
+        try:
+            write_mask(out, probs.argmax(axis=0), binary, args.format)
+        except OSError as exc:
+            raise UsageError(f"could not write {out} ({exc.strerror or exc}); check the space and "
+                             "permissions of --output.") from None
+        written += 1
+    log(f"wrote {written} mask(s) to {args.output}")
+    if scan.skipped:
+        print(scan.format_skipped(), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -236,7 +252,10 @@ def cmd_evaluate(args, log=print):
     if not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
     model, config = _load_model_arg(args)
-    reader, _, num_classes = open_dataset(args.data, config["num_classes"])
+    reader, _, num_classes, report = open_checked_dataset(args.data, config["num_classes"])
+    if not report.ok:
+        raise DataCheckError(report, "fix or remove these files (python -m seg check-data DIR checks "
+                                     "a data set)")
     samples = reader.samples
     if args.split == "val":
         samples = reader.split(config.get("val_fraction", 0.25), seed=0)[1]
@@ -247,6 +266,17 @@ def cmd_evaluate(args, log=print):
         log(f"{scores['images']} images ({args.split}){' + dense CRF' if crf else ''}: Dice (Kaggle) "
             f"{scores['dice']:.4f}  mean IoU {scores['iou']:.4f}  pixel accuracy {scores['accuracy']:.4f}")
     return 0
+
+
+def cmd_check_data(args, log=print):
+    """`python -m seg check-data DIR`: the data check of training (seg.data.check) without
+    training: the problems and the summary; exit code 0 when clean, 1 when problems were found."""
+    if not os.path.isdir(args.data):
+        raise UsageError(f"data folder {args.data} does not exist.")
+    _, kind, _, report = open_checked_dataset(args.data, args.num_classes, read_masks=args.read_masks)
+    log(report.format_problems() if not report.ok else f"No problems found in {args.data} ({kind} layout).")
+    log(report.format_summary())
+    return 0 if report.ok else 1
 
 
 def cmd_models(args, log=print):
@@ -265,7 +295,7 @@ def cmd_models(args, log=print):
 def build_parsers():
     """The `python -m seg` parser and its train command's parser -> (parser, train_parser)."""
     parser = _Parser(prog="python -m seg", description="Image segmentation with minidl.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,models}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,check-data,models}",
                                 parser_class=_Parser)
     sub.required = True
     train_p = sub.add_parser("train", help="train a model (default: U-Net on synthetic data)")
@@ -284,6 +314,14 @@ def build_parsers():
         p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
         p.add_argument("--crf", action="store_true", help="refine with the dense CRF")
         p.add_argument("--no-progress", dest="progress", action="store_false")
+    check = sub.add_parser("check-data", help="check a data set (every file's header, the pairs) "
+                                              "and print its summary, without training")
+    check.add_argument("data", metavar="DIR", help="Kaggle layout or DIR/images + DIR/masks")
+    check.add_argument("--num-classes", type=_positive_int, default=None,
+                       help="classes for an images/masks folder (Kaggle data: 2)")
+    check.add_argument("--headers-only", dest="read_masks", action="store_false",
+                       help="read mask headers only: faster, but mask values and the empty-mask "
+                            "share are not checked")
     models_p = sub.add_parser("models", help="list the models with parameter counts and strides")
     models_p.add_argument("--explain", metavar="NAME", default=None,
                           help="list NAME's conv layers: parameters, output sizes, receptive field")
@@ -292,7 +330,8 @@ def build_parsers():
     return parser, train_p
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "models": cmd_models,
+            "check-data": cmd_check_data}
 
 
 def run_main(fn, args, prog):
@@ -305,7 +344,7 @@ def run_main(fn, args, prog):
     except (FileNotFoundError, ValueError) as exc:     # bad data folder / file contents
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, GPUOutOfMemoryError) as exc:
+    except (NonFiniteLossError, GPUOutOfMemoryError, TrainingDataError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

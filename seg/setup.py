@@ -27,7 +27,8 @@ from .losses import get_loss
 
 __all__ = ["TRAIN_DEFAULTS", "PRESETS", "DEFAULT_SYNTHETIC", "Data", "TrainingRun", "set_up_training",
            "trainer_options", "prepare_data", "open_dataset", "ensure_synthetic", "model_options",
-           "build_model_from_args", "make_optimizer", "make_scheduler", "run_config"]
+           "build_model_from_args", "make_optimizer", "make_scheduler", "run_config",
+           "open_checked_dataset", "checked_dataset", "SKIPPED_FILE"]
 
 #: Where the synthetic stand-in for the Kaggle data is generated (once) when --data is not given.
 DEFAULT_SYNTHETIC = "data/synthetic"
@@ -51,7 +52,7 @@ TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "
                   "padding": "same", "batch_norm": True, "dropout": 0.0, "dropout_mode": "bottleneck",
                   "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
                   "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
-                  "plot_every": 4, "progress": True, "preset": None}
+                  "plot_every": 4, "progress": True, "preset": None, "skip_bad": False}
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -102,13 +103,16 @@ class Data:
     n_val: int
 
 
-def open_dataset(root, num_classes=None):
-    """A Kaggle-layout or images/masks data set -> (reader, kind, num_classes)."""
+def open_dataset(root, num_classes=None, problems=None):
+    """A Kaggle-layout or images/masks data set -> (reader, kind, num_classes).
+
+    problems: a list collecting the naming/pairing problems instead of raising the first one."""
     root = Path(root)
     if (root / "images").is_dir():
         classes = num_classes or 2
-        return sdata.ImageMaskFolder(root, num_classes=classes, binary=classes == 2), "folder", classes
-    return sdata.KaggleUltrasound(root), "kaggle", 2
+        return sdata.ImageMaskFolder(root, num_classes=classes, binary=classes == 2,
+                                     problems=problems), "folder", classes
+    return sdata.KaggleUltrasound(root, problems=problems), "kaggle", 2
 
 
 def ensure_synthetic(root=DEFAULT_SYNTHETIC, log=print):
@@ -126,7 +130,7 @@ def prepare_data(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
     resized once to args.size and cached in memory.
     """
     root = args.data if args.data is not None else ensure_synthetic(synthetic_root, log)
-    reader, kind, num_classes = open_dataset(root, args.num_classes)
+    reader, kind, num_classes = checked_dataset(root, args, log)
     train_samples, val_samples = reader.split(args.val_fraction, seed=0)
     if not val_samples:
         raise UsageError(f"the data in {root} has too few subjects for a validation split; "
@@ -141,6 +145,46 @@ def prepare_data(args, log=print, synthetic_root=DEFAULT_SYNTHETIC):
     train_loader = sdata.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed)
     val_loader = sdata.DataLoader(val_set, batch_size=args.batch_size, shuffle=False)
     return Data(train_loader, val_loader, str(root), num_classes, kind, len(train_set), len(val_set))
+
+
+def open_checked_dataset(root, num_classes=None, read_masks=True):
+    """open_dataset, then the data check (seg.data.check) -> (reader, kind, num_classes, report).
+
+    Naming and pairing problems do not stop the opening; they are in the report with the rest."""
+    problems = []
+    reader, kind, classes = open_dataset(root, num_classes, problems=problems)
+    return reader, kind, classes, sdata.check_dataset(reader, problems, read_masks=read_masks)
+
+
+#: Where --skip-bad lists the files it left out (CSV: file, problem), in the run folder.
+SKIPPED_FILE = "skipped.csv"
+
+
+def checked_dataset(root, args, log=print):
+    """The data set of a training run, checked: (reader, kind, num_classes).
+
+    Problems stop the run before anything is written (a DataCheckError listing them all), or,
+    with --skip-bad, the pairs with problems are left out and listed in OUT/skipped.csv.
+    """
+    reader, kind, num_classes, report = open_checked_dataset(root, args.num_classes)
+    skipped = Path(args.out) / SKIPPED_FILE
+    if report.ok:
+        log(f"data check: {report.summary['pairs']:,} pairs in {root}, no problems "
+            f"({report.summary['seconds']:.1f} s)")
+        skipped.unlink(missing_ok=True)      # a list left by an earlier run in this folder
+        return reader, kind, num_classes
+    if not getattr(args, "skip_bad", False):
+        raise sdata.DataCheckError(report, "fix or remove these files, or pass --skip-bad to train on "
+                                           "the rest (python -m seg check-data DIR checks without training)")
+    if not report.samples:
+        raise sdata.DataCheckError(report, "no image/mask pair is left to train on")
+    skipped.parent.mkdir(parents=True, exist_ok=True)
+    report.write_problems(skipped)
+    log(report.format_problems())
+    log(f"--skip-bad: training on the {len(report.samples):,} pairs without problems; the files "
+        f"left out are listed in {skipped}.")
+    reader.samples = report.samples
+    return reader, kind, num_classes
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule

@@ -26,7 +26,8 @@ epochs produce the same losses as an uninterrupted run (the data loader's order 
 augmentation depend only on (seed, epoch), which the loop sets each epoch).
 
 A NaN or infinite loss stops the run before the bad update is applied, with one message; the
-last good checkpoint stays. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
+last good checkpoint stays. So does a sample that fails to load (a file damaged or changed after
+the data check, a disk error): TrainingDataError names the file and the checkpoint to resume from. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
 """
 import csv
 import math
@@ -42,7 +43,8 @@ from minidl.tensor import Tensor
 
 from . import metrics as seg_metrics
 from .checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from .errors import NonFiniteLossError, explain_gpu_out_of_memory
+from .data.loader import SampleLoadError
+from .errors import NonFiniteLossError, TrainingDataError, explain_gpu_out_of_memory
 from .tiling import forward_full
 
 __all__ = ["train", "Trainer", "TrainResult", "METRIC_FIELDS"]
@@ -214,6 +216,16 @@ class Trainer:
             f"(learning rate {_current_lr(self.optimizer):g}); {kept}, or check the data for "
             "bad values.")
 
+    def _data_error_message(self, exc, epoch):
+        """One sentence for a sample that failed to load: the file, and how to go on."""
+        if os.path.exists(self.path("last.npz")):
+            kept = (f"the checkpoint {self.path('last.npz')} of epoch {self.epoch} is intact; fix or "
+                    f"remove the file and resume with --resume {self.path('last.npz')}")
+        else:
+            kept = "no checkpoint was written yet; fix or remove the file and start again"
+        return (f"Training stopped in epoch {epoch}: {str(exc).rstrip('.')}; {kept} "
+                "(python -m seg check-data DIR checks every file).")
+
     def evaluate(self, loader, keep_samples=0):
         """Validation metrics on `loader`: loss, Kaggle mean Dice, mean IoU, pixel accuracy.
 
@@ -270,6 +282,8 @@ class Trainer:
                      f"(or --resume {self.path('last.npz')} to continue exactly after epoch "
                      f"{self.epoch}).")
             result.interrupted = True
+        except SampleLoadError as exc:
+            raise TrainingDataError(self._data_error_message(exc, epoch)) from exc
         if self.plot and self.history:
             self._plot_samples()
         result.history = list(self.history)
