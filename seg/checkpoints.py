@@ -7,8 +7,9 @@
 A checkpoint is one .npz file (minidl.save): the arrays of model/optimizer/scheduler state,
 minidl's random state, and the meta dict (epoch, best score, history, the run's config, NumPy's
 global random state) as JSON text in a uint8 array, so reading it never needs pickle. It is
-written to a temporary file first and then renamed, so a crash mid-write never leaves a broken
-file in place of the previous one.
+written to a temporary file first (flushed to disk with fsync) and then renamed, and the folder
+is fsync'ed after the rename, so a crash or power cut mid-write never leaves a broken file in
+place of the previous one (tests/test_crash_safety.py kills training runs to check it).
 """
 import json
 import os
@@ -17,6 +18,7 @@ import numpy as np
 
 import minidl
 import minidl.random
+from minidl.serialization import fsync_folder
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "rng_state",
            "restore_rng_state"]
@@ -71,8 +73,9 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        minidl.save(state, tmp)
+        minidl.save(state, tmp)       # written and fsync'ed under the temporary name
         os.replace(tmp, path)
+        fsync_folder(folder)          # and the rename itself made durable
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -42,7 +42,8 @@ from minidl import backend
 from minidl.tensor import Tensor
 
 from . import metrics as seg_metrics
-from .checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from .checkpoints import (load_checkpoint, read_checkpoint_meta, restore_rng_state, rng_state,
+                          save_checkpoint)
 from .data.loader import SampleLoadError
 from .errors import NonFiniteLossError, TrainingDataError, explain_gpu_out_of_memory
 from .tiling import forward_full
@@ -142,7 +143,20 @@ class Trainer:
         restore_rng_state(meta.get("rng", {}))
         # metrics.csv must match the restored history (a crashed run may have written more).
         self._write_metrics_csv()
+        self._restore_best(meta)
         return meta
+
+    def _restore_best(self, meta):
+        """A crash between writing last.npz and best.npz leaves best.npz one improvement behind;
+        when the resumed checkpoint is the best epoch itself, write best.npz again from it."""
+        if self.best_epoch != self.epoch or "interrupted_in_epoch" in meta:
+            return
+        try:
+            if read_checkpoint_meta(self.path("best.npz")).get("epoch") == self.epoch:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        self.save("best.npz")
 
     def _write_metrics_csv(self):
         tmp = self.path("metrics.csv.tmp")
