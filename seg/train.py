@@ -27,7 +27,8 @@ augmentation depend only on (seed, epoch), which the loop sets each epoch).
 
 A NaN or infinite loss stops the run before the bad update is applied, with one message; the
 last good checkpoint stays. So does a sample that fails to load (a file damaged or changed after
-the data check, a disk error): TrainingDataError names the file and the checkpoint to resume from. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
+the data check, a disk error): TrainingDataError names the file and the checkpoint to resume
+from. Ctrl-C saves out_dir/interrupted.npz and returns cleanly.
 """
 import csv
 import math

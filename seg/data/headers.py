@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .readers import IMAGE_SUFFIXES
+from .readers import IMAGE_SUFFIXES, damaged_file_error, tiff_size_problem
 
 __all__ = ["Header", "read_header"]
 
@@ -42,16 +42,13 @@ def _tiff_header(path):
             full_shape = tuple(series.shape)
             channels = int(page.samplesperpixel)
             dtype = np.dtype(page.dtype)
-            # The bytes the header promises: the end of the last strip/tile of every page.
-            ends = [o + c for p in tif.pages for o, c in zip(p.dataoffsets, p.databytecounts) if c]
-            size = os.fstat(tif.filehandle.fileno()).st_size if tif.filehandle.is_file else None
+            problem = tiff_size_problem(tif, path)     # cut short, or impossible sizes
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file {path} does not exist.") from None
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
-        raise ValueError(f"Could not read TIFF file {path} ({exc}); the file is damaged or not a TIFF.") from None
-    if size is not None and ends and max(ends) > size:
-        raise ValueError(f"TIFF file {path} is truncated: its header promises {max(ends)} bytes but the "
-                         f"file has {size}; copy the file again.")
+        raise damaged_file_error(path, "TIFF", exc) from None
+    if problem is not None:
+        raise ValueError(problem)
     return full_shape, channels, dtype
 
 
@@ -73,7 +70,7 @@ def _png_header(path):
             # so a truncated or corrupted file shows here too.
             im.verify()
     except Exception as exc:
-        raise ValueError(f"Could not read PNG file {path} ({exc}); the file is damaged or not a PNG.") from None
+        raise damaged_file_error(path, "PNG", exc) from None
     if mode not in _PNG_MODES:
         raise ValueError(f"PNG file {path} has the unsupported pixel mode {mode!r}; save it as gray, "
                          "RGB or RGBA.")

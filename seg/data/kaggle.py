@@ -84,7 +84,8 @@ def find_kaggle_samples(root, verify=False, problems=None):
             continue  # e.g. train_masks.csv from the Kaggle download
         m = _TRAIN_NAME.match(name)
         if m is None:
-            report(path, f"File {path} does not follow the Kaggle naming <subject>_<n>.tif / <subject>_<n>_mask.tif.")
+            report(path, f"File {path} does not follow the Kaggle naming <subject>_<n>.tif / "
+                         "<subject>_<n>_mask.tif.")
             continue
         key = (int(m.group(1)), int(m.group(2)))
         table = masks if m.group(3) else images
@@ -101,8 +102,8 @@ def find_kaggle_samples(root, verify=False, problems=None):
     samples = []
     for key in sorted(images):
         if key not in masks:
-            report(images[key],
-                   f"Image {images[key]} has no mask: expected {os.path.join(train, f'{key[0]}_{key[1]}_mask.tif')}.")
+            expected = os.path.join(train, f"{key[0]}_{key[1]}_mask.tif")
+            report(images[key], f"Image {images[key]} has no mask: expected {expected}.")
             continue
         samples.append(Sample(images[key], masks[key], key[0], key[1]))
     if verify:
