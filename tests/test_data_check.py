@@ -181,3 +181,14 @@ def test_skip_bad_with_nothing_left(tmp_path, capsys):
         (root / "train" / name).write_bytes(b"")
     assert cli.main(TRAIN + ["--data", str(root), "--out", str(tmp_path / "run"), "--skip-bad"]) == 2
     assert "no image/mask pair is left" in capsys.readouterr().err
+
+
+def test_damaged_tiff_gives_one_sentence_and_no_tifffile_log(tmp_path, caplog):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((6, 8), np.uint8), description="a frame")
+    raw = (tmp_path / "a.tif").read_bytes()
+    (tmp_path / "a.tif").write_bytes(raw[:200])        # tag values cut off: tifffile logs them
+    for reader in (data.read_array, read_header):
+        with caplog.at_level("DEBUG", logger="tifffile"):
+            with pytest.raises(ValueError, match=esc(tmp_path / "a.tif")):
+                reader(tmp_path / "a.tif")
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]

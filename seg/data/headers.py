@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .readers import IMAGE_SUFFIXES, damaged_file_error, tiff_size_problem
+from .readers import IMAGE_SUFFIXES, damaged_file_error, quiet_tifffile, tiff_size_problem
 
 __all__ = ["Header", "read_header"]
 
@@ -36,7 +36,7 @@ def _tiff_header(path):
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             page = series.pages[0] if series.pages else tif.pages[0]
             full_shape = tuple(series.shape)

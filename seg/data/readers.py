@@ -12,8 +12,11 @@ the conversion cannot take); tests/test_reader_fuzz.py feeds them damaged files 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -39,6 +42,33 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 #: anything is allocated: a corrupted header must not exhaust the memory.
 MAX_DECODED_BYTES = 256 << 20
 MAX_COMPRESSION_RATIO = 1100
+
+
+class _WhileReading(logging.Filter):
+    """Drops tifffile's log lines in a thread while the readers read a file there: for a damaged
+    file the ValueError they raise says it in one sentence, without a screenful of warnings."""
+
+    def __init__(self):
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record):
+        return not getattr(self.local, "reading", False)
+
+
+_QUIET = _WhileReading()
+logging.getLogger("tifffile").addFilter(_QUIET)
+
+
+@contextlib.contextmanager
+def quiet_tifffile():
+    """Within the block (in this thread), tifffile logs nothing."""
+    before = getattr(_QUIET.local, "reading", False)
+    _QUIET.local.reading = True
+    try:
+        yield
+    finally:
+        _QUIET.local.reading = before
 
 
 def damaged_file_error(path, kind, exc):
@@ -72,7 +102,7 @@ def _read_tiff(path):
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tif:
             problem = tiff_size_problem(tif, path)
             if problem is None:
                 return tif.asarray()       # what tifffile.imread(path) returns
