@@ -165,9 +165,11 @@ def test_skip_bad_trains_on_the_rest_and_lists_what_it_skipped(tmp_path, capsys)
     root = kaggle(tmp_path, subjects=3, per_subject=4)
     expected = damage(root / "train")
     out = tmp_path / "run"
-    assert cli.main(TRAIN + ["--data", str(root), "--out", str(out), "--skip-bad"]) == 0
+    # --crf scores the validation images again after training: without the skipped files too.
+    assert cli.main(TRAIN + ["--data", str(root), "--out", str(out), "--skip-bad", "--crf"]) == 0
     text = capsys.readouterr().out
     assert "--skip-bad: training on the 7 pairs" in text and "final validation Dice" in text
+    assert "+ dense CRF" in text
     with open(out / setup.SKIPPED_FILE, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["file"] for r in rows} == {str(p) for p in expected}
