@@ -13,6 +13,7 @@ place of the previous one (tests/test_crash_safety.py kills training runs to che
 """
 import json
 import os
+import re
 
 import numpy as np
 
@@ -21,7 +22,7 @@ import minidl.random
 from minidl.serialization import fsync_folder
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "rng_state",
-           "restore_rng_state"]
+           "restore_rng_state", "remove_stale_temporaries"]
 
 
 def _json_array(obj):
@@ -80,6 +81,34 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, meta=None):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+#: The temporary names of a checkpoint write: `.NAME.PID.tmp` (save_checkpoint), and inside
+#: it `..NAME.PID.tmp.RANDOM.tmp` (minidl.save's own temporary file).
+_TEMPORARY = re.compile(r"^\.\.?(?P<name>.+\.npz)\.(?P<pid>\d+)\.tmp(\.[^.]+\.tmp)?$")
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary checkpoint files in `folder` left by processes killed mid-write
+    (their names hold the writer's process id; files of live processes are left alone)."""
+    for entry in os.listdir(folder):
+        m = _TEMPORARY.match(entry)
+        if m is None or int(m["pid"]) == os.getpid() or _process_exists(int(m["pid"])):
+            continue
+        try:
+            os.remove(os.path.join(folder, entry))
+        except OSError:
+            pass
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)               # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:                   # it exists but belongs to someone else
+        return True
+    return True
 
 
 def _read(path):

@@ -43,8 +43,8 @@ from minidl import backend
 from minidl.tensor import Tensor
 
 from . import metrics as seg_metrics
-from .checkpoints import (load_checkpoint, read_checkpoint_meta, restore_rng_state, rng_state,
-                          save_checkpoint)
+from .checkpoints import (load_checkpoint, read_checkpoint_meta, remove_stale_temporaries,
+                          restore_rng_state, rng_state, save_checkpoint)
 from .data.loader import SampleLoadError
 from .errors import NonFiniteLossError, TrainingDataError, explain_gpu_out_of_memory
 from .tiling import forward_full
@@ -284,6 +284,7 @@ class Trainer:
             meta = self.resume(resume)
             self.log(f"Resumed from {resume} after epoch {meta['epoch']} "
                      f"(best validation Dice {self.best_score:.4f}).")
+        remove_stale_temporaries(self.out_dir)    # left by a run killed while saving
         result = TrainResult(out_dir=self.out_dir)
         epoch = self.epoch + 1
         try:

@@ -18,7 +18,7 @@ import pytest
 
 import crash_job
 from minidl import backend
-from seg.checkpoints import load_checkpoint, read_checkpoint_meta
+from seg.checkpoints import load_checkpoint, read_checkpoint_meta, remove_stale_temporaries
 from seg.models.unet import UNet
 
 JOB = Path(__file__).with_name("crash_job.py")
@@ -88,6 +88,8 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
     proc = start(out, device)          # resume (or start) and run to the end
     _, err = proc.communicate(timeout=max(60, deadline - time.monotonic()))
     assert proc.returncode == 0, err
+    # The killed writers' temporary files are gone too (removed when the last run started).
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
     reference = crash_job.make_trainer(tmp_path / "reference", device)
     reference.fit(crash_job.EPOCHS)
@@ -99,3 +101,15 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: {key}")
     assert (read_checkpoint_meta(out / "best.npz")["epoch"]
             == read_checkpoint_meta(tmp_path / "reference" / "best.npz")["epoch"])
+
+
+def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
+    dead, alive = subprocess.Popen([sys.executable, "-c", "pass"]), os.getppid()
+    dead.wait()                        # its process id names no process any more
+    names = {f".last.npz.{dead.pid}.tmp": False, f"..best.npz.{dead.pid}.tmp.x1y2.tmp": False,
+             f".last.npz.{alive}.tmp": True, f".last.npz.{os.getpid()}.tmp": True,
+             "metrics.csv.tmp": True, "notes.tmp": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    remove_stale_temporaries(tmp_path)
+    assert {name: (tmp_path / name).exists() for name in names} == names
