@@ -137,9 +137,13 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
     minidl.set_rng_state); loading does not change the random streams by itself.
     """
     state = _read(path)
-    model.load_state_dict(state["model"])
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"])
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError) as exc:     # other layer names or shapes
+        raise ValueError(f"Checkpoint {path} does not fit this model: it holds the weights of another "
+                         f"architecture or of other options ({exc.args[0] if exc.args else exc})") from None
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     meta = state["meta"]

@@ -179,6 +179,8 @@ def check_train_args(args):
         raise UsageError(f"--resume checkpoint {args.resume} does not exist.")
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; name a folder for the run's outputs.")
     require_device(args.device)
     return args
 

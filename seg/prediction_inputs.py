@@ -91,10 +91,9 @@ def load_model_checked(checkpoint, device="cpu"):
         raise UsageError(f"--checkpoint {checkpoint} does not exist.")
     try:
         return load_for_inference(checkpoint, device)
-    except KeyError as exc:          # load_state_dict: other layer names
-        raise UsageError(f"checkpoint {checkpoint} holds the weights of another architecture than "
-                         f"the one its configuration names ({exc.args[0]})") from None
-    except (ValueError, TypeError) as exc:   # damaged file, other layer shapes or options
+    except ValueError as exc:        # damaged, or weights of another architecture (both name it)
+        raise UsageError(str(exc)) from None
+    except TypeError as exc:         # options the model builder does not know
         raise UsageError(f"checkpoint {checkpoint} cannot be used: {exc}") from None
 
 

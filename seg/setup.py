@@ -171,7 +171,8 @@ def checked_dataset(root, args, log=print):
     if report.ok:
         log(f"data check: {report.summary['pairs']:,} pairs in {root}, no problems "
             f"({report.summary['seconds']:.1f} s)")
-        skipped.unlink(missing_ok=True)      # a list left by an earlier run in this folder
+        if skipped.is_file():
+            skipped.unlink()                 # a list left by an earlier run in this folder
         return reader, kind, num_classes
     if not getattr(args, "skip_bad", False):
         raise sdata.DataCheckError(report, "fix or remove these files, or pass --skip-bad to train on "

@@ -72,8 +72,8 @@ def test_gray_images_for_an_rgb_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("other_layers", "holds the weights of another architecture than the one its configuration names"),
-    ("other_shapes", "cannot be used: load_state_dict() found shape mismatches"),
+    ("other_layers", "does not fit this model: it holds the weights of another architecture"),
+    ("other_shapes", "does not fit this model: it holds the weights of another architecture"),
     ("truncated", "is damaged or was not written by seg.train"),
     ("not_seg", "is damaged or was not written by seg.train"),
 ])
@@ -128,3 +128,21 @@ def test_evaluate_lists_every_problem(tmp_path, capsys):
     assert cli.main(["evaluate", "--checkpoint", ckpt, "--data", str(root), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "2 problems" in err and "1_1.tif" in err and "2_2.tif has no mask" in err
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_one_sentence(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path / "c.npz", built=dict(OPTIONS, features_root=4))
+    root = data.write_synthetic_dataset(tmp_path / "k", n_subjects=2, images_per_subject=2, size=(20, 24),
+                                        n_test=0)
+    code = cli.main(["train", "--data", str(root), "--epochs", "1", "--size", "16x16", "--depth", "2",
+                     "--features-root", "2", "--no-progress", "--out", str(tmp_path / "run"),
+                     "--resume", ckpt, "--val-fraction", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"Checkpoint {ckpt} does not fit this model" in err
+
+
+def test_train_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("")
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 2
+    assert f"--out {tmp_path / 'run'} is a file" in capsys.readouterr().err
