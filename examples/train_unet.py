@@ -84,7 +84,7 @@ def main(argv=None):
     try:
         result = train(model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
                        run.scheduler, config=run.config, **setup.trainer_options(args))
-    except (NonFiniteLossError, TrainingDataError) as exc:
+    except (NonFiniteLossError, TrainingDataError, OSError) as exc:   # OSError: disk full, ...
         print(f"train_unet.py: {exc}", file=sys.stderr)
         return 1
 

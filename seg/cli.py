@@ -349,6 +349,9 @@ def run_main(fn, args, prog):
     except (NonFiniteLossError, GPUOutOfMemoryError, TrainingDataError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:      # a full disk, a folder without write permission: names the file
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted.", file=sys.stderr)
         return 130

@@ -146,3 +146,20 @@ def test_train_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "run").write_text("")
     assert cli.main(["train", "--out", str(tmp_path / "run")]) == 2
     assert f"--out {tmp_path / 'run'} is a file" in capsys.readouterr().err
+
+
+def test_disk_errors_while_training_are_one_line(tmp_path, capsys, monkeypatch):
+    import seg.train
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "last.npz"))
+
+    monkeypatch.setattr(seg.train, "save_checkpoint", full_disk)
+    root = data.write_synthetic_dataset(tmp_path / "k", n_subjects=2, images_per_subject=2, size=(20, 24),
+                                        n_test=0)
+    code = cli.main(["train", "--data", str(root), "--epochs", "1", "--size", "16x16", "--depth", "2",
+                     "--features-root", "2", "--no-progress", "--out", str(tmp_path / "run"),
+                     "--val-fraction", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "No space left on device" in err
+    assert "last.npz" in err
