@@ -17,7 +17,6 @@ mode and, with --json FILE, writes the figures there.
 """
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile

@@ -277,6 +277,8 @@ def cmd_check_data(args, log=print):
         raise UsageError(f"data folder {args.data} does not exist.")
     _, kind, _, report = open_checked_dataset(args.data, args.num_classes, read_masks=args.read_masks)
     log(report.format_problems() if not report.ok else f"No problems found in {args.data} ({kind} layout).")
+    if kind == "folder" and args.num_classes is None:
+        log("(masks were read as binary 0/255 masks; pass --num-classes N for masks of class ids)")
     log(report.format_summary())
     return 0 if report.ok else 1
 

@@ -194,3 +194,17 @@ def test_damaged_tiff_gives_one_sentence_and_no_tifffile_log(tmp_path, caplog):
             with pytest.raises(ValueError, match=esc(tmp_path / "a.tif")):
                 reader(tmp_path / "a.tif")
     assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+
+
+def test_check_data_on_a_folder_of_class_id_masks(tmp_path, capsys):
+    root = tmp_path / "own"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for stem in "ab":
+        Image.fromarray(np.zeros((8, 10), np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(np.arange(80, dtype=np.uint8).reshape(8, 10) % 3).save(root / "masks" / f"{stem}.png")
+    assert cli.main(["check-data", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "a binary mask must hold only 0/255" in out and "--num-classes" in out
+    assert cli.main(["check-data", str(root), "--num-classes", "3"]) == 0
+    assert "No problems found" in capsys.readouterr().out
