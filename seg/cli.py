@@ -6,6 +6,7 @@
     python -m seg predict --checkpoint runs/unet/best.npz --input data/synthetic/test --output out/
     python -m seg evaluate --checkpoint runs/unet/best.npz --data data/synthetic
     python -m seg models
+    python -m seg check-data ~/kaggle/ultrasound                        # the data check alone
 
 This module parses the arguments and runs the commands; the work is done by seg.setup
 (training set-up: data, model, optimizer, schedule), seg.train (the loop) and seg.inference
@@ -22,16 +23,17 @@ from tqdm.auto import tqdm
 from minidl import backend
 
 from . import distributed_training, models
-from .data import load_image
-from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
-from .image_inputs import image_files
-from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
+from .data import DataCheckError, Problem, load_image
+from .errors import GPUOutOfMemoryError, NonFiniteLossError, TrainingDataError, UsageError
+from .inference import crf_report, evaluate_samples, predict_image, write_mask
 from .interrupt import is_interrupt
 from .losses import LOSSES
 from .metrics import format_class_table
 from .models import summary
 from .outputs import choose_run_folder, mask_outputs
-from .setup import DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_dataset, set_up_training, trainer_options
+from .prediction_inputs import load_model_checked, prepare_output_folder, scan_inputs
+from .setup import (DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_checked_dataset, set_up_training,
+                    trainer_options)
 from .train import train
 
 __all__ = ["main", "parse_train_args", "build_train_parser", "add_train_arguments", "check_train_args",
@@ -156,6 +158,9 @@ def add_train_arguments(parser, defaults=None):
                         "(--batch-size is per rank); see docs/DISTRIBUTED.md")
     p.add_argument("--sync-bn", action="store_true", default=d["sync_bn"],
                    help="with --distributed: batch norm statistics over the global batch")
+    p.add_argument("--skip-bad", action="store_true", default=d["skip_bad"],
+                   help="train on the files the data check finds no problem with, listing the "
+                        "others in OUT/skipped.csv (default: problems stop the run)")
     return parser
 
 
@@ -204,6 +209,8 @@ def check_train_args(args, log=print):
         raise UsageError(f"--resume checkpoint {args.resume} does not exist.")
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; name a folder for the run's outputs.")
     require_device(args.device)
     args.out, note = choose_run_folder(args.out, getattr(args, "out_given", True), args.resume,
                                        getattr(args, "overwrite", False))
@@ -246,42 +253,56 @@ def cmd_train(args, log=print):
 
 
 def _load_model_arg(args):
-    if not os.path.exists(args.checkpoint):
-        raise UsageError(f"--checkpoint {args.checkpoint} does not exist.")
     require_device(args.device)
-    return load_for_inference(args.checkpoint, args.device)
+    return load_model_checked(args.checkpoint, args.device)
 
 
 def cmd_predict(args, log=print):
-    files = image_files(args.input, "--input")
-    pairs, note = mask_outputs(files, args.output, ".png" if args.format == "png" else ".tif")
+    """Masks for --input (one image file or a folder of them). Files that cannot be predicted
+    (not images, damaged, a channel count the model does not take: seg.prediction_inputs) are
+    listed and skipped, exit code 1 when some were; masks never replace an input or each other
+    (seg.outputs.mask_outputs)."""
+    scan = scan_inputs(args.input)
     model, config = _load_model_arg(args)
-    os.makedirs(args.output, exist_ok=True)
+    channels = config.get("in_channels", 1)      # checkpoints from before RGB support: gray
+    scan = scan.for_channels(channels, args.checkpoint)
+    pairs, note = mask_outputs([path for path, _ in scan.files], args.output,
+                               ".png" if args.format == "png" else ".tif")
+    prepare_output_folder(args.output)
     if note:
         log(note)
     binary = config["num_classes"] == 2
-    channels = config.get("in_channels", 1)      # checkpoints from before RGB support: gray
-    unreadable = []
+    written = 0
     for path, target in tqdm(pairs, desc="predict", unit="image", disable=not args.progress):
         try:
             image = load_image(path, channels)
-        except (ValueError, OSError) as exc:     # one bad file must not stop the others
-            unreadable.append(path)
-            log(f"skipped {path}: {exc}")
+        except (ValueError, OSError) as exc:     # damage the header did not show: skip this one
+            scan.skipped.append(Problem(str(path), str(exc)))
             continue
         probs = predict_image(model, image, config.get("size"), crf=args.crf)
-        write_mask(target, probs.argmax(axis=0), binary, args.format)
-    written = len(pairs) - len(unreadable)
+        try:
+            write_mask(target, probs.argmax(axis=0), binary, args.format)
+        except OSError as exc:
+            raise UsageError(f"could not write {target} ({exc.strerror or exc}); check the space and "
+                             "permissions of --output.") from None
+        written += 1
     log(f"wrote {written} mask(s) to {args.output}"
-        + (f"; {len(unreadable)} image(s) could not be read (listed above)" if unreadable else ""))
-    return 1 if unreadable else 0
+        + (f"; {len(scan.skipped)} image(s) could not be read (listed below)" if scan.skipped else ""))
+    if scan.skipped:
+        print(scan.format_skipped(), file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_evaluate(args, log=print):
     if not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
     model, config = _load_model_arg(args)
-    reader, _, num_classes = open_dataset(args.data, config["num_classes"], config.get("in_channels", 1))
+    reader, _, num_classes, report = open_checked_dataset(args.data, config["num_classes"],
+                                                          config.get("in_channels", 1))
+    if not report.ok:
+        raise DataCheckError(report, "fix or remove these files (python -m seg check-data DIR checks "
+                                     "a data set)")
     samples = reader.samples
     if args.split == "val":
         samples = reader.split(config.get("val_fraction", 0.25), seed=0)[1]
@@ -294,6 +315,19 @@ def cmd_evaluate(args, log=print):
             f"{scores['dice']:.4f}  mean IoU {scores['iou']:.4f}  pixel accuracy {scores['accuracy']:.4f}"
             + format_class_table(scores))
     return 0
+
+
+def cmd_check_data(args, log=print):
+    """`python -m seg check-data DIR`: the data check of training (seg.data.check) without
+    training: the problems and the summary; exit code 0 when clean, 1 when problems were found."""
+    if not os.path.isdir(args.data):
+        raise UsageError(f"data folder {args.data} does not exist.")
+    reader, kind, _, report = open_checked_dataset(args.data, args.num_classes, read_masks=args.read_masks)
+    log(report.format_problems() if not report.ok else f"No problems found in {args.data} ({kind} layout).")
+    if getattr(reader, "classes", None) is not None:     # an images/masks folder: classes inferred
+        log(f"({reader.classes.describe()}; --num-classes N if some classes are absent from the masks)")
+    log(report.format_summary())
+    return 0 if report.ok else 1
 
 
 def cmd_models(args, log=print):
@@ -317,7 +351,7 @@ def cmd_models(args, log=print):
 def build_parsers():
     """The `python -m seg` parser and its train command's parser -> (parser, train_parser)."""
     parser = _Parser(prog="python -m seg", description="Image segmentation with minidl.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,models}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,check-data,models}",
                                 parser_class=_Parser)
     sub.required = True
     train_p = sub.add_parser("train", help="train a model (default: U-Net on synthetic data)")
@@ -336,6 +370,14 @@ def build_parsers():
         p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
         p.add_argument("--crf", action="store_true", help="refine with the dense CRF")
         p.add_argument("--no-progress", dest="progress", action="store_false")
+    check = sub.add_parser("check-data", help="check a data set (every file's header, the pairs) "
+                                              "and print its summary, without training")
+    check.add_argument("data", metavar="DIR", help="Kaggle layout or DIR/images + DIR/masks")
+    check.add_argument("--num-classes", type=_positive_int, default=None,
+                       help="classes for an images/masks folder (Kaggle data: 2)")
+    check.add_argument("--headers-only", dest="read_masks", action="store_false",
+                       help="read mask headers only: faster, but mask values and the empty-mask "
+                            "share are not checked")
     models_p = sub.add_parser("models", help="list the models with parameter counts and strides")
     models_p.add_argument("--explain", metavar="NAME", default=None,
                           help="list NAME's conv layers: parameters, output sizes, receptive field")
@@ -348,7 +390,8 @@ def build_parsers():
     return parser, train_p
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "models": cmd_models,
+            "check-data": cmd_check_data}
 
 
 def run_main(fn, args, prog):
@@ -361,8 +404,11 @@ def run_main(fn, args, prog):
     except (FileNotFoundError, ValueError) as exc:     # bad data folder / file contents
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, GPUOutOfMemoryError) as exc:
+    except (NonFiniteLossError, GPUOutOfMemoryError, TrainingDataError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:      # a full disk, a folder without write permission: names the file
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SystemError) as exc:
         if not is_interrupt(exc):      # Ctrl-C inside a Numba kernel arrives as a SystemError

@@ -21,7 +21,7 @@ from .checkpoints import load_checkpoint, read_checkpoint_meta
 from .data import resize
 from .errors import UsageError
 from .metrics import RunningScores
-from .setup import open_dataset
+from .setup import open_checked_dataset
 from .tiling import predict_tiled
 
 __all__ = ["load_for_inference", "predict_image", "evaluate_samples", "crf_refine", "crf_report",
@@ -100,7 +100,9 @@ def crf_report(args, data, log=print):
     seg.setup.prepare_data returned for the run. The model is OUT/best.npz.
     """
     model, config = load_for_inference(os.path.join(args.out, "best.npz"), args.device)
-    reader, _, num_classes = open_dataset(data.root, config["num_classes"], config.get("in_channels", 1))
+    reader, _, num_classes, report = open_checked_dataset(data.root, config["num_classes"],
+                                                          config.get("in_channels", 1))
+    reader.samples = report.samples      # what --skip-bad left out of training stays out here too
     _, val_samples = reader.split(args.val_fraction, seed=0)
     for crf in (False, True):
         scores = evaluate_samples(model, reader, val_samples, config["size"], num_classes, crf=crf,

@@ -28,8 +28,10 @@ epochs produce the same losses as an uninterrupted run (the data loader's order 
 augmentation depend only on (seed, epoch), which the loop sets each epoch).
 
 A NaN or infinite loss stops the run before the bad update is applied, with one message; the
-last good checkpoint stays. Ctrl-C stops after the current batch (seg.interrupt: never inside a
-kernel or a checkpoint write), saves out_dir/interrupted.npz and returns cleanly.
+last good checkpoint stays. So does a sample that fails to load (a file damaged or changed after
+the data check, a disk error): TrainingDataError names the file and the checkpoint to resume
+from. Ctrl-C stops after the current batch (seg.interrupt: never inside a kernel or a
+checkpoint write), saves out_dir/interrupted.npz and returns cleanly.
 """
 import csv
 import math
@@ -44,8 +46,10 @@ from minidl import backend
 from minidl.tensor import Tensor
 
 from . import metrics as seg_metrics
-from .checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from .errors import NonFiniteLossError, explain_gpu_out_of_memory
+from .checkpoints import (load_checkpoint, read_checkpoint_meta, remove_stale_temporaries,
+                          restore_rng_state, rng_state, save_checkpoint)
+from .data.loader import SampleLoadError
+from .errors import NonFiniteLossError, TrainingDataError, explain_gpu_out_of_memory
 from .interrupt import DeferredInterrupt, is_interrupt
 from .tiling import forward_full
 
@@ -144,7 +148,20 @@ class Trainer:
         restore_rng_state(meta.get("rng", {}))
         # metrics.csv must match the restored history (a crashed run may have written more).
         self._write_metrics_csv()
+        self._restore_best(meta)
         return meta
+
+    def _restore_best(self, meta):
+        """A crash between writing last.npz and best.npz leaves best.npz one improvement behind;
+        when the resumed checkpoint is the best epoch itself, write best.npz again from it."""
+        if self.best_epoch != self.epoch or "interrupted_in_epoch" in meta:
+            return
+        try:
+            if read_checkpoint_meta(self.path("best.npz")).get("epoch") == self.epoch:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        self.save("best.npz")
 
     def _write_metrics_csv(self):
         tmp = self.path("metrics.csv.tmp")
@@ -220,6 +237,16 @@ class Trainer:
             f"(learning rate {_current_lr(self.optimizer):g}); {kept}, or check the data for "
             "bad values.")
 
+    def _data_error_message(self, exc, epoch):
+        """One sentence for a sample that failed to load: the file, and how to go on."""
+        if os.path.exists(self.path("last.npz")):
+            kept = (f"the checkpoint {self.path('last.npz')} of epoch {self.epoch} is intact; fix or "
+                    f"remove the file and resume with --resume {self.path('last.npz')}")
+        else:
+            kept = "no checkpoint was written yet; fix or remove the file and start again"
+        return (f"Training stopped in epoch {epoch}: {str(exc).rstrip('.')}; {kept} "
+                "(python -m seg check-data DIR checks every file).")
+
     def evaluate(self, loader, keep_samples=0):
         """Validation metrics on `loader`: loss, Kaggle mean Dice, mean IoU, pixel accuracy.
 
@@ -271,6 +298,7 @@ class Trainer:
             self.log(f"Resumed from {resume} after epoch {meta['epoch']} ({self._best_text()}).")
         elif self.epoch == 0 and os.path.exists(self.path("metrics.csv")):
             os.remove(self.path("metrics.csv"))    # a new run starts its own table, never appends
+        remove_stale_temporaries(self.out_dir)    # left by a run killed while saving
         result = TrainResult(out_dir=self.out_dir)
         epoch = self.epoch + 1
         try:
@@ -285,6 +313,8 @@ class Trainer:
             path = self.save("interrupted.npz", interrupted_in_epoch=epoch)
             self.log(self._interrupted_text(epoch, path))
             result.interrupted = True
+        except SampleLoadError as exc:
+            raise TrainingDataError(self._data_error_message(exc, epoch)) from exc
         finally:
             self._interrupt = None
         if self.plot and self.history:

@@ -51,18 +51,41 @@ def _is_binary(values):
     return set(values) <= {0, 255} or set(values) <= {0, 1}
 
 
-def infer_mask_classes(samples, num_classes=None):
+def infer_mask_classes(samples, num_classes=None, problems=None):
     """Read every mask of `samples` (Sample list) and decide how to load them -> MaskClasses.
 
     num_classes=None: inferred from the values (binary masks: 2; ids 0..K-1: K).
     num_classes=K: checked against the values (K=2 also accepts 0/255 masks as binary).
     Raises ValueError with one sentence when the values fit neither convention.
+    problems: a list (the data check's, seg.data.check): masks that cannot be read are passed
+        over (the check reports each), and values fitting no convention are appended to it as
+        (mask folder, sentence) instead of raised (num_classes None); the masks are then read as num_classes
+        class ids (binary 0/255 masks when num_classes is None), so that the check can name the
+        masks that do not fit.
     """
+    if problems is None:
+        return _infer_mask_classes(samples, num_classes, skip_unreadable=False)
+    try:
+        return _infer_mask_classes(samples, num_classes, skip_unreadable=True)
+    except ValueError as exc:
+        if num_classes is None:      # given num_classes: the check names each mask that breaks it
+            folders = [os.path.dirname(s.mask_path) for s in samples if s.mask_path is not None]
+            problems.append((folders[0] if folders else "", str(exc)))
+        fallback = int(num_classes or 2)
+        return MaskClasses(fallback, num_classes is None, ())
+
+
+def _infer_mask_classes(samples, num_classes, skip_unreadable):
     found, first_file = set(), {}
     for sample in samples:
         if sample.mask_path is None:
             continue
-        ids = to_class_ids(read_array(sample.mask_path), sample.mask_path)   # integer, >= 0, 2-D
+        try:
+            ids = to_class_ids(read_array(sample.mask_path), sample.mask_path)   # integer, >= 0, 2-D
+        except (ValueError, OSError):
+            if not skip_unreadable:
+                raise
+            continue
         for v in np.unique(ids).tolist():
             if v not in found:
                 found.add(v)
@@ -94,6 +117,16 @@ def infer_mask_classes(samples, num_classes=None):
     return MaskClasses(num_classes, False, values)
 
 
-def infer_in_channels(samples):
-    """3 when any image of `samples` is colour (RGB/RGBA), else 1; reads file headers only."""
-    return max((image_channels(s.image_path) for s in samples), default=1)
+def infer_in_channels(samples, skip_unreadable=False):
+    """3 when any image of `samples` is colour (RGB/RGBA), else 1; reads file headers only.
+
+    skip_unreadable: pass over files whose header cannot be read (the data check reports them)
+    instead of raising."""
+    channels = 1
+    for s in samples:
+        try:
+            channels = max(channels, image_channels(s.image_path))
+        except (ValueError, OSError):
+            if not skip_unreadable:
+                raise
+    return channels

@@ -15,7 +15,7 @@ import numpy as np
 
 from .readers import check_same_size, load_image, load_mask
 
-__all__ = ["Sample", "load_sample", "split_by_subject"]
+__all__ = ["Sample", "load_sample", "split_by_subject", "problem_reporter"]
 
 
 class Sample(NamedTuple):
@@ -77,3 +77,14 @@ def split_by_subject(samples, val_fraction=0.2, seed=0):
     train = [s for s in samples if s.subject not in val_subjects]
     val = [s for s in samples if s.subject in val_subjects]
     return train, val
+
+
+def problem_reporter(problems=None):
+    """report(path, sentence) for the data set readers: raises the sentence as a ValueError when
+    `problems` is None, else appends (path, sentence) to that list so that a data check can
+    name every problem at once (seg.data.check)."""
+    def report(path, sentence):
+        if problems is None:
+            raise ValueError(sentence)
+        problems.append((path, sentence))
+    return report
