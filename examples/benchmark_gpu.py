@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python3 examples/benchmark_gpu.py                 # U-Net depth 5, 64 features
     PYTHONPATH=. python3 examples/benchmark_gpu.py --size 128 --batch 4 --json out.json
+    PYTHONPATH=. python3 examples/benchmark_gpu.py --matmul-precision high --amp bf16 \
+        --conv-algorithm implicit_gemm        # the settings the step runs in (default: strict)
 
 Measures, on one GPU:
 
@@ -27,8 +29,14 @@ Measures, on one GPU:
    --implicit-gemm precisions, forward + backward time and the forward's error against F.conv2d.
 7. With --compare-torch, where PyTorch is importable (never a dependency): the same U-Net,
    batch, loss and optimizer in PyTorch, timed in the same run in float32-strict, TF32 and
-   bfloat16 autocast, and the minidl/PyTorch ratios (minidl float32 = precision "highest",
-   TF32 = minidl.set_float32_matmul_precision("high"); minidl has no bfloat16 autocast yet).
+   bfloat16 autocast, and the minidl/PyTorch ratios. minidl's row of each mode: float32 =
+   precision "highest"; TF32 = minidl.set_float32_matmul_precision("high"); bf16 =
+   minidl.amp.autocast("gpu", "bfloat16"); TF32 and bf16 each with the conv plan's automatic
+   choice (the implicit-GEMM kernels) and with --conv-algorithm's im2col for comparison.
+
+The step itself runs in the settings --matmul-precision (highest | high), --amp (none | bf16 |
+fp16: autocast, with a GradScaler for fp16 as in PyTorch's recipe) and --conv-algorithm
+(minidl.backends.conv_algorithm: auto | implicit_gemm | im2col | ...).
 
 Timing uses CUDA events recorded on the stream (kernels run asynchronously; a host clock
 would measure launches, not work), after warm-up steps that also compile every kernel.
@@ -46,9 +54,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import minidl  # noqa: E402
-from minidl import backend, optim  # noqa: E402
+from minidl import amp, backend, optim  # noqa: E402
 from minidl import functional as F  # noqa: E402
-from minidl.ops import conv as conv_ops  # noqa: E402
+from minidl.ops import conv as conv_ops, conv_plan  # noqa: E402
 import torch_compare  # noqa: E402  (examples/torch_compare.py, next to this file)
 
 
@@ -166,13 +174,7 @@ def training_step_benchmark(clock, args):
     opt = optim.Adam(model.parameters(), lr=1e-4)
     x = minidl.randn(args.batch, 1, args.size, args.size, device=dev)
     target = minidl.randint(0, 2, (args.batch, args.size, args.size), device=dev)
-
-    def step():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-        return loss
+    step = make_step(model, opt, x, target, args.amp)
 
     with ConvRecorder() as rec:          # one forward to see every convolution's shapes
         with minidl.no_grad():
@@ -207,7 +209,52 @@ def training_step_benchmark(clock, args):
     ), layers, step
 
 
-BREAKDOWN = ("GEMMs", "im2col/col2im", "batch norm", "pooling", "activations", "loss", "optimizer")
+def make_step(model, opt, x, target, amp_dtype=None):
+    """One training step (forward, CE, backward, Adam) as a function; amp_dtype "bf16" or
+    "fp16" runs forward and loss under autocast on x's device (fp16 with a GradScaler)."""
+    device = backend.device_of(x.data)
+    scaler = amp.GradScaler(enabled=amp_dtype == "fp16")
+
+    def step():
+        opt.zero_grad()
+        with amp.autocast(device, dtype=amp_dtype or "bf16", enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss
+    step.model, step.opt, step.x, step.target = model, opt, x, target
+    return step
+
+
+class settings_of:
+    """A with-block in one benchmark setting: matmul precision and conv algorithm (restored
+    after)."""
+
+    def __init__(self, matmul_precision, conv_algorithm):
+        self.matmul, self.algorithm = matmul_precision, conv_algorithm
+
+    def __enter__(self):
+        self.saved = minidl.get_float32_matmul_precision(), minidl.backends.conv_algorithm
+        minidl.set_float32_matmul_precision(self.matmul)
+        minidl.backends.conv_algorithm = self.algorithm
+
+    def __exit__(self, *exc):
+        minidl.set_float32_matmul_precision(self.saved[0])
+        minidl.backends.conv_algorithm = self.saved[1]
+
+
+# minidl's settings for each of PyTorch's modes: (label, matmul precision, amp, conv algorithm)
+MINIDL_MODES = {
+    "float32": [("strict", "highest", None, "auto")],
+    "tf32": [("high, auto", "high", None, "auto"), ("high, im2col", "high", None, "im2col")],
+    "bf16": [("bf16, auto", "highest", "bf16", "auto"),
+             ("bf16, im2col", "highest", "bf16", "im2col")],
+}
+
+
+BREAKDOWN = ("GEMMs", "im2col/col2im", "implicit GEMM", "batch norm", "pooling", "activations",
+             "loss", "optimizer")
 
 
 def step_breakdown(clock, step, opt):
@@ -219,6 +266,9 @@ def step_breakdown(clock, step, opt):
     bd.wrap(clock.xp, "matmul", "GEMMs")
     for name in ("im2col", "col2im"):
         bd.wrap(bundle, name, "im2col/col2im")
+    from kernels import implicit_gemm
+    for name in ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"):
+        bd.wrap(implicit_gemm, name, "implicit GEMM")     # the conv plan's implicit-GEMM route
     for cls in (normalization.BatchNorm, activation.ReLU, loss.CrossEntropy):
         category = {"BatchNorm": "batch norm", "ReLU": "activations"}.get(cls.__name__, "loss")
         for name in ("forward", "backward"):
@@ -235,8 +285,25 @@ def step_breakdown(clock, step, opt):
             del opt.step                 # back to the class's method
 
 
-def compare_torch(clock, args, step, minidl_f32_s):
-    """{mode: (minidl s or None, torch s)}: PyTorch's step in each mode, minidl's where it has one."""
+def minidl_mode_times(clock, step, iters):
+    """{label: seconds of minidl's step} in each setting of MINIDL_MODES (a failing setting,
+    e.g. kernels NVRTC cannot compile, prints its reason and gives None)."""
+    out = {}
+    for mode, rows in MINIDL_MODES.items():
+        for label, matmul, amp_dtype, algorithm in rows:
+            mode_step = make_step(step.model, step.opt, step.x, step.target, amp_dtype)
+            try:
+                with settings_of(matmul, algorithm):
+                    out[label] = clock.time(mode_step, warmup=1, iters=iters)[0]
+            except RuntimeError as exc:
+                print(f"  minidl {label}: {str(exc).splitlines()[0]}")
+                out[label] = None
+    return out
+
+
+def compare_torch(clock, args, step):
+    """{mode: {"torch": s, minidl label: s or None}}: PyTorch's step in each mode next to
+    minidl's in the matching settings (MINIDL_MODES)."""
     try:
         import torch
     except ImportError:
@@ -245,23 +312,17 @@ def compare_torch(clock, args, step, minidl_f32_s):
     if clock.cp is None or not torch.cuda.is_available():
         print("\n  --compare-torch: needs a GPU visible to both CuPy and PyTorch; skipped")
         return None
-    minidl.set_float32_matmul_precision("high")
-    try:
-        minidl_tf32, _ = clock.time(step, warmup=1, iters=args.iters)
-    finally:
-        minidl.set_float32_matmul_precision("highest")
-    mine = {"float32": minidl_f32_s, "tf32": minidl_tf32, "bf16": None}
+    mine = minidl_mode_times(clock, step, args.iters)
     out = {}
     print(f"\n  vs PyTorch {torch.__version__} (same U-Net, batch, CE, Adam), training step:")
     for mode in torch_compare.TORCH_MODES:
         t = torch_compare.torch_step_time(torch, args.depth, args.features, args.batch, args.size,
                                           mode, iters=args.iters)
-        out[mode] = (mine[mode], t)
-        ratio = f"{mine[mode] / t:5.2f}x" if mine[mode] else "  n/a (no bf16 autocast in minidl)"
-        theirs = f"{mine[mode] * 1e3:8.1f} ms" if mine[mode] else "       -   "
-        print(f"  {mode:8s} minidl {theirs}   PyTorch {t * 1e3:8.1f} ms   minidl/PyTorch {ratio}")
-    best = min(mine["float32"], mine["tf32"])
-    print(f"  minidl's best / PyTorch bf16 autocast: {best / out['bf16'][1]:.2f}x")
+        out[mode] = {"torch": t}
+        for label, *_ in MINIDL_MODES[mode]:
+            m = out[mode][label] = mine[label]
+            shown = f"{m * 1e3:8.1f} ms   minidl/PyTorch {m / t:5.2f}x" if m else "  (failed)"
+            print(f"  {mode:8s} PyTorch {t * 1e3:8.1f} ms   minidl ({label:13s}) {shown}")
     return out
 
 
@@ -390,11 +451,22 @@ def main(argv=None):
     parser.add_argument("--implicit-gemm", default="highest,tf32,bf16",
                         help="precisions of the implicit-GEMM kernels to time per conv on the GPU "
                              "(comma-separated; '' for none)")
+    parser.add_argument("--matmul-precision", default="highest", choices=["highest", "high"],
+                        help="minidl.set_float32_matmul_precision for the step (high: TF32)")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                        help="run the step under minidl.amp.autocast in this dtype")
+    parser.add_argument("--conv-algorithm", default="auto", choices=list(conv_plan.ALGORITHMS),
+                        help="minidl.backends.conv_algorithm for the step")
     parser.add_argument("--compare-torch", action="store_true",
                         help="also time the same U-Net in PyTorch (when importable) and print ratios")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    args.amp = None if args.amp == "none" else args.amp
+    with settings_of(args.matmul_precision, args.conv_algorithm):
+        return run(args)
 
+
+def run(args):
     clock = Clock(args.device)
     if clock.cp is not None:
         cp = clock.cp
@@ -403,13 +475,18 @@ def main(argv=None):
         print(f"GPU: {name}, CuPy {cp.__version__}, CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}")
     else:
         name = "cpu"
-    peak = matmul_rate(clock, args.matmul_size)
+    with settings_of("highest", args.conv_algorithm):     # the exact float32 ceiling
+        peak = matmul_rate(clock, args.matmul_size)
     print(f"float32 matmul {args.matmul_size}^3 on {args.device}: {peak:.3f} TFLOP/s")
 
     result, layers, step = training_step_benchmark(clock, args)
     result["gpu"] = name
     result["matmul_fp32_tflops"] = peak
-    print(f"\n{result['model']}, batch {args.batch} x {args.size}x{args.size}, Adam, on {args.device}:")
+    result.update(matmul_precision=args.matmul_precision, amp=args.amp,
+                  conv_algorithm=args.conv_algorithm)
+    print(f"\n{result['model']}, batch {args.batch} x {args.size}x{args.size}, Adam, on {args.device}"
+          f" (matmul precision {args.matmul_precision}, amp {args.amp or 'none'}, conv algorithm "
+          f"{args.conv_algorithm}):")
     print(f"  training step      {result['train_step_s'] * 1e3:8.1f} ms   "
           f"({result['images_per_s']:.1f} images/s; warm-up incl. compiling {result['warmup_s']:.1f} s)")
     print(f"  conv FLOPs/step    {result['conv_gflop_per_step']:8.1f} GFLOP  ->  "
@@ -423,7 +500,7 @@ def main(argv=None):
     for k, v in result["breakdown_ms"].items():
         print(f"    {k:14s} {v:8.2f} ms")
     if args.compare_torch:
-        result["torch"] = compare_torch(clock, args, step, result["train_step_s"])
+        result["torch"] = compare_torch(clock, args, step)
     # Written now and again at the end: the per-conv table below runs new kernels last, and a
     # crash there should not lose the figures above.
     write_json(args.json, result)

@@ -37,10 +37,10 @@ DEFAULTS = {"model": "segnet", "epochs": 2, "batch_size": 4, "lr": 1e-3, "size":
             "loss": "ce_dice", "out": "runs/any", "plot_every": 1}
 
 
-def build(args, num_classes):
+def build(args, num_classes, in_channels=1):
     if args.model == "unet":
-        return setup.build_model_from_args(args, num_classes, in_channels=1)
-    return models.build(args.model, num_classes, in_channels=1, width=args.width)
+        return setup.build_model_from_args(args, num_classes, in_channels=in_channels)
+    return models.build(args.model, num_classes, in_channels=in_channels, width=args.width)
 
 
 def fit_size(args):
@@ -65,11 +65,11 @@ def run(args):
     np.random.seed(args.seed)
     acceleration.apply_matmul_precision(args)
     data = setup.prepare_data(args, synthetic_root=ROOT / "data" / "synthetic")
-    model = build(args, data.num_classes)
+    model = build(args, data.num_classes, data.in_channels)
     setup.load_pretrained_from_args(args, model)      # --pretrained FILE (e.g. ImageNet VGG)
     print(f"{args.model} at width {args.width:g}: {model.num_parameters():,} parameters "
           f"(output stride {getattr(model, 'output_stride', 1)}), {args.size[0]}x{args.size[1]} images")
-    config = setup.run_config(args, data.num_classes)
+    config = setup.run_config(args, data.num_classes, data.in_channels)
     if args.model != "unet":               # so `python -m seg predict` rebuilds the same width
         config["model_options"] = {"width": args.width}
     optimizer = setup.make_optimizer(args, model)

@@ -85,6 +85,8 @@ def run(args):
           f"{data.root}), resized to {args.size[0]}x{args.size[1]}")
 
     # 4. train (checkpoints, metrics.csv and plots go to args.out)
+    # (a NaN loss, a sample that fails to load, a full disk: one line and exit code 1 from
+    # cli.run_main, as for python -m seg train)
     result = train(model, data.train_loader, data.val_loader, run.loss_fn, run.optimizer,
                    run.scheduler, config=run.config, **setup.trainer_options(args))
 

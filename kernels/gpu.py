@@ -300,6 +300,28 @@ extern "C" __global__ void batchnorm_forward_kernel(
     }
 }
 
+// Statistics, step 1 (one read of x): thread (c, k), k < K, runs Welford's update over values
+// k, k + K, k + 2K, ... of channel c (in that order: deterministic), keeping their mean and
+// their sum of squared deviations M2, which unlike sum(x^2) - sum(x)^2 / n loses no digits when
+// the mean is large next to the spread. The wrapper merges the K partial (mean, M2) pairs.
+extern "C" __global__ void batchnorm_stats_kernel(
+        const T* x, T* part_mean, T* part_m2, const I total, const I C, const I S, const I M,
+        const I K) {
+    GRID_STRIDE {
+        const I c = t / K;
+        T mean = (T)0, m2 = (T)0, count = (T)0;
+        for (I j = t % K; j < M; j += K) {
+            const T v = x[((j / S) * C + c) * S + j % S];
+            count += (T)1;
+            const T d = v - mean;
+            mean += d / count;
+            m2 += d * (v - mean);
+        }
+        part_mean[t] = mean;
+        part_m2[t] = m2;
+    }
+}
+
 // Backward, step 1: per-channel sums of g and g * xhat, where g = gy, or with relu gy where
 // xhat * scale + shift > 0 (the forward's mask, recomputed instead of stored). Thread
 // (c, k), k < K, sums values k, k + K, k + 2K, ... of channel c in that order, so the
@@ -395,7 +417,7 @@ KERNEL_NAMES = (
     "maxpool_forward_kernel", "maxpool_link_kernel", "maxpool_gather_kernel",
     "maxunpool_claim_kernel", "maxunpool_fill_kernel", "maxunpool_backward_kernel",
     "bilinear_forward_kernel", "bilinear_backward_kernel",
-    "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
+    "batchnorm_stats_kernel", "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
     "batchnorm_backward_apply_kernel", "adam_update_kernel", "sgd_update_kernel",
 )
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -634,13 +656,35 @@ def bilinear_backward(gy, h, w, align_corners):
 
 
 # ---------------------------------------------------------------------- batch normalisation
-# Per-channel mean and variance are what CuPy's own reductions already do well, so the GPU
-# bundle runs the reference's statistics (array methods only) on CuPy arrays. Normalising
-# (+ ReLU) and its backward are the CUDA kernels above: one launch forward, two (and a small
-# sum) backward, instead of the ten or so element-wise passes of the reference.
-from .reference import batchnorm_stats  # noqa: E402,F401
+# The statistics, normalising (+ ReLU) and its backward are the CUDA kernels above: one pass
+# over x for the statistics (CuPy's mean and var read x three times and write two temporaries
+# of its size), one launch forward, two (and a small sum) backward, instead of the ten or so
+# element-wise passes of the reference.
+from . import reference as _reference  # noqa: E402
 
-_BN_LANES = 256       # partial sums per channel in the backward's first step
+_BN_LANES = 256       # partial sums per channel in the statistics' and backward's first step
+
+
+def batchnorm_stats(x):
+    """x (N, C, S) -> per-channel mean and biased variance, each (C,); see
+    reference.batchnorm_stats."""
+    x, dtype = _float_input(x, "batchnorm_stats")
+    n, c, s = x.shape
+    m = n * s
+    if m == 0 or c == 0:
+        return _reference.batchnorm_stats(x)
+    xp = _xp()
+    lanes = max(1, min(_BN_LANES, m))
+    part_mean = xp.empty((c, lanes), dtype=dtype)
+    part_m2 = xp.empty((c, lanes), dtype=dtype)
+    _launch("batchnorm_stats_kernel", dtype, c * lanes,
+            (x, part_mean, part_m2) + _i(c * lanes, c, s, m, lanes))
+    # Merge the lanes (Chan et al.'s formula for combining groups): lane k holds count_k
+    # values; mean = sum(count_k mean_k) / m, M2 = sum(M2_k + count_k (mean_k - mean)^2).
+    count = ((m - xp.arange(lanes) + lanes - 1) // lanes).astype(dtype)
+    mean = (part_mean * count).sum(axis=1) / dtype.type(m)
+    m2 = part_m2.sum(axis=1) + (count * (part_mean - mean[:, None]) ** 2).sum(axis=1)
+    return mean, m2 / dtype.type(m)
 
 
 def _per_channel(v, dtype):

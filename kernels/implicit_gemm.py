@@ -411,6 +411,11 @@ def _run_kernel(name, grid, args):
     module.get_function(name)(grid, (THREADS,), args)
 
 
+def tensor_cores_available():
+    """Whether the current GPU has the tensor-core modes: compute capability 8.0 or later."""
+    return int(_cupy().cuda.Device().compute_capability) >= 80
+
+
 def check_precision(precision):
     if precision not in PRECISIONS:
         raise ValueError(f"implicit-GEMM convolution: precision must be one of {PRECISIONS}, "

@@ -36,5 +36,5 @@ from .random import get_rng_state, manual_seed, set_rng_state
 from .serialization import load, save
 from .gradcheck import gradcheck
 from .precision import get_float32_matmul_precision, set_float32_matmul_precision
-from . import amp, cuda, distributed, functional, nn, onnx, optim, random
+from . import amp, backends, cuda, distributed, functional, nn, onnx, optim, random
 from .receptive_field import receptive_field  # noqa: E402  (a function; shadows the module name)

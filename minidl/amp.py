@@ -31,8 +31,9 @@ an experimental one through the ml_dtypes package, cupy/cupy#9494), and minidl's
 * A "lower" op gets its inputs rounded to the low precision but stored as float32 and computes
   in float32. A product of two float16 or bfloat16 numbers is exact in float32, so this gives
   the numbers of a tensor-core GEMM with float32 accumulation (up to summation order); the
-  speed of one needs low-precision kernels in minidl/ops/conv.py, which this module does not
-  provide yet: today autocast changes the numerics (and memory for float16), not the speed.
+  speed of one needs low-precision kernels: on the GPU the conv plan runs convolutions and
+  transposed convolutions under autocast on the bfloat16/float16 implicit-GEMM kernels
+  (minidl/ops/conv_implicit_gemm.py, tensor cores); matmuls and the CPU keep this emulation.
 
 Devices: `autocast("gpu")` applies to ops on GPU arrays only, `autocast("cpu")` to ops on
 NumPy arrays only (slower than float32 there: it is for studying the numerics and for tests).
@@ -186,6 +187,15 @@ def autocast(device="gpu", dtype="bfloat16", enabled=True):
 
 def is_autocast_enabled():
     return _state is not None
+
+
+def autocast_dtype(device):
+    """The low dtype ("bfloat16"/"float16") autocast gives ops on `device` ("cpu"/"gpu") now,
+    or None outside autocast or for the other device. (The conv plan reads it to pick
+    low-precision kernels on the GPU; backward keeps the plan forward chose.)"""
+    if _state is None or _state[0] != device:
+        return None
+    return _state[1]
 
 
 # ---------------------------------------------------------------------- GradScaler

@@ -149,6 +149,21 @@ def _safetensors_bytes(path, arrays, layout):
     return _safetensors_numpy().save(tensors, metadata={_LAYOUT_KEY: json.dumps(layout)})
 
 
+def fsync_folder(folder):
+    """Flush a folder's entries to disk, so that a rename in it survives a power cut (POSIX;
+    a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it over `path`, so that
     a crash midway never leaves a half-written file."""
@@ -164,6 +179,7 @@ def write_atomically(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
+        fsync_folder(folder)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -13,9 +13,12 @@
 # TIMEOUT and the seconds of every step.
 #
 # Order: (1) versions; (2) the GPU benchmark (with --compare-torch) while nothing else uses
-# the GPU; (2b) the implicit-GEMM kernel and matmul-precision tests; (3) two epochs of
-# examples/train_unet.py with --device gpu; (4) the rest of the test suite, GPU cases
-# included, in parallel workers, with whatever time is left.
+# the GPU: the big U-Net (issue 15's targets: float32 strict, TF32 "high" with the implicit-GEMM
+# kernels and with im2col, bf16 autocast, each next to PyTorch), then (2a) the small U-Net
+# (depth 4, 16 features, batch 4 of 128x128: issue 16's target); (2b) the implicit-GEMM kernel,
+# conv-plan route and matmul-precision tests; (3) two epochs of examples/train_unet.py with
+# --device gpu; (4) the rest of the test suite, GPU cases included, in parallel workers, with
+# whatever time is left.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -82,22 +85,29 @@ EOF
 run_step benchmark_gpu 150 python3 examples/benchmark_gpu.py --compare-torch --layer-iters 2 \
     --json "$OUT/benchmark_gpu.json"
 
+# ---- 2a. the small U-Net (launch-bound: issue 16), the same comparison, no per-conv table
+run_step benchmark_small 45 python3 examples/benchmark_gpu.py --compare-torch --skip-layers \
+    --depth 4 --features 16 --batch 4 --size 128 --matmul-size 4096 \
+    --json "$OUT/benchmark_gpu_small.json"
+
 # ---- 2b. the implicit-GEMM kernels against their NumPy reference, every shape class and
 # precision (and the matmul-precision setting). pytest-xdist, where installed, spreads the
 # tests over 8 worker processes (the GPU machines have 16 cores).
 XDIST=()
 if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+GPU_TESTS=(tests/test_implicit_gemm.py tests/test_conv_implicit_gemm.py tests/test_precision.py
+           tests/test_amp_pooling.py)
 run_step implicit_gemm 60 python3 -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
-    tests/test_implicit_gemm.py tests/test_precision.py
+    "${GPU_TESTS[@]}"
 
 # ---- 3. a short training run of the main example on the GPU
-run_step train_unet 90 python3 examples/train_unet.py --device gpu --epochs 2
+run_step train_unet 75 python3 examples/train_unet.py --device gpu --epochs 2
 
 # ---- 4. the whole test suite, last (it gets the time that is left): every "gpu"
 # parametrisation runs here; step 2b's files are not run twice. With the default 360 s budget
 # it may be cut short (TIMEOUT, with the failures so far); GPU_CHECK_BUDGET=480 runs it whole.
 run_step full_suite 240 python3 -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
-    --ignore=tests/test_implicit_gemm.py --ignore=tests/test_precision.py
+    "${GPU_TESTS[@]/#/--ignore=}"
 
 echo
 echo "=== summary ($(( $(date +%s) - START ))s of ${BUDGET}s; logs in $OUT)"

@@ -7,6 +7,7 @@
     python -m seg evaluate --checkpoint runs/unet/best.npz --data data/synthetic
     python -m seg models
     python -m seg export --checkpoint runs/unet/best.npz --output unet.onnx
+    python -m seg check-data ~/kaggle/ultrasound                        # the data check alone
 
 This module parses the arguments and runs the commands; the work is done by seg.setup
 (training set-up: data, model, optimizer, schedule), seg.train (the loop) and seg.inference
@@ -24,15 +25,18 @@ from minidl import backend
 
 from . import distributed_training, models
 from .acceleration import AMP_DTYPES, MATMUL_PRECISIONS
-from .data import load_image
-from .errors import GPUOutOfMemoryError, NonFiniteLossError, UsageError
-from .image_inputs import image_files
-from .inference import crf_report, evaluate_samples, load_for_inference, predict_image, write_mask
+from .data import DataCheckError, Problem, load_image
+from .errors import GPUOutOfMemoryError, NonFiniteLossError, TrainingDataError, UsageError
+from .inference import crf_report, evaluate_samples, predict_image, write_mask
 from .interrupt import is_interrupt
 from .losses import LOSSES
+from .metrics import format_class_table
 from .models import summary
 from .models.pretrained import resolve_mapping
-from .setup import DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_dataset, set_up_training, trainer_options
+from .outputs import choose_run_folder, mask_outputs
+from .prediction_inputs import load_model_checked, prepare_output_folder, scan_inputs
+from .setup import (DEFAULT_SYNTHETIC, PRESETS, TRAIN_DEFAULTS, open_checked_dataset, set_up_training,
+                    trainer_options)
 from .train import train
 
 __all__ = ["main", "parse_train_args", "build_train_parser", "add_train_arguments", "check_train_args",
@@ -82,6 +86,15 @@ _positive_float = _number(float, lambda v: v > 0, "must be positive")
 _fraction = _number(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+class _StoreOut(argparse.Action):
+    """--out: stores the folder and notes that it was typed, since a default folder that holds
+    an earlier run gives way to a numbered one while a typed one is refused (seg.outputs)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.out_given = True
+
+
 def add_train_arguments(parser, defaults=None):
     """Add the training options (shared by `python -m seg train` and the examples).
 
@@ -117,14 +130,22 @@ def add_train_arguments(parser, defaults=None):
     p.add_argument("--dropout-mode", choices=("bottleneck", "every_conv"), default=d["dropout_mode"],
                    help="paper: bottleneck; tf_unet: every_conv")
     p.add_argument("--loss", choices=tuple(LOSSES), default=d["loss"], help="default %(default)s")
-    p.add_argument("--out", default=d["out"], metavar="DIR", help="output folder; default %(default)s")
+    p.add_argument("--out", default=d["out"], metavar="DIR", action=_StoreOut,
+                   help="output folder; default %(default)s (or %(default)s-2, -3, ... when it holds "
+                        "an earlier run; with --resume: the checkpoint's folder)")
+    p.add_argument("--overwrite", action="store_true", default=d["overwrite"],
+                   help="let --out replace the training run it already holds")
+    p.set_defaults(out_given=False)
     p.add_argument("--resume", default=d["resume"], metavar="CHECKPOINT",
                    help="continue from a checkpoint (e.g. OUT/last.npz)")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed; default %(default)s")
     p.add_argument("--val-fraction", type=_fraction, default=d["val_fraction"],
                    help="share of subjects held out for validation; default %(default)s")
     p.add_argument("--num-classes", type=_positive_int, default=d["num_classes"],
-                   help="classes for an images/masks folder (Kaggle data: 2)")
+                   help="classes for an images/masks folder; default: read off the mask values "
+                        "(0/255 or 0/1: 2, ids 0..K-1: K; Kaggle data: 2)")
+    p.add_argument("--in-channels", type=int, choices=(1, 3), default=d["in_channels"],
+                   help="1 (gray) or 3 (RGB) model input; default: 3 when the images are colour")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d["augment"],
                    help="flips, small rotations, elastic deformation, intensity jitter")
     p.add_argument("--crf", action="store_true", default=d["crf"],
@@ -140,6 +161,9 @@ def add_train_arguments(parser, defaults=None):
                         "(--batch-size is per rank); see docs/DISTRIBUTED.md")
     p.add_argument("--sync-bn", action="store_true", default=d["sync_bn"],
                    help="with --distributed: batch norm statistics over the global batch")
+    p.add_argument("--skip-bad", action="store_true", default=d["skip_bad"],
+                   help="train on the files the data check finds no problem with, listing the "
+                        "others in OUT/skipped.csv (default: problems stop the run)")
     add_interop_arguments(p, d)
     return parser
 
@@ -205,8 +229,11 @@ def require_device(device):
             raise UsageError(str(exc)) from None
 
 
-def check_train_args(args):
-    """Checks that need more than one option, or the outside world; UsageError on failure."""
+def check_train_args(args, log=print):
+    """Checks that need more than one option, or the outside world; UsageError on failure.
+
+    Also settles args.out, so that no earlier run is replaced by accident (seg.outputs).
+    """
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be a probability in [0, 1), got {args.dropout}.")
     if args.resume is not None and not os.path.exists(args.resume):
@@ -216,7 +243,13 @@ def check_train_args(args):
     if getattr(args, "pretrained", None) is not None and not os.path.isfile(args.pretrained):
         raise UsageError(f"--pretrained file {args.pretrained} does not exist; export the weights "
                          "to a .safetensors or .npz file first (see docs/INTEROP.md).")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; name a folder for the run's outputs.")
     require_device(args.device)
+    args.out, note = choose_run_folder(args.out, getattr(args, "out_given", True), args.resume,
+                                       getattr(args, "overwrite", False))
+    if note:
+        log(note)
     return args
 
 
@@ -238,7 +271,7 @@ def parse_train_args(argv=None, prog="python -m seg train", description=None, de
 
 def cmd_train(args, log=print):
     """`python -m seg train`: the same steps as examples/train_unet.py."""
-    check_train_args(args)
+    check_train_args(args, log)
     run = set_up_training(args, log)
     data = run.data
     log(f"{args.model}: {run.model.num_parameters():,} parameters; {data.n_train} training / "
@@ -254,38 +287,56 @@ def cmd_train(args, log=print):
 
 
 def _load_model_arg(args):
-    if not os.path.exists(args.checkpoint):
-        raise UsageError(f"--checkpoint {args.checkpoint} does not exist.")
     require_device(args.device)
-    return load_for_inference(args.checkpoint, args.device)
+    return load_model_checked(args.checkpoint, args.device)
 
 
 def cmd_predict(args, log=print):
-    files = image_files(args.input, "--input")
+    """Masks for --input (one image file or a folder of them). Files that cannot be predicted
+    (not images, damaged, a channel count the model does not take: seg.prediction_inputs) are
+    listed and skipped, exit code 1 when some were; masks never replace an input or each other
+    (seg.outputs.mask_outputs)."""
+    scan = scan_inputs(args.input)
     model, config = _load_model_arg(args)
-    os.makedirs(args.output, exist_ok=True)
+    channels = config.get("in_channels", 1)      # checkpoints from before RGB support: gray
+    scan = scan.for_channels(channels, args.checkpoint)
+    pairs, note = mask_outputs([path for path, _ in scan.files], args.output,
+                               ".png" if args.format == "png" else ".tif")
+    prepare_output_folder(args.output)
+    if note:
+        log(note)
     binary = config["num_classes"] == 2
-    suffix = ".png" if args.format == "png" else ".tif"
-    unreadable = []
-    for path in tqdm(files, desc="predict", unit="image", disable=not args.progress):
+    written = 0
+    for path, target in tqdm(pairs, desc="predict", unit="image", disable=not args.progress):
         try:
-            image = load_image(path)
-        except (ValueError, OSError) as exc:     # one bad file must not stop the others
-            unreadable.append(path)
-            log(f"skipped {path}: {exc}")
+            image = load_image(path, channels)
+        except (ValueError, OSError) as exc:     # damage the header did not show: skip this one
+            scan.skipped.append(Problem(str(path), str(exc)))
             continue
         probs = predict_image(model, image, config.get("size"), crf=args.crf)
-        write_mask(os.path.join(args.output, path.stem + suffix), probs.argmax(axis=0), binary, args.format)
-    log(f"wrote {len(files) - len(unreadable)} mask(s) to {args.output}"
-        + (f"; {len(unreadable)} image(s) could not be read (listed above)" if unreadable else ""))
-    return 1 if unreadable else 0
+        try:
+            write_mask(target, probs.argmax(axis=0), binary, args.format)
+        except OSError as exc:
+            raise UsageError(f"could not write {target} ({exc.strerror or exc}); check the space and "
+                             "permissions of --output.") from None
+        written += 1
+    log(f"wrote {written} mask(s) to {args.output}"
+        + (f"; {len(scan.skipped)} image(s) could not be read (listed below)" if scan.skipped else ""))
+    if scan.skipped:
+        print(scan.format_skipped(), file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_evaluate(args, log=print):
     if not os.path.isdir(args.data):
         raise UsageError(f"--data folder {args.data} does not exist.")
     model, config = _load_model_arg(args)
-    reader, _, num_classes = open_dataset(args.data, config["num_classes"])
+    reader, _, num_classes, report = open_checked_dataset(args.data, config["num_classes"],
+                                                          config.get("in_channels", 1))
+    if not report.ok:
+        raise DataCheckError(report, "fix or remove these files (python -m seg check-data DIR checks "
+                                     "a data set)")
     samples = reader.samples
     if args.split == "val":
         samples = reader.split(config.get("val_fraction", 0.25), seed=0)[1]
@@ -293,8 +344,10 @@ def cmd_evaluate(args, log=print):
     for crf in ((False, True) if args.crf else (False,)):
         scores = evaluate_samples(model, reader, samples, config.get("size"), num_classes, crf=crf,
                                   progress=args.progress)
-        log(f"{scores['images']} images ({args.split}){' + dense CRF' if crf else ''}: Dice (Kaggle) "
-            f"{scores['dice']:.4f}  mean IoU {scores['iou']:.4f}  pixel accuracy {scores['accuracy']:.4f}")
+        dice = "Dice (Kaggle)" if num_classes == 2 else f"mean Dice (classes 1-{num_classes - 1})"
+        log(f"{scores['images']} images ({args.split}){' + dense CRF' if crf else ''}: {dice} "
+            f"{scores['dice']:.4f}  mean IoU {scores['iou']:.4f}  pixel accuracy {scores['accuracy']:.4f}"
+            + format_class_table(scores))
     return 0
 
 
@@ -307,6 +360,19 @@ def cmd_export(args, log=print):
         f"{info['nodes']} nodes; input 'image' {shapes[0]}, output 'logits' {shapes[1]} "
         "(the batch axis is dynamic)")
     return 0
+
+
+def cmd_check_data(args, log=print):
+    """`python -m seg check-data DIR`: the data check of training (seg.data.check) without
+    training: the problems and the summary; exit code 0 when clean, 1 when problems were found."""
+    if not os.path.isdir(args.data):
+        raise UsageError(f"data folder {args.data} does not exist.")
+    reader, kind, _, report = open_checked_dataset(args.data, args.num_classes, read_masks=args.read_masks)
+    log(report.format_problems() if not report.ok else f"No problems found in {args.data} ({kind} layout).")
+    if getattr(reader, "classes", None) is not None:     # an images/masks folder: classes inferred
+        log(f"({reader.classes.describe()}; --num-classes N if some classes are absent from the masks)")
+    log(report.format_summary())
+    return 0 if report.ok else 1
 
 
 def cmd_models(args, log=print):
@@ -330,7 +396,7 @@ def cmd_models(args, log=print):
 def build_parsers():
     """The `python -m seg` parser and its train command's parser -> (parser, train_parser)."""
     parser = _Parser(prog="python -m seg", description="Image segmentation with minidl.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,models,export}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,check-data,models,export}",
                                 parser_class=_Parser)
     sub.required = True
     train_p = sub.add_parser("train", help="train a model (default: U-Net on synthetic data)")
@@ -349,6 +415,14 @@ def build_parsers():
         p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
         p.add_argument("--crf", action="store_true", help="refine with the dense CRF")
         p.add_argument("--no-progress", dest="progress", action="store_false")
+    check = sub.add_parser("check-data", help="check a data set (every file's header, the pairs) "
+                                              "and print its summary, without training")
+    check.add_argument("data", metavar="DIR", help="Kaggle layout or DIR/images + DIR/masks")
+    check.add_argument("--num-classes", type=_positive_int, default=None,
+                       help="classes for an images/masks folder (Kaggle data: 2)")
+    check.add_argument("--headers-only", dest="read_masks", action="store_false",
+                       help="read mask headers only: faster, but mask values and the empty-mask "
+                            "share are not checked")
     models_p = sub.add_parser("models", help="list the models with parameter counts and strides")
     models_p.add_argument("--explain", metavar="NAME", default=None,
                           help="list NAME's conv layers: parameters, output sizes, receptive field")
@@ -368,7 +442,7 @@ def build_parsers():
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "models": cmd_models,
-            "export": cmd_export}
+            "check-data": cmd_check_data, "export": cmd_export}
 
 
 def run_main(fn, args, prog):
@@ -381,8 +455,11 @@ def run_main(fn, args, prog):
     except (FileNotFoundError, ValueError) as exc:     # bad data folder / file contents
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, GPUOutOfMemoryError) as exc:
+    except (NonFiniteLossError, GPUOutOfMemoryError, TrainingDataError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:      # a full disk, a folder without write permission: names the file
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SystemError) as exc:
         if not is_interrupt(exc):      # Ctrl-C inside a Numba kernel arrives as a SystemError

@@ -4,6 +4,8 @@ UsageError           a bad command-line argument (`python -m seg` prints it, exi
 NonFiniteLossError   the loss became NaN or infinite during training (exit code 1)
 GPUOutOfMemoryError  the GPU ran out of memory on a batch (exit code 1);
                      `explain_gpu_out_of_memory` turns CuPy's error into this one.
+TrainingDataError    a data file could not be loaded during training (exit code 1); the
+                     message names the file and the checkpoint to resume from.
 """
 import contextlib
 
@@ -11,7 +13,8 @@ import numpy as np
 
 from minidl import backend
 
-__all__ = ["UsageError", "NonFiniteLossError", "GPUOutOfMemoryError", "explain_gpu_out_of_memory"]
+__all__ = ["UsageError", "NonFiniteLossError", "GPUOutOfMemoryError", "TrainingDataError",
+           "explain_gpu_out_of_memory"]
 
 
 class UsageError(Exception):
@@ -24,6 +27,11 @@ class NonFiniteLossError(RuntimeError):
 
 class GPUOutOfMemoryError(MemoryError):
     """The GPU ran out of memory; the message names the batch and what to lower."""
+
+
+class TrainingDataError(RuntimeError):
+    """A sample failed to load during training (a file changed after the data check, a disk
+    error); the message names the file and the checkpoint to resume from."""
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Using a trained model: rebuild it from a checkpoint, predict images of any size, score them.
 
     model, config = load_for_inference("runs/unet/best.npz")
-    probs = predict_image(model, image, config["size"])          # (K, H, W) for image (H, W)
+    probs = predict_image(model, image, config["size"])          # (K, H, W) for image (H, W[, C])
     scores = evaluate_samples(model, reader, reader.samples, config["size"])
 
 `predict_image` resizes an image to the training size, predicts it tile by tile
@@ -21,7 +21,7 @@ from .checkpoints import load_checkpoint, read_checkpoint_meta
 from .data import resize
 from .errors import UsageError
 from .metrics import RunningScores
-from .setup import open_dataset
+from .setup import open_checked_dataset
 from .tiling import predict_tiled
 
 __all__ = ["load_for_inference", "predict_image", "evaluate_samples", "crf_refine", "crf_report",
@@ -50,7 +50,8 @@ def load_for_inference(checkpoint, device="cpu"):
 
 
 def crf_refine(probs, image):
-    """The --crf hook: dense-CRF refinement of probs (K, H, W) using the image (H, W) in [0, 1]."""
+    """The --crf hook: dense-CRF refinement of probs (K, H, W) using the image (H, W) or
+    (H, W, 3) in [0, 1]."""
     try:
         # Imported here: only --crf needs the CRF, and an import failure becomes a usage error.
         from .crf import dense_crf
@@ -60,13 +61,16 @@ def crf_refine(probs, image):
 
 
 def predict_image(model, image, size=None, crf=False):
-    """Class probabilities (K, H, W) for one image (H, W) float in [0, 1], at its own size.
+    """Class probabilities (K, H, W) for one image (H, W) or (H, W, C) float in [0, 1], at its
+    own size.
 
     The image is resized to the training size, predicted (overlap-tile, so any size works),
     and the probabilities are resized back (bilinear); crf=True refines them with the dense CRF.
     """
-    H, W = image.shape
+    H, W = image.shape[:2]
     small = image if size is None else resize(image, None, tuple(size))[0]
+    if small.ndim == 3:
+        small = np.moveaxis(small, -1, 0)          # (C, H, W), as the network takes it
     probs = predict_tiled(model, small, oom_advice="predicting on the CPU (--device cpu)")
     if probs.shape[1:] != (H, W):
         up = resize(np.moveaxis(probs, 0, -1), None, (H, W), antialias=False)[0]
@@ -96,7 +100,9 @@ def crf_report(args, data, log=print):
     seg.setup.prepare_data returned for the run. The model is OUT/best.npz.
     """
     model, config = load_for_inference(os.path.join(args.out, "best.npz"), args.device)
-    reader, _, num_classes = open_dataset(data.root, args.num_classes)
+    reader, _, num_classes, report = open_checked_dataset(data.root, config["num_classes"],
+                                                          config.get("in_channels", 1))
+    reader.samples = report.samples      # what --skip-bad left out of training stays out here too
     _, val_samples = reader.split(args.val_fraction, seed=0)
     for crf in (False, True):
         scores = evaluate_samples(model, reader, val_samples, config["size"], num_classes, crf=crf,

@@ -12,6 +12,10 @@ Conventions used here:
   0 / 0 = NaN and is left out of the mean, instead of counting as 0 or 1.
 - Dice is the Kaggle Ultrasound Nerve Segmentation score: binary (any non-zero label is
   foreground), computed per image, and an empty prediction on an empty mask scores 1.
+- With more than 2 classes, that binary Dice cannot tell the classes apart (a prediction with
+  classes 1 and 2 swapped would score 1), so RunningScores reports the Dice of every class,
+  2 TP / (2 TP + FP + FN) from the summed confusion matrix, and their mean over the
+  foreground classes 1..K-1 (``dice_from_confusion``).
 
 To score a whole data set batch by batch, add up ``confusion_matrix`` results and call
 ``iou_from_confusion`` / ``accuracy_from_confusion`` once at the end; averaging per-batch IoUs
@@ -26,6 +30,10 @@ __all__ = [
     "confusion_matrix",
     "iou_from_confusion",
     "accuracy_from_confusion",
+    "dice_from_confusion",
+    "class_columns",
+    "format_class_scores",
+    "format_class_table",
     "iou_per_class",
     "mean_iou",
     "dice_score",
@@ -116,6 +124,20 @@ def iou_from_confusion(cm):
     return iou
 
 
+def dice_from_confusion(cm):
+    """Per-class Dice 2 TP / (2 TP + FP + FN) from a confusion matrix (K, K); NaN for classes
+    absent from both maps. Returns float64 (K,)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"a confusion matrix must be square (K, K), got shape {cm.shape}.")
+    tp = np.diag(cm)
+    total = cm.sum(axis=0) + cm.sum(axis=1)          # predicted + true = 2 TP + FP + FN
+    dice = np.full(cm.shape[0], np.nan)
+    present = total > 0
+    dice[present] = 2.0 * tp[present] / total[present]
+    return dice
+
+
 def accuracy_from_confusion(cm):
     """Fraction of counted pixels on the diagonal; NaN when nothing was counted."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -193,9 +215,11 @@ class RunningScores:
         scores = RunningScores(num_classes)
         for pred, target in batches:            # label maps (H, W) or (N, H, W)
             scores.add(pred, target)
-        scores.summary()    # {"images", "dice" (Kaggle mean), "iou" (mean), "accuracy" (pixels)}
+        scores.summary()    # {"images", "dice", "iou" (mean), "accuracy" (pixels), per class}
 
-    Dice is averaged over images; IoU and accuracy come from the summed confusion matrix, so
+    "dice" is the score the best checkpoint is chosen by. For 2 classes it is the Kaggle mean
+    Dice, averaged over images; for more, the mean of the per-class Dice over the foreground
+    classes 1..K-1. Per-class values, IoU and accuracy come from the summed confusion matrix, so
     every pixel counts the same whatever the batch sizes.
     """
 
@@ -209,8 +233,48 @@ class RunningScores:
         self.confusion += confusion_matrix(pred, target, self.num_classes)
 
     def summary(self):
-        """{"images": n, "dice", "iou", "accuracy"}: Python floats, NaN where nothing was added."""
-        return {"images": len(self.dice),
-                "dice": float(np.mean(self.dice)) if self.dice else float("nan"),
+        """{"images": n, "dice", "iou", "accuracy", "num_classes", "dice_per_class",
+        "iou_per_class"}: Python floats (lists of K for the per-class ones), NaN where nothing
+        was added or a class is absent from both prediction and truth."""
+        dice_per_class = dice_from_confusion(self.confusion)
+        if self.num_classes > 2:
+            dice = _mean_present(dice_per_class[1:])
+        else:
+            dice = float(np.mean(self.dice)) if self.dice else float("nan")
+        return {"images": len(self.dice), "dice": dice,
                 "iou": _mean_present(iou_from_confusion(self.confusion)),
-                "accuracy": accuracy_from_confusion(self.confusion)}
+                "accuracy": accuracy_from_confusion(self.confusion),
+                "num_classes": self.num_classes,
+                "dice_per_class": dice_per_class.tolist(),
+                "iou_per_class": iou_from_confusion(self.confusion).tolist()}
+
+
+def class_columns(summary, prefix="val_"):
+    """The per-class scores of a RunningScores summary as flat columns, for more than 2 classes
+    only: {"val_dice_c0": ..., "val_iou_c0": ..., ...} (empty for 2 classes)."""
+    if summary.get("num_classes", 2) <= 2:
+        return {}
+    columns = {}
+    for name in ("dice", "iou"):
+        for k, value in enumerate(summary[f"{name}_per_class"]):
+            columns[f"{prefix}{name}_c{k}"] = value
+    return columns
+
+
+def format_class_scores(columns, prefix="val_"):
+    """'  Dice per class 0.99/0.81/0.62' from class_columns' output ('' when there is none)."""
+    dice = [v for k, v in columns.items() if k.startswith(f"{prefix}dice_c")]
+    if not dice:
+        return ""
+    return "  Dice per class " + "/".join(f"{v:.2f}" for v in dice)
+
+
+def format_class_table(summary):
+    """Per-class Dice and IoU of a RunningScores summary as table lines, each starting with a
+    newline; '' for 2 classes (whose Dice is the Kaggle score)."""
+    if summary.get("num_classes", 2) <= 2:
+        return ""
+    lines = [f"\n  {'class':>5}  {'Dice':>6}  {'IoU':>6}"]
+    for k, (dice, iou) in enumerate(zip(summary["dice_per_class"], summary["iou_per_class"])):
+        lines.append(f"\n  {k:>5}  {dice:>6.4f}  {iou:>6.4f}")
+    return "".join(lines)

@@ -58,7 +58,9 @@ def plot_curves(history, path):
     ax_loss.set_title("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    for key, label in (("val_dice", "Dice (Kaggle)"), ("val_iou", "mean IoU"),
+    # More than 2 classes: val_dice is the mean per-class Dice (seg.metrics.RunningScores).
+    multiclass = any(key.startswith("val_dice_c") for key in (history[-1] if history else {}))
+    for key, label in (("val_dice", "mean Dice" if multiclass else "Dice (Kaggle)"), ("val_iou", "mean IoU"),
                        ("val_accuracy", "pixel accuracy")):
         values = column(key)
         if np.isfinite(values).any():

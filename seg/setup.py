@@ -31,7 +31,7 @@ __all__ = ["TRAIN_DEFAULTS", "PRESETS", "DEFAULT_SYNTHETIC", "default_synthetic_
            "Data", "TrainingRun", "set_up_training",
            "trainer_options", "prepare_data", "open_dataset", "ensure_synthetic", "model_options",
            "build_model_from_args", "make_optimizer", "make_scheduler", "run_config",
-           "load_pretrained_from_args"]
+           "load_pretrained_from_args", "open_checked_dataset", "checked_dataset", "SKIPPED_FILE"]
 
 #: Where the synthetic stand-in for the Kaggle data is generated (once) when --data is not given
 #: and the command runs in the repository (elsewhere: default_synthetic_root(), a user cache).
@@ -60,7 +60,7 @@ TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "
                   "loss": "ce_dice", "optimizer": "adam", "out": "runs/unet", "resume": None, "seed": 0,
                   "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
                   "plot_every": 4, "progress": True, "preset": None, "distributed": False,
-                  "sync_bn": False,
+                  "sync_bn": False, "in_channels": None, "overwrite": False, "skip_bad": False,
                   # issue 19 / 16 (seg/acceleration.py, seg.models.pretrained)
                   "pretrained": None, "pretrained_mapping": "auto", "amp": None, "cuda_graph": False,
                   "matmul_precision": None}
@@ -100,13 +100,13 @@ def set_up_training(args, log=print, synthetic_root=None):
     data = prepare_data(args, log, synthetic_root)
     if distributed:
         data = distributed_training.distribute_data(data, args)
-    model = build_model_from_args(args, data.num_classes)
+    model = build_model_from_args(args, data.num_classes, data.in_channels)
     load_pretrained_from_args(args, model, log)
     if distributed:
         model = distributed_training.wrap_model(model, args)
     optimizer = make_optimizer(args, model)
     return TrainingRun(data, model, get_loss(args.loss), optimizer, make_scheduler(args, optimizer),
-                       run_config(args, data.num_classes))
+                       run_config(args, data.num_classes, data.in_channels))
 
 
 def trainer_options(args):
@@ -131,15 +131,24 @@ class Data:
     kind: str                 # "kaggle" or "folder"
     n_train: int
     n_val: int
+    in_channels: int = 1      # 1 gray, 3 RGB: the model's input channels
 
 
-def open_dataset(root, num_classes=None):
-    """A Kaggle-layout or images/masks data set -> (reader, kind, num_classes)."""
+def open_dataset(root, num_classes=None, in_channels=None, problems=None):
+    """A Kaggle-layout or images/masks data set -> (reader, kind, num_classes).
+
+    For an images/masks folder, num_classes None is inferred from the mask values and
+    in_channels None from the image files (seg.data.describe); Kaggle frames are gray, 2
+    classes. reader.in_channels is the channel count the images are loaded with.
+    problems: a list collecting the naming/pairing problems (and, for a folder, masks whose
+    values fit no convention) instead of raising the first one: see open_checked_dataset.
+    """
     root = Path(root)
     if (root / "images").is_dir():
-        classes = num_classes or 2
-        return sdata.ImageMaskFolder(root, num_classes=classes, binary=classes == 2), "folder", classes
-    return sdata.KaggleUltrasound(root), "kaggle", 2
+        reader = sdata.ImageMaskFolder(root, num_classes=num_classes, binary=None, in_channels=in_channels,
+                                       problems=problems)
+        return reader, "folder", reader.num_classes
+    return sdata.KaggleUltrasound(root, in_channels=in_channels or 1, problems=problems), "kaggle", 2
 
 
 def preset_notice(args):
@@ -196,7 +205,10 @@ def prepare_data(args, log=print, synthetic_root=None):
     resized once to args.size and cached in memory.
     """
     root = args.data if args.data is not None else ensure_synthetic(synthetic_root, log)
-    reader, kind, num_classes = open_dataset(root, args.num_classes)
+    reader, kind, num_classes = checked_dataset(root, args, log)
+    if kind == "folder":
+        log(f"{root}: {reader.classes.describe()}; images read as "
+            f"{'RGB' if reader.in_channels == 3 else 'gray'} ({reader.in_channels} channel(s))")
     train_samples, val_samples = reader.split(args.val_fraction, seed=0)
     if not val_samples:
         raise UsageError(f"the data in {root} has too few subjects for a validation split; "
@@ -210,7 +222,51 @@ def prepare_data(args, log=print, synthetic_root=None):
     val_set = sdata.Dataset(val_samples, reader.load, cache=True, preprocess=resize)
     train_loader = sdata.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed)
     val_loader = sdata.DataLoader(val_set, batch_size=args.batch_size, shuffle=False)
-    return Data(train_loader, val_loader, str(root), num_classes, kind, len(train_set), len(val_set))
+    return Data(train_loader, val_loader, str(root), num_classes, kind, len(train_set), len(val_set),
+                reader.in_channels)
+
+
+def open_checked_dataset(root, num_classes=None, in_channels=None, read_masks=True):
+    """open_dataset, then the data check (seg.data.check) -> (reader, kind, num_classes, report).
+
+    num_classes / in_channels as in open_dataset (None: inferred from the files).
+    Naming and pairing problems do not stop the opening; they are in the report with the rest."""
+    problems = []
+    reader, kind, classes = open_dataset(root, num_classes, in_channels, problems=problems)
+    return reader, kind, classes, sdata.check_dataset(reader, problems, read_masks=read_masks)
+
+
+#: Where --skip-bad lists the files it left out (CSV: file, problem), in the run folder.
+SKIPPED_FILE = "skipped.csv"
+
+
+def checked_dataset(root, args, log=print):
+    """The data set of a training run, checked: (reader, kind, num_classes).
+
+    Problems stop the run before anything is written (a DataCheckError listing them all), or,
+    with --skip-bad, the pairs with problems are left out and listed in OUT/skipped.csv.
+    """
+    reader, kind, num_classes, report = open_checked_dataset(root, args.num_classes,
+                                                             getattr(args, "in_channels", None))
+    skipped = Path(args.out) / SKIPPED_FILE
+    if report.ok:
+        log(f"data check: {report.summary['pairs']:,} pairs in {root}, no problems "
+            f"({report.summary['seconds']:.1f} s)")
+        if skipped.is_file():
+            skipped.unlink()                 # a list left by an earlier run in this folder
+        return reader, kind, num_classes
+    if not getattr(args, "skip_bad", False):
+        raise sdata.DataCheckError(report, "fix or remove these files, or pass --skip-bad to train on "
+                                           "the rest (python -m seg check-data DIR checks without training)")
+    if not report.samples:
+        raise sdata.DataCheckError(report, "no image/mask pair is left to train on")
+    skipped.parent.mkdir(parents=True, exist_ok=True)
+    report.write_problems(skipped)
+    log(report.format_problems())
+    log(f"--skip-bad: training on the {len(report.samples):,} pairs without problems; the files "
+        f"left out are listed in {skipped}.")
+    reader.samples = report.samples
+    return reader, kind, num_classes
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule

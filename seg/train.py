@@ -12,7 +12,9 @@ What one epoch does:
    and images/s. Losses are kept as Python floats, and nothing of the graph survives a step,
    so memory does not grow with the number of steps.
 2. validation: mean Dice with the Kaggle rule (an empty prediction on an empty mask scores 1),
-   mean IoU and pixel accuracy (seg.metrics), plus the validation loss.
+   mean IoU and pixel accuracy (seg.metrics), plus the validation loss. With more than 2
+   classes, "val_dice" is the mean of the per-class Dice over the foreground classes, and the
+   per-class Dice and IoU are logged too (columns val_dice_c<k>, val_iou_c<k>).
 3. logging: one row appended to out_dir/metrics.csv; out_dir/curves.png redrawn; an
    "X / Y / Pred" panel of a few validation images (out_dir/samples_epochNNN.png).
 4. checkpoints: out_dir/last.npz every epoch and out_dir/best.npz when the validation Dice
@@ -26,8 +28,10 @@ epochs produce the same losses as an uninterrupted run (the data loader's order 
 augmentation depend only on (seed, epoch), which the loop sets each epoch).
 
 A NaN or infinite loss stops the run before the bad update is applied, with one message; the
-last good checkpoint stays. Ctrl-C stops after the current batch (seg.interrupt: never inside a
-kernel or a checkpoint write), saves out_dir/interrupted.npz and returns cleanly.
+last good checkpoint stays. So does a sample that fails to load (a file damaged or changed after
+the data check, a disk error): TrainingDataError names the file and the checkpoint to resume
+from. Ctrl-C stops after the current batch (seg.interrupt: never inside a kernel or a
+checkpoint write), saves out_dir/interrupted.npz and returns cleanly.
 """
 import contextlib
 import csv
@@ -44,8 +48,10 @@ from minidl.tensor import Tensor
 
 from . import metrics as seg_metrics
 from .acceleration import GraphedSteps, backward_and_step
-from .checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from .errors import NonFiniteLossError, explain_gpu_out_of_memory
+from .checkpoints import (load_checkpoint, read_checkpoint_meta, remove_stale_temporaries,
+                          restore_rng_state, rng_state, save_checkpoint)
+from .data.loader import SampleLoadError
+from .errors import NonFiniteLossError, TrainingDataError, explain_gpu_out_of_memory
 from .interrupt import DeferredInterrupt, is_interrupt
 from .tiling import forward_full
 
@@ -157,12 +163,26 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         # metrics.csv must match the restored history (a crashed run may have written more).
         self._write_metrics_csv()
+        self._restore_best(meta)
         return meta
+
+    def _restore_best(self, meta):
+        """A crash between writing last.npz and best.npz leaves best.npz one improvement behind;
+        when the resumed checkpoint is the best epoch itself, write best.npz again from it."""
+        if self.best_epoch != self.epoch or "interrupted_in_epoch" in meta:
+            return
+        try:
+            if read_checkpoint_meta(self.path("best.npz")).get("epoch") == self.epoch:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        self.save("best.npz")
 
     def _write_metrics_csv(self):
         tmp = self.path("metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            fields = _csv_fields(self.history[0] if self.history else {})
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.history)
         os.replace(tmp, self.path("metrics.csv"))
@@ -171,7 +191,7 @@ class Trainer:
         path = self.path("metrics.csv")
         new = not os.path.exists(path)
         with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=_csv_fields(row), extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -238,6 +258,16 @@ class Trainer:
             f"(learning rate {_current_lr(self.optimizer):g}); {kept}, or check the data for "
             "bad values.")
 
+    def _data_error_message(self, exc, epoch):
+        """One sentence for a sample that failed to load: the file, and how to go on."""
+        if os.path.exists(self.path("last.npz")):
+            kept = (f"the checkpoint {self.path('last.npz')} of epoch {self.epoch} is intact; fix or "
+                    f"remove the file and resume with --resume {self.path('last.npz')}")
+        else:
+            kept = "no checkpoint was written yet; fix or remove the file and start again"
+        return (f"Training stopped in epoch {epoch}: {str(exc).rstrip('.')}; {kept} "
+                "(python -m seg check-data DIR checks every file).")
+
     def evaluate(self, loader, keep_samples=0):
         """Validation metrics on `loader`: loss, Kaggle mean Dice, mean IoU, pixel accuracy.
 
@@ -271,7 +301,8 @@ class Trainer:
         if n_images == 0:
             raise ValueError("the validation loader gave no batches; check the split.")
         result = {"val_loss": total_loss / n_images, "val_dice": summary["dice"],
-                  "val_iou": summary["iou"], "val_accuracy": summary["accuracy"]}
+                  "val_iou": summary["iou"], "val_accuracy": summary["accuracy"],
+                  **seg_metrics.class_columns(summary)}
         samples = tuple(np.stack(k) for k in kept) if kept[0] else None
         return result, samples
 
@@ -286,6 +317,9 @@ class Trainer:
         if resume is not None:
             meta = self.resume(resume)
             self.log(f"Resumed from {resume} after epoch {meta['epoch']} ({self._best_text()}).")
+        elif self.epoch == 0 and os.path.exists(self.path("metrics.csv")):
+            os.remove(self.path("metrics.csv"))    # a new run starts its own table, never appends
+        remove_stale_temporaries(self.out_dir)    # left by a run killed while saving
         result = TrainResult(out_dir=self.out_dir)
         epoch = self.epoch + 1
         try:
@@ -300,6 +334,8 @@ class Trainer:
             path = self.save("interrupted.npz", interrupted_in_epoch=epoch)
             self.log(self._interrupted_text(epoch, path))
             result.interrupted = True
+        except SampleLoadError as exc:
+            raise TrainingDataError(self._data_error_message(exc, epoch)) from exc
         finally:
             self._interrupt = None
         if self.plot and self.history:
@@ -359,7 +395,7 @@ class Trainer:
         self.log(f"epoch {epoch}/{epochs}  loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
                  f"val Dice {row['val_dice']:.4f}  IoU {row['val_iou']:.4f}  "
                  f"acc {row['val_accuracy']:.4f}  {images_per_s:.1f} img/s  {row['seconds']:.1f}s"
-                 + ("  *" if improved else ""))
+                 + ("  *" if improved else "") + seg_metrics.format_class_scores(row))
 
     # -------------------------------------------------------------- plots
     def _plot_epoch(self, epoch, samples):
@@ -391,6 +427,11 @@ class Trainer:
             if not self._plot_warned:
                 self.log(f"warning: could not draw the sample panel ({type(exc).__name__}: {exc}).")
                 self._plot_warned = True
+
+
+def _csv_fields(row):
+    """metrics.csv's columns: METRIC_FIELDS, then the per-class ones of a multi-class run."""
+    return METRIC_FIELDS + tuple(k for k in row if k.startswith(("val_dice_c", "val_iou_c")))
 
 
 def train(model, train_loader, val_loader, loss_fn, optimizer, scheduler=None, epochs=10,

@@ -213,6 +213,9 @@ class _MemoryHook:
 
 
 class _Device:
+    # The WMMA stand-ins of tests/gpu_emulation_blocks.py run every tensor-core mode: an sm_90.
+    compute_capability = "90"
+
     def __init__(self, device=0):
         self.id = int(device)
 

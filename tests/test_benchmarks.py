@@ -135,3 +135,65 @@ def test_implicit_gemm_step_reruns_every_recorded_layer(monkeypatch):
         with minidl.no_grad():
             ref = op.apply(minidl.tensor(x), minidl.tensor(w), **params).numpy()
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the settings of a step
+TINY = ["--depth", "2", "--features", "4", "--size", "16", "--batch", "1", "--warmup", "1",
+        "--iters", "1", "--layer-iters", "1", "--matmul-size", "32"]
+
+
+@pytest.mark.parametrize("amp_dtype, matmul, algorithm",
+                         [("bf16", "high", "auto"), ("fp16", "highest", "implicit_gemm")])
+def test_gpu_benchmark_runs_in_the_settings_asked_for(device, amp_dtype, matmul, algorithm):
+    """--amp, --matmul-precision, --conv-algorithm: the step runs in them (on the GPU the
+    implicit-GEMM kernels take the convs: the breakdown sees them), and they are restored."""
+    result = benchmark_gpu.main(["--device", device, "--amp", amp_dtype, "--matmul-precision",
+                                 matmul, "--conv-algorithm", algorithm, "--skip-layers"] + TINY)
+    assert (result["amp"], result["matmul_precision"], result["conv_algorithm"]) == \
+        (amp_dtype, matmul, algorithm)
+    assert np.isfinite(result["final_loss"]) and result["images_per_s"] > 0
+    implicit_ms = result["breakdown_ms"]["implicit GEMM"]
+    assert implicit_ms > 0 if device == "gpu" else implicit_ms == 0
+    assert minidl.get_float32_matmul_precision() == "highest"
+    assert minidl.backends.conv_algorithm == "auto"
+
+
+def test_minidl_modes_of_the_torch_comparison_each_give_a_time(device):
+    import seg.models
+    clock = benchmark_gpu.Clock(device)
+    model = seg.models.build("unet", 2, 1, depth=2, features_root=4, padding="same").to(device)
+    x = minidl.randn(1, 1, 16, 16, device=device)
+    target = minidl.randint(0, 2, (1, 16, 16), device=device)
+    step = benchmark_gpu.make_step(model, minidl.optim.Adam(model.parameters()), x, target)
+    times = benchmark_gpu.minidl_mode_times(clock, step, iters=1)
+    labels = [row[0] for rows in benchmark_gpu.MINIDL_MODES.values() for row in rows]
+    assert list(times) == labels and all(t > 0 for t in times.values())
+    assert minidl.get_float32_matmul_precision() == "highest"
+    assert minidl.backends.conv_algorithm == "auto"
+
+
+def test_compare_torch_puts_minidl_next_to_every_torch_mode(device, monkeypatch, capsys):
+    """--compare-torch's table with a stand-in for PyTorch (its step time fixed): every mode
+    gets PyTorch's time and minidl's in each matching setting, with the ratio printed."""
+    import argparse
+    import types
+    import seg.models
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
+        __version__="stand-in", cuda=types.SimpleNamespace(is_available=lambda: True)))
+    monkeypatch.setattr(torch_compare, "torch_step_time", lambda torch, *a, iters=5: 0.01)
+    model = seg.models.build("unet", 2, 1, depth=2, features_root=4, padding="same").to(device)
+    step = benchmark_gpu.make_step(model, minidl.optim.Adam(model.parameters()),
+                                   minidl.randn(1, 1, 16, 16, device=device),
+                                   minidl.randint(0, 2, (1, 16, 16), device=device))
+    args = argparse.Namespace(depth=2, features=4, batch=1, size=16, iters=1)
+    out = benchmark_gpu.compare_torch(benchmark_gpu.Clock(device), args, step)
+    printed = capsys.readouterr().out
+    if device == "cpu":                   # PyTorch's side needs CUDA: nothing compared
+        assert out is None and "needs a GPU" in printed
+        return
+    assert list(out) == list(torch_compare.TORCH_MODES)
+    for mode, rows in benchmark_gpu.MINIDL_MODES.items():
+        assert out[mode]["torch"] == 0.01
+        for label, *_ in rows:
+            assert out[mode][label] > 0 and f"minidl ({label:13s})" in printed
+    assert printed.count("minidl/PyTorch") == sum(map(len, benchmark_gpu.MINIDL_MODES.values()))

@@ -67,10 +67,11 @@ def test_one_unreadable_image_does_not_stop_predict(checkpoint, tmp_path, capsys
     assert cli.main(["predict", "--checkpoint", str(ckpt), "--input", str(inputs), "--output",
                      str(tmp_path / "out"), "--no-progress"]) == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00.png", "02.png"]
-    out = capsys.readouterr().out
-    skipped = [line for line in out.splitlines() if "01.png" in line]
+    captured = capsys.readouterr()
+    # The skipped files are listed on stderr, one line each (seg.prediction_inputs).
+    skipped = [line for line in captured.err.splitlines() if "01.png" in line]
     assert len(skipped) == 1 and "damaged or not a PNG" in skipped[0]
-    assert "wrote 2 mask(s)" in out and "1 image(s) could not be read" in out
+    assert "wrote 2 mask(s)" in captured.out and "1 image(s) could not be read" in captured.out
 
 
 def test_seed_unet_preset_says_how_long_before_it_starts(monkeypatch):

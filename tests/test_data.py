@@ -19,6 +19,7 @@ from seg.data import (
     ImageMaskFolder,
     KaggleUltrasound,
     Resize,
+    SampleLoadError,
     affine,
     collate,
     elastic_deform,
@@ -551,7 +552,8 @@ def test_loader_propagates_errors(synth_root):
         return load_sample(sample)
 
     loader = DataLoader(Dataset(samples, failing_load), batch_size=2)
-    with pytest.raises(ValueError, match="cannot load .*_2.tif"):
+    # Issue 18: the loader wraps the error in one SampleLoadError naming the sample.
+    with pytest.raises(SampleLoadError, match="cannot load .*_2.tif"):
         list(loader)
     assert not prefetch_threads()
 

@@ -59,11 +59,12 @@ def two_epochs_on_cpu(kaggle, tmp_path_factory):
 
 def one_process_validation(root, checkpoint, device="cpu"):
     """The validation figures of `checkpoint` scored by one process on the whole split."""
-    args = cli.parse_train_args(train_argv(root, os.path.dirname(checkpoint), 1, device=device)[1:])
+    scratch = os.path.join(os.path.dirname(checkpoint), "one-process")   # not the run's own folder
+    args = cli.parse_train_args(train_argv(root, scratch, 1, device=device)[1:])
     run = setup.set_up_training(args, log=lambda *a: None)
     load_checkpoint(checkpoint, run.model)
     trainer = Trainer(run.model, None, run.data.val_loader, run.loss_fn, run.optimizer,
-                      out_dir=os.path.join(os.path.dirname(checkpoint), "one-process"),
+                      out_dir=scratch,
                       device=device, plot=False, progress=False, log=None)
     scores, _ = trainer.evaluate(run.data.val_loader)
     return scores, run

@@ -73,11 +73,14 @@ def test_bad_input_is_one_sentence_everywhere(entry, tmp_path, capsys):
         main = lambda argv: cli.main(["train"] + argv)  # noqa: E731
     else:
         main = _example(entry).main
+    # 3-class masks with --num-classes 2: the data check (seg.data.check) lists every mask that
+    # breaks it, then one closing sentence; no traceback.
     three = str(_folder(tmp_path / "three", classes=3))
-    assert main(["--data", three, "--model", "unet", "--epochs", "1",
+    assert main(["--data", three, "--model", "unet", "--num-classes", "2", "--epochs", "1",
                  "--out", str(tmp_path / "a")] + QUICK) == 2
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1 and "Mask file" in err
+    assert "Traceback" not in err and "Mask file" in err and "holds class id 2, but num_classes is 2" in err
+    assert err.splitlines()[-1].startswith("The data check stopped the run")
     # A checkpoint of another model: the options it was trained with, not "strict=False".
     two = str(_folder(tmp_path / "two"))
     assert cli.main(["train", "--data", two, "--model", "unet", "--depth", "2", "--epochs", "1",

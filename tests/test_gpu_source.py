@@ -312,3 +312,19 @@ def test_optimizer_kernel_refuses_mismatched_state(emu):
     with pytest.raises(TypeError, match="state must match its parameter"):
         gpu.adam_update(p, p, np.zeros(4, np.float64), np.zeros(4, np.float32), None, False,
                         0.9, 0.999, 1e-3, 1.0, 1e-8, 0.0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7), (1, 2, 300), (3, 1, 200), (5, 1, 1)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_batchnorm_stats_kernel_matches_reference(emu, shape, dtype):
+    """Per-channel mean and variance in one pass (Welford per lane, lanes merged): (1, 2, 300)
+    and (3, 1, 200) have more values than _BN_LANES; the offset of 1e3 would lose every
+    digit of a float32 variance computed as E[x^2] - E[x]^2."""
+    x = (1e3 + np.random.default_rng(4).standard_normal(shape)).astype(dtype)
+    mean, var = gpu.batchnorm_stats(x)
+    ref_mean, ref_var = ref.batchnorm_stats(x.astype(np.float64))
+    assert mean.dtype == var.dtype == dtype and mean.shape == var.shape == (shape[1],)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-6 if dtype == np.float32 else 1e-13)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-3 if dtype == np.float32 else 1e-9,
+                               atol=1e-6 if dtype == np.float32 else 1e-12)
+    assert [name for name, _ in emu.launches] == ["batchnorm_stats_kernel"]

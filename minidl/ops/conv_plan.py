@@ -8,6 +8,9 @@ layer and device by `plan(geom, x_shape, c_out, device)`, which returns a `ConvP
     kind "im2col"     the full column matrix (K = C*kh*kw rows), built in pieces
     kind "row"        row columns (K = C*kw rows) and one GEMM of the stacked kernel rows
                       (CPU: stride-1 convs with few channels; see `_row_route`)
+    kind "implicit_gemm"   (GPU) no column matrix at all: CUDA kernels gather its tiles into
+                      shared memory (conv_implicit_gemm.ImplicitGemmPlan; see
+                      `_implicit_gemm_route` for when, `conv_precision` for which kernels)
     adjoint           the input gradient of a stride-1 conv with fewer output than input
                       channels as a conv of gy (CPU; see `_adjoint_geometry`), else col2im
     keep_bytes        a layer whose column matrix is at most this big keeps it from forward
@@ -18,10 +21,11 @@ layer and device by `plan(geom, x_shape, c_out, device)`, which returns a `ConvP
     transposed_weight_grad   sum gW transposed (CPU, narrow layers: BLAS wants K first)
 
 Every plan offers forward / input_grad / weight_grad / backward with the same signatures as
-conv.py's plain `Im2col`, and the Functions call only those. Another algorithm (implicit
-GEMM on the GPU, say) is one more class with these four methods, one more name in
-ALGORITHMS, and one more branch in `plan`; conv.py does not change. The switches are the attributes of `settings` (see
-`Settings`); tests and benchmarks change them for a while with `override(...)`.
+conv.py's plain `Im2col`, and the Functions call only those. Another algorithm is one more
+class with these four methods (as ImplicitGemmPlan), one more name in ALGORITHMS, and one
+more branch in `plan`; conv.py does not change. The switches are the attributes of
+`settings` (see `Settings`; `minidl.backends.conv_algorithm` is `settings.algorithm` under
+PyTorch's kind of name); tests and benchmarks change them for a while with `override(...)`.
 
 Memory: the column buffer is kh*kw times the input (a 3x3 conv on a 64 x 572 x 572 U-Net
 map needs 750 MB), so a big layer builds it in pieces: whole samples while they fit,
@@ -31,11 +35,13 @@ equally sized column gradient); it is exceeded only when one output row alone is
 import contextlib
 import dataclasses
 
-from .. import backend
+from .. import amp, backend, precision as matmul_precision
+from .conv_implicit_gemm import ImplicitGemmPlan
 from .geometry import Geometry
 import kernels
+from kernels import implicit_gemm
 
-ALGORITHMS = ("auto", "plain", "im2col", "row")
+ALGORITHMS = ("auto", "plain", "im2col", "row", "implicit_gemm")
 INPUT_GRADS = ("auto", "col2im")
 
 
@@ -45,8 +51,11 @@ class Settings:
 
     algorithm            "auto": the rules below choose per layer and device; "plain": the
                          textbook path of conv.py (whole column matrix, no pieces); "im2col":
-                         full columns in pieces, never the row route; "row": the row route
-                         wherever it applies (CPU, vertical stride 1, kh > 1), size rules lifted
+                         full columns in pieces, never the row route nor implicit GEMM; "row":
+                         the row route wherever it applies (CPU, vertical stride 1, kh > 1),
+                         size rules lifted; "implicit_gemm": the implicit-GEMM kernels for
+                         every float32 conv on the GPU, in the precision of `conv_precision`
+                         (the CPU plans as under "auto")
     input_grad           "auto": the adjoint route where it pays (CPU); "col2im": never
     keep_columns_bytes   largest column matrix a layer keeps for backward (CPU; 0: never)
     column_buffer_bytes  bound on one piece's column buffer (CPU)
@@ -108,18 +117,37 @@ def override(**changes):
 def plan(geom, x_shape, c_out, device):
     """Decide how the conv `geom` from x (N, C, H, W) to C_out channels runs on `device`.
 
-    Returns a ConvPlan (shared between calls with the same arguments and settings: treat it
-    as read-only), or None for settings.algorithm "plain" (conv.py's Im2col then).
+    Returns a ConvPlan or an ImplicitGemmPlan (shared between calls with the same arguments,
+    settings and precision: treat it as read-only), or None for settings.algorithm "plain"
+    (conv.py's Im2col then). The precision (`conv_precision`) is read now, in forward.
     """
     if settings.algorithm == "plain":
         return None
-    key = (geom, tuple(x_shape), c_out, device)     # geom: memoized, so compared by identity
+    precision = conv_precision(device)
+    # geom: memoized, so compared by identity
+    key = (geom, tuple(x_shape), c_out, device, precision)
     found = _plans.get(key)
     if found is None:
         if len(_plans) >= 1024:
             _plans.clear()
-        found = _plans[key] = ConvPlan(geom, x_shape, c_out, device)
+        found = ConvPlan(geom, x_shape, c_out, device)
+        if _implicit_gemm_route(found, x_shape, c_out, precision):
+            found = ImplicitGemmPlan(geom, precision, fallback=found)
+        _plans[key] = found
     return found
+
+
+def conv_precision(device):
+    """The implicit-GEMM kernels' precision for a conv on `device` now: "bf16" / "fp16" under
+    autocast of that device, else "tf32" under set_float32_matmul_precision("high"), else
+    "highest" (exact float32). None on the CPU (no such kernels; autocast's rounding there
+    is done by minidl/amp.py around the ordinary plans)."""
+    if device != "gpu":
+        return None
+    low = amp.autocast_dtype(device)
+    if low is not None:
+        return {"bfloat16": "bf16", "float16": "fp16"}[low]
+    return "tf32" if matmul_precision.get_float32_matmul_precision() == "high" else "highest"
 
 
 # ---------------------------------------------------------------------- the rules
@@ -140,6 +168,38 @@ def _row_route(geom, c_in, c_out, device):
     return (c_in // geom.groups >= settings.row_min_channels
             and c_out <= settings.row_max_out_channels
             and (geom.kh - 1) * geom.dh <= settings.row_max_extra_share * geom.ho)
+
+
+_tensor_core_cache = {}
+
+
+def _tensor_cores():
+    """Whether this GPU runs the tensor-core kernels (compute capability 8.0 or later)."""
+    if "gpu" not in _tensor_core_cache:
+        _tensor_core_cache["gpu"] = implicit_gemm.tensor_cores_available()
+    return _tensor_core_cache["gpu"]
+
+
+def _implicit_gemm_route(found, x_shape, c_out, precision):
+    """Whether the conv `found` plans runs on the implicit-GEMM kernels instead.
+
+    "implicit_gemm" asks for them on every GPU conv they can index (32-bit: fewer than 2^31
+    elements per array). "auto" is cautious until the GPU figures are in (docs/GPU.md): exact
+    float32 ("highest") stays on im2col + cuBLAS, the reference; a tensor-core precision
+    takes the kernels on a GPU that has tensor cores (compute capability 8.0+), since
+    im2col + cuBLAS can only emulate bf16/fp16 in float32 and pays the column round trip
+    for TF32, except a TF32 1x1 conv (no columns to save there: cuBLAS's TF32 GEMM).
+    """
+    if found.device != "gpu" or settings.algorithm not in ("auto", "implicit_gemm"):
+        return False
+    n, c, h, w = x_shape
+    if max(n * c * h * w, n * c_out * found.geom.ho * found.geom.wo) >= 2 ** 31:
+        return False
+    if settings.algorithm == "implicit_gemm":
+        return True
+    if precision == "highest" or (precision == "tf32" and found.kind == "pointwise"):
+        return False
+    return _tensor_cores()
 
 
 def _adjoint_geometry(geom, in_hw):

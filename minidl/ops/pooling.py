@@ -23,14 +23,22 @@ class MaxPool2d(Function):
 
     def forward(self, x):
         xp = backend.get_array_module(x)
-        y, self.idx = kernels.for_array(x).maxpool2d_forward(xp.ascontiguousarray(x), *self.geom)
+        # The kernels take float32/float64; a maximum is exact in any dtype, so float16 (from
+        # autocast) is pooled in float32 and handed back as float16, unchanged.
+        y, self.idx = kernels.for_array(x).maxpool2d_forward(
+            xp.ascontiguousarray(x, dtype=_kernel_dtype(x)), *self.geom)
         self.in_hw = x.shape[2:]
-        return y
+        return y.astype(x.dtype, copy=False)
 
     def backward(self, gy):
         xp = backend.get_array_module(gy)
-        return kernels.for_array(gy).maxpool2d_backward(xp.ascontiguousarray(gy), self.idx,
-                                                        *self.in_hw)
+        gx = kernels.for_array(gy).maxpool2d_backward(
+            xp.ascontiguousarray(gy, dtype=_kernel_dtype(gy)), self.idx, *self.in_hw)
+        return gx.astype(gy.dtype, copy=False)
+
+
+def _kernel_dtype(a):
+    return numpy.float32 if a.dtype == numpy.float16 else a.dtype
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .readers import check_same_size
-from .samples import Sample, load_sample, split_by_subject
+from .samples import Sample, load_sample, problem_reporter, split_by_subject
 
 __all__ = ["find_kaggle_samples", "find_kaggle_test_samples", "KaggleUltrasound"]
 
@@ -61,16 +61,20 @@ def _tiff_shape(path):
         raise ValueError(f"Could not read TIFF file {path} ({exc}); the file is damaged or not a TIFF.") from exc
 
 
-def find_kaggle_samples(root, verify=False):
+def find_kaggle_samples(root, verify=False, problems=None):
     """List the training pairs of a Kaggle-layout folder.
 
     root: the folder holding ``train/``, or the ``train/`` folder itself.
     verify: also open every file's TIFF header to catch unreadable files and image/mask size
         mismatches now instead of at load time (about a millisecond per file).
+    problems: a list to collect the naming and pairing problems in, as (path, sentence), instead
+        of raising a ValueError at the first one; incomplete pairs are then left out
+        (seg.data.check reports them all at once).
     Returns a list of Sample(image_path, mask_path, subject: int, n: int), sorted numerically
     by (subject, n) so the order is the same on every machine.
     """
     train = _train_dir(root)
+    report = problem_reporter(problems)
     images, masks = {}, {}
     for name in sorted(os.listdir(train)):
         path = os.path.join(train, name)
@@ -80,27 +84,27 @@ def find_kaggle_samples(root, verify=False):
             continue  # e.g. train_masks.csv from the Kaggle download
         m = _TRAIN_NAME.match(name)
         if m is None:
-            raise ValueError(
-                f"File {path} does not follow the Kaggle naming <subject>_<n>.tif / <subject>_<n>_mask.tif."
-            )
+            report(path, f"File {path} does not follow the Kaggle naming <subject>_<n>.tif / "
+                         "<subject>_<n>_mask.tif.")
+            continue
         key = (int(m.group(1)), int(m.group(2)))
         table = masks if m.group(3) else images
         if key in table:
-            raise ValueError(f"Files {table[key]} and {path} both stand for subject {key[0]} image {key[1]}.")
+            report(path, f"Files {table[key]} and {path} both stand for subject {key[0]} image {key[1]}.")
+            continue
         table[key] = path
-    if not images and not masks:
+    if not images and not masks and not problems:
         raise ValueError(f"Train folder {train} holds no .tif images.")
     for key in sorted(masks):
         if key not in images:
-            raise ValueError(
-                f"Mask {masks[key]} has no image: expected {os.path.join(train, f'{key[0]}_{key[1]}.tif')}."
-            )
+            report(masks[key],
+                   f"Mask {masks[key]} has no image: expected {os.path.join(train, f'{key[0]}_{key[1]}.tif')}.")
     samples = []
     for key in sorted(images):
         if key not in masks:
-            raise ValueError(
-                f"Image {images[key]} has no mask: expected {os.path.join(train, f'{key[0]}_{key[1]}_mask.tif')}."
-            )
+            expected = os.path.join(train, f"{key[0]}_{key[1]}_mask.tif")
+            report(images[key], f"Image {images[key]} has no mask: expected {expected}.")
+            continue
         samples.append(Sample(images[key], masks[key], key[0], key[1]))
     if verify:
         for s in samples:
@@ -139,18 +143,21 @@ def find_kaggle_test_samples(root):
 class KaggleUltrasound:
     """The Kaggle ultrasound-nerve data set on disk.
 
-    data = KaggleUltrasound(root, verify=False)
+    data = KaggleUltrasound(root, verify=False, in_channels=1, problems=None)   # problems: see find_kaggle_samples
     data.samples          training Samples (subject, n), sorted
     data.test_samples     test Samples (mask_path None), possibly empty
     data.split(val_fraction=0.2, seed=0) -> (train, val) lists, disjoint in subjects
     data.load(sample)     -> (image float32 (H, W) in [0, 1], mask uint8 (H, W) in {0, 1} or None)
+
+    in_channels=3 gives the (gray) frames as (H, W, 3), for models that take RGB input.
     """
 
     num_classes = 2
 
-    def __init__(self, root, verify=False):
+    def __init__(self, root, verify=False, in_channels=1, problems=None):
         self.root = Path(root)
-        self.samples = find_kaggle_samples(root, verify=verify)
+        self.in_channels = int(in_channels)
+        self.samples = find_kaggle_samples(root, verify=verify, problems=problems)
         self.test_samples = find_kaggle_test_samples(root)
 
     def __len__(self):
@@ -164,6 +171,5 @@ class KaggleUltrasound:
     def split(self, val_fraction=0.2, seed=0):
         return split_by_subject(self.samples, val_fraction, seed)
 
-    @staticmethod
-    def load(sample):
-        return load_sample(sample)
+    def load(self, sample):
+        return load_sample(sample, in_channels=self.in_channels)

@@ -14,6 +14,10 @@ of epoch e is augmented with its own generator seeded (seed, epoch, i). So resul
 on threads, timing or on whether prefetching is on. Without ``set_epoch`` the epoch number counts
 the loops over the loader (0, 1, 2, ...).
 
+Errors: any error while loading or transforming a sample (a damaged file, a disk error) reaches
+the loop that iterates the loader as one SampleLoadError naming the sample, also when it
+happened in the prefetch thread; the original error is its ``__cause__``.
+
 Prefetching: while the training step for batch k runs, a background thread already loads and
 augments batch k+1 (NumPy/SciPy release the interpreter lock during the heavy work, so the two
 really overlap). The thread is a daemon and talks through a bounded queue, so leaving a loop
@@ -27,7 +31,19 @@ import threading
 
 import numpy as np
 
-__all__ = ["Dataset", "DataLoader", "collate"]
+__all__ = ["Dataset", "DataLoader", "collate", "SampleLoadError"]
+
+
+class SampleLoadError(RuntimeError):
+    """Loading or transforming one sample failed; the message names it (``name``: its image
+    path, or the sample itself), the original error is ``__cause__``."""
+
+    def __init__(self, name, error):
+        self.name = name
+        text = str(error)
+        if str(name) not in text:       # e.g. an OSError about another file, or no file at all
+            text = f"sample {name} could not be loaded ({type(error).__name__}: {error})"
+        super().__init__(text)
 
 
 class Dataset:
@@ -162,13 +178,18 @@ class DataLoader:
         return [order[k:k + self.batch_size] for k in range(0, len(self) * self.batch_size, self.batch_size)]
 
     def _make_batch(self, indices, epoch):
-        items = [self.dataset.get(int(i), np.random.default_rng([self.seed, epoch, int(i)])) for i in indices]
         samples = getattr(self.dataset, "samples", None)
         # Names for error messages: the image path of a Sample, else the sample itself.
-        names = None
+        names = [int(i) for i in indices]
         if samples is not None:
             names = [getattr(samples[int(i)], "image_path", samples[int(i)]) for i in indices]
-        return collate(items, names)
+        items = []
+        for i, name in zip(indices, names):
+            try:
+                items.append(self.dataset.get(int(i), np.random.default_rng([self.seed, epoch, int(i)])))
+            except Exception as exc:
+                raise SampleLoadError(name, exc) from exc
+        return collate(items, None if samples is None else names)
 
     def __iter__(self):
         epoch = self.epoch

@@ -15,7 +15,7 @@ import numpy as np
 
 from .readers import check_same_size, load_image, load_mask
 
-__all__ = ["Sample", "load_sample", "split_by_subject"]
+__all__ = ["Sample", "load_sample", "split_by_subject", "problem_reporter"]
 
 
 class Sample(NamedTuple):
@@ -34,15 +34,17 @@ class Sample(NamedTuple):
     n: int | None
 
 
-def load_sample(sample, binary=True, num_classes=None):
+def load_sample(sample, binary=True, num_classes=None, in_channels=1):
     """Load one Sample -> (image float32 (H, W) in [0, 1], mask (H, W) class ids).
 
+    in_channels=3 gives the image as (H, W, 3) RGB (gray files repeated in the three channels);
+    1 gives gray (H, W), colour files converted (see ``seg.data.readers.to_float_image``).
     The mask is None for an unlabelled (test) sample.
     binary=True (the Kaggle masks): the mask must hold only 0/255 (or 0/1) and comes back as
         uint8 {0, 1}; binary=False: integer class ids, checked against num_classes when given
         (see ``seg.data.readers.to_class_ids``).
     """
-    image = load_image(sample.image_path)
+    image = load_image(sample.image_path, in_channels)
     if sample.mask_path is None:
         return image, None
     mask = load_mask(sample.mask_path, binary=binary, num_classes=num_classes)
@@ -75,3 +77,14 @@ def split_by_subject(samples, val_fraction=0.2, seed=0):
     train = [s for s in samples if s.subject not in val_subjects]
     val = [s for s in samples if s.subject in val_subjects]
     return train, val
+
+
+def problem_reporter(problems=None):
+    """report(path, sentence) for the data set readers: raises the sentence as a ValueError when
+    `problems` is None, else appends (path, sentence) to that list so that a data check can
+    name every problem at once (seg.data.check)."""
+    def report(path, sentence):
+        if problems is None:
+            raise ValueError(sentence)
+        problems.append((path, sentence))
+    return report
