@@ -180,3 +180,19 @@ def test_a_safetensors_checkpoint_round_trips_through_save_and_load(tmp_path):
     p, q = next(iter(opt.state.values())), next(iter(fresh_opt.state.values()))
     assert q["step"] == p["step"] == 1
     np.testing.assert_array_equal(q["exp_avg"], p["exp_avg"])
+
+
+def test_stale_temporaries_of_a_safetensors_checkpoint_are_recognised(tmp_path):
+    import subprocess
+    import sys
+    from seg.checkpoints import remove_stale_temporaries
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {f".best.safetensors.{dead.pid}.tmp.safetensors": False,        # a killed writer's
+             f"..best.safetensors.{dead.pid}.tmp.safetensors.x1y2.tmp": False,
+             f".best.safetensors.{os.getpid()}.tmp.safetensors": True,      # a live writer's
+             "notes.safetensors": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_temporaries(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
