@@ -21,6 +21,7 @@ calls MPI Abort, which ends every rank of the job (otherwise the others would wa
 their next collective forever). docs/DISTRIBUTED.md has the launch commands.
 """
 import sys
+import time
 
 import numpy
 
@@ -70,12 +71,24 @@ class _Group:
         node.Free()
 
 
+def abort_job(code=1):
+    """End every rank of the MPI job with exit code `code`, after this rank's output is out.
+
+    mpiexec forwards each rank's stdout and stderr through a proxy process, and Abort kills
+    the proxies too: what was still on its way (often the very error message that explains
+    the abort) would be lost. So flush, and give the proxy a moment before aborting.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.5)
+    _import_mpi().COMM_WORLD.Abort(int(code))
+
+
 def _abort_on_uncaught_error(previous_hook):
     """An excepthook that reports the error, then ends the whole MPI job."""
     def hook(kind, value, traceback):
         previous_hook(kind, value, traceback)
-        sys.stderr.flush()
-        _import_mpi().COMM_WORLD.Abort(1)
+        abort_job(1)
     hook.previous = previous_hook
     return hook
 

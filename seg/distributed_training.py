@@ -225,9 +225,6 @@ def finish(code):
     Returns code (a no-op without a process group)."""
     if dist.is_initialized():
         if code and dist.get_world_size() > 1:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            from mpi4py import MPI
-            MPI.COMM_WORLD.Abort(int(code))
+            dist.abort_job(code)
         dist.destroy_process_group()
     return code

@@ -7,6 +7,16 @@ import kernels
 import kernels.reference
 
 
+
+def adam_defaults(name, lr, betas, eps, weight_decay, amsgrad):
+    """Adam's hyper-parameters checked (one sentence naming `name` on a bad value) -> dict."""
+    beta1, beta2 = betas
+    if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise ValueError(f"{name} needs lr, eps, weight_decay >= 0 and betas in [0, 1), got "
+                         f"lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}.")
+    return dict(lr=lr, betas=(float(beta1), float(beta2)), eps=eps, weight_decay=weight_decay,
+                amsgrad=amsgrad)
+
 class Adam(Optimizer):
     """Per parameter, at step t:
 
@@ -26,13 +36,8 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, capturable=False):
-        beta1, beta2 = betas
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ValueError(f"{type(self).__name__} needs lr, eps, weight_decay >= 0 and betas in "
-                             f"[0, 1), got lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}.")
-        super().__init__(params, dict(lr=lr, betas=(float(beta1), float(beta2)), eps=eps,
-                                      weight_decay=weight_decay, amsgrad=amsgrad,
+        super().__init__(params, dict(adam_defaults(type(self).__name__, lr, betas, eps,
+                                                    weight_decay, amsgrad),
                                       capturable=bool(capturable)))
 
     def update(self, p, g, state, group):

@@ -22,7 +22,9 @@ import math
 
 from .. import backend
 from ..grad_mode import enable_grad, no_grad
+from .adam import adam_defaults
 from .optimizer import Optimizer
+from .sgd import sgd_defaults
 import kernels
 
 
@@ -186,13 +188,8 @@ class FlatSGD(_FlatOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"FlatSGD needs lr, momentum and weight_decay >= 0, got lr={lr}, "
-                             f"momentum={momentum}, weight_decay={weight_decay}.")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("FlatSGD with nesterov=True needs momentum > 0 and dampening = 0.")
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
+        super().__init__(params, sgd_defaults("FlatSGD", lr, momentum, dampening, weight_decay,
+                                              nesterov))
 
     def _moments(self):
         return ("momentum_buffer",) if any(g["momentum"] != 0 for g in self.param_groups) else ()
@@ -211,13 +208,8 @@ class FlatAdam(_FlatOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False):
-        beta1, beta2 = betas
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ValueError(f"{type(self).__name__} needs lr, eps, weight_decay >= 0 and betas in "
-                             f"[0, 1), got lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}.")
-        super().__init__(params, dict(lr=lr, betas=(float(beta1), float(beta2)), eps=eps,
-                                      weight_decay=weight_decay, amsgrad=amsgrad))
+        super().__init__(params, adam_defaults(type(self).__name__, lr, betas, eps,
+                                               weight_decay, amsgrad))
 
     def _moments(self):
         names = ("exp_avg", "exp_avg_sq")

@@ -2,6 +2,17 @@
 from .optimizer import Optimizer
 
 
+def sgd_defaults(name, lr, momentum, dampening, weight_decay, nesterov):
+    """SGD's hyper-parameters checked (one sentence naming `name` on a bad value) -> dict."""
+    if lr < 0 or momentum < 0 or weight_decay < 0:
+        raise ValueError(f"{name} needs lr, momentum and weight_decay >= 0, got lr={lr}, "
+                         f"momentum={momentum}, weight_decay={weight_decay}.")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{name} with nesterov=True needs momentum > 0 and dampening = 0.")
+    return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                nesterov=nesterov)
+
+
 class SGD(Optimizer):
     """For each parameter p with gradient g:
 
@@ -13,13 +24,8 @@ class SGD(Optimizer):
     """
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD needs lr, momentum and weight_decay >= 0, got lr={lr}, "
-                             f"momentum={momentum}, weight_decay={weight_decay}.")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("SGD with nesterov=True needs momentum > 0 and dampening = 0.")
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
+        super().__init__(params, sgd_defaults("SGD", lr, momentum, dampening, weight_decay,
+                                              nesterov))
 
     def update(self, p, g, state, group):
         momentum, wd = group["momentum"], group["weight_decay"]
