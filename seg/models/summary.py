@@ -97,7 +97,9 @@ def fast_init():
     for n in saved:
         setattr(nn.init, n, skip)
     try:
-        yield
+        # Rescaling such garbage (RefineNet's Fixup scale) may meet NaN bit patterns: no warning.
+        with numpy.errstate(invalid="ignore", over="ignore"):
+            yield
     finally:
         for n, fn in saved.items():
             setattr(nn.init, n, fn)
