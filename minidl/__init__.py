@@ -23,7 +23,7 @@ from .backend import gpu_available  # noqa: E402
 from .grad_mode import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .tensor import Tensor, tensor
 from .function import Function
-from .dtypes import (bfloat16, double, float16, float32, float64, half, int8, int16, int32,  # noqa: E402
+from .dtypes import (double, float16, float32, float64, half, int8, int16, int32,  # noqa: E402
                      int64, long, uint8)
 from .ops.shape import cat, chunk, gather, permute, split, stack, transpose
 from .ops.arithmetic import abs, clip, matmul, maximum, minimum, pow, where, exp, log, sqrt  # noqa: A004
@@ -36,5 +36,12 @@ from .random import get_rng_state, manual_seed, set_rng_state
 from .serialization import load, save
 from .gradcheck import gradcheck
 from .precision import get_float32_matmul_precision, set_float32_matmul_precision
-from . import amp, backends, cuda, distributed, functional, nn, onnx, optim, random
+from . import amp, backends, dtypes, cuda, distributed, functional, nn, onnx, optim, random
 from .receptive_field import receptive_field  # noqa: E402  (a function; shadows the module name)
+
+
+def __getattr__(name):
+    # minidl.bfloat16 is looked up on first use (see minidl/dtypes.py: ml_dtypes is slow to import).
+    if name == "bfloat16":
+        return dtypes.bfloat16
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,20 +33,27 @@ class _Unavailable:
         return f"minidl.{self.name} (unavailable: {self.advice})"
 
 
-try:
-    import ml_dtypes as _ml_dtypes
-    bfloat16 = numpy.dtype(_ml_dtypes.bfloat16)
-except ImportError:
-    bfloat16 = _Unavailable("bfloat16", "NumPy has no bfloat16; pip install ml_dtypes to "
-                                        "store bfloat16 tensors on the CPU")
+def __getattr__(name):
+    """minidl.dtypes.bfloat16, looked up on first use: importing ml_dtypes takes about half a
+    second, which every `import minidl` would otherwise pay."""
+    if name != "bfloat16":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        import ml_dtypes
+        value = numpy.dtype(ml_dtypes.bfloat16)
+    except ImportError:
+        value = _Unavailable("bfloat16", "NumPy has no bfloat16; pip install ml_dtypes to "
+                                         "store bfloat16 tensors on the CPU")
+    globals()["bfloat16"] = value
+    return value
 
 
 def resolve(dtype):
     """A NumPy dtype for any accepted spelling (None stays None)."""
     if dtype is None or isinstance(dtype, numpy.dtype):
         return dtype
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        dtype = __getattr__("bfloat16")
     if isinstance(dtype, _Unavailable):
         raise TypeError(f"dtype {dtype.name} is not available: {dtype.advice}.")
-    if isinstance(dtype, str) and dtype == "bfloat16" and isinstance(bfloat16, _Unavailable):
-        return resolve(bfloat16)
     return numpy.dtype(dtype)
