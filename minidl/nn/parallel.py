@@ -36,6 +36,10 @@ class _Bucket:
         self.ready = 0          # parameters with a complete gradient in this backward
         self.flat = None        # the flat array being all-reduced
         self.work = None        # its all-reduce handle
+        # Kept from step to step: a fresh 25 MiB array each step costs more than the copy into
+        # it (the pages are faulted in and zeroed anew). After the all-reduce the parameters'
+        # .grad are views of it (as PyTorch's gradient_as_bucket_view), until the next backward.
+        self.buffer = None
 
 
 class DistributedDataParallel(Module):
@@ -164,13 +168,18 @@ class DistributedDataParallel(Module):
                 break                   # later buckets wait for this one: launched in order
             ref = b.params[0].data
             xp = backend.get_array_module(ref)
-            b.flat = xp.zeros(b.size, dtype=ref.dtype)
+            if (b.buffer is None or backend.get_array_module(b.buffer) is not xp
+                    or b.buffer.dtype != ref.dtype):
+                b.buffer = xp.empty(b.size, dtype=ref.dtype)
             offset = 0
             for p, n in zip(b.params, b.sizes):
-                if p.grad is not None:
-                    b.flat[offset:offset + n] = p.grad.ravel()
+                piece = b.buffer[offset:offset + n]
+                if p.grad is None:
+                    piece.fill(0)
+                else:                   # sum of (grad / world) = the average; copied on the way
+                    xp.multiply(p.grad.reshape(-1), 1.0 / world, out=piece)
                 offset += n
-            b.flat *= 1.0 / world       # sum of (grad / world) = the average
+            b.flat = b.buffer
             b.work = distributed.all_reduce_async(b.flat)
             self._next_bucket += 1
         if self._next_bucket == len(self._buckets) and self._armed:
