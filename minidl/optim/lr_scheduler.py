@@ -278,8 +278,11 @@ class SequentialLR(LRScheduler):
         super().load_state_dict(state)
 
 
-class ReduceLROnPlateau:
+class ReduceLROnPlateau(LRScheduler):
     """Divide the rate by 1 / factor when a metric has not improved for `patience` steps.
+
+    Driven by a metric rather than by the step count, so it has its own __init__ and step;
+    get_last_lr, state_dict and load_state_dict are LRScheduler's (as in PyTorch 2).
 
     step(metric) once per evaluation. mode "min" (a loss) or "max" (an accuracy); an
     improvement must beat the best by threshold (relative: best * (1 -+ threshold), or
@@ -328,13 +331,3 @@ class ReduceLROnPlateau:
                     group["lr"] = new
             self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-    def get_last_lr(self):
-        return list(self._last_lr)
-
-    def state_dict(self):
-        return {k: (list(v) if isinstance(v, list) else v)
-                for k, v in self.__dict__.items() if k != "optimizer"}
-
-    def load_state_dict(self, state_dict):
-        LRScheduler.load_state_dict(self, state_dict)
