@@ -344,7 +344,6 @@ def gather(x, dim, index):
 class Scatter(Function):
     """out = x with out[..., index, ...] = src along dim (torch.scatter, src a tensor)."""
     def forward(self, x, src):
-        xp = backend.get_array_module(x)
         out = x.copy()
         self.positions = _along_axis_positions(self.index, self.dim)
         out[self.positions] = src[tuple(slice(0, n) for n in self.index.shape)]
