@@ -1,5 +1,4 @@
 """The graph walk itself: shared sub-expressions, reuse, no_grad, freed graphs, long chains."""
-import time
 
 import numpy as np
 import pytest
@@ -108,9 +107,7 @@ def test_chain_of_ten_thousand_ops_no_recursion_limit():
     y = x
     for _ in range(10_000):
         y = y * 1.0001
-    start = time.perf_counter()
     y.sum().backward()
-    assert time.perf_counter() - start < 5.0
     assert_close(x.grad, [1.0001 ** 10_000], rtol=1e-9)
 
 

@@ -250,11 +250,7 @@ def test_synthetic_refuses_folder_with_other_data(tmp_path):
 
 
 def test_synthetic_full_size_frame():
-    t0 = time.perf_counter()
     frames = [synthetic_image(seed=0, subject=1, n=n) for n in range(1, 5)]
-    per_image = (time.perf_counter() - t0) / len(frames)
-    # The budget is 0.1 s per frame (about 0.03 s measured); the margin absorbs a busy machine.
-    assert per_image < 0.3
     image, mask = frames[0]
     assert image.shape == mask.shape == (420, 580)
     assert image.dtype == mask.dtype == np.uint8

@@ -134,11 +134,11 @@ def test_different_parameter_shapes_are_refused_on_every_rank(checks):
 
 @needs_mpi
 def test_an_error_on_one_rank_ends_the_whole_job(tmp_path):
-    done, seconds = run_job("crash", tmp_path, timeout=60)
+    # A rank left waiting at the barrier would hang: the timeout fails the test then.
+    done, _ = run_job("crash", tmp_path, timeout=60)
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stderr
     assert not os.path.exists(tmp_path / "crash-rank0.npz")   # rank 0 never got past the barrier
-    assert seconds < 30
 
 
 # ---------------------------------------------------------------------- one process

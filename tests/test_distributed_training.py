@@ -122,13 +122,13 @@ def test_resume_on_two_ranks_continues_exactly(kaggle, two_epochs_on_cpu, tmp_pa
 @needs_mpi
 def test_an_error_on_one_rank_ends_the_distributed_run(kaggle, tmp_path):
     out = tmp_path / "run"
-    done, seconds = two_ranks(["--fail-on-rank", "1",
-                               *train_argv(kaggle, out, 2, "--distributed")], timeout=120)
+    # Rank 0 left waiting for rank 1 would hang: the timeout fails the test then.
+    done, _ = two_ranks(["--fail-on-rank", "1",
+                         *train_argv(kaggle, out, 2, "--distributed")], timeout=120)
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stderr
     assert "final validation Dice" not in done.stdout     # rank 0 never finished
     assert not os.path.exists(out / "metrics.csv")        # it was waiting in the first epoch
-    assert seconds < 100
 
 
 @needs_mpi
