@@ -7,24 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from seg import autoencoders as ae
 from seg import cli, setup
 from seg.errors import UsageError
+from image_folders import random_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _folder(root, n=12, size=20):
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        image = (rng.random((size, size)) * 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{i:02d}.png")
-        Image.fromarray(((image > 128) * 255).astype(np.uint8)).save(root / "masks" / f"{i:02d}.png")
-    return root
 
 
 def test_edge_detection_out_folder_is_created(tmp_path):
@@ -39,7 +28,7 @@ def test_edge_detection_out_folder_is_created(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    data = _folder(root / "data")
+    data = random_folder(root / "data")
     assert cli.main(["train", "--data", str(data), "--size", "16x16", "--depth", "2", "--epochs", "1",
                      "--no-progress", "--no-augment", "--out", str(root / "run")]) == 0
     return root / "run" / "best.npz", data

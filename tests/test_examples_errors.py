@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import minidl
 from seg import cli, models
 from seg.models.input_size import fitting_input_size
+from image_folders import random_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,18 +21,6 @@ def _example(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _folder(root, classes=2, n=12, size=20):
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        image = (rng.random((size, size)) * 255).astype(np.uint8)
-        mask = image // (256 // classes + 1) if classes > 2 else (image > 128) * 255
-        Image.fromarray(image).save(root / "images" / f"{i}.png")
-        Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{i}.png")
-    return root
 
 
 def _lrs(out):
@@ -45,7 +33,7 @@ QUICK = ["--size", "16x16", "--batch-size", "3", "--no-progress", "--no-augment"
 
 def test_train_any_follows_lr_schedule_and_preset(tmp_path):
     train_any = _example("train_any")
-    data = str(_folder(tmp_path / "data"))
+    data = str(random_folder(tmp_path / "data"))
     assert train_any.main(["--data", data, "--epochs", "2", "--out", str(tmp_path / "poly")] + QUICK) == 0
     # The lr each epoch trained with: poly decay, stepped after each epoch.
     assert _lrs(tmp_path / "poly") == [pytest.approx(1e-3), pytest.approx(1e-3 * (1 - 1 / 2) ** 0.9)]
@@ -75,14 +63,14 @@ def test_bad_input_is_one_sentence_everywhere(entry, tmp_path, capsys):
         main = _example(entry).main
     # 3-class masks with --num-classes 2: the data check (seg.data.check) lists every mask that
     # breaks it, then one closing sentence; no traceback.
-    three = str(_folder(tmp_path / "three", classes=3))
+    three = str(random_folder(tmp_path / "three", classes=3))
     assert main(["--data", three, "--model", "unet", "--num-classes", "2", "--epochs", "1",
                  "--out", str(tmp_path / "a")] + QUICK) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "Mask file" in err and "holds class id 2, but num_classes is 2" in err
     assert err.splitlines()[-1].startswith("The data check stopped the run")
     # A checkpoint of another model: the options it was trained with, not "strict=False".
-    two = str(_folder(tmp_path / "two"))
+    two = str(random_folder(tmp_path / "two"))
     assert cli.main(["train", "--data", two, "--model", "unet", "--depth", "2", "--epochs", "1",
                      "--out", str(tmp_path / "b")] + QUICK) == 0
     capsys.readouterr()

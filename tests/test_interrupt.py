@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import minidl
 from minidl import optim
@@ -18,6 +17,7 @@ from seg import data, losses
 from seg.interrupt import DeferredInterrupt, is_interrupt
 from seg.models.unet import UNet
 from seg.train import Trainer
+from image_folders import random_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,18 +99,8 @@ def test_systemerror_caused_by_ctrl_c_counts_as_an_interrupt():
     assert not is_interrupt(SystemError("something else")) and not is_interrupt(ValueError())
 
 
-def _write_folder(root, n=12, size=24):
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        image = (rng.random((size, size)) * 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{i}.png")
-        Image.fromarray(((image > 128) * 255).astype(np.uint8)).save(root / "masks" / f"{i}.png")
-
-
 def test_sigint_to_a_training_process_exits_130_with_a_checkpoint(tmp_path):
-    _write_folder(tmp_path / "data")
+    random_folder(tmp_path / "data", size=24)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "seg", "train", "--data", str(tmp_path / "data"), "--size", "16x16",
            "--depth", "2", "--epochs", "1000", "--batch-size", "2", "--no-progress",
