@@ -20,7 +20,6 @@ from .data.check import Problem
 from .data.headers import read_header
 from .data.readers import IMAGE_SUFFIXES
 from .errors import UsageError
-from .image_inputs import image_files
 from .inference import load_for_inference
 
 __all__ = ["InputScan", "scan_inputs", "accepted_channels", "load_model_checked", "prepare_output_folder"]
@@ -62,10 +61,11 @@ def accepted_channels(expected):
 def scan_inputs(folder):
     """Read the header of every file in `folder` -> InputScan (masks `*_mask.*` and hidden files
     are passed over silently; files that are not readable images are skipped with a reason).
-    `folder` may also name one image file (seg.image_inputs.image_files checks its type).
-    A path that does not exist, or a folder without any usable image, is a UsageError."""
+    `folder` may also name one image file.
+    A path that does not exist, a file that is not an image, or a folder without any usable
+    image is a UsageError."""
     folder = Path(folder)
-    candidates = sorted(folder.iterdir()) if folder.is_dir() else image_files(folder, "--input")
+    candidates = sorted(folder.iterdir()) if folder.is_dir() else [_one_image(folder)]
     scan = InputScan()
     for path in candidates:
         if path.name.startswith(".") or not path.is_file() or path.stem.endswith("_mask"):
@@ -83,6 +83,16 @@ def scan_inputs(folder):
         listed = f"; {scan.format_skipped()}" if scan.skipped else ""
         raise UsageError(f"--input folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} images{listed}")
     return scan
+
+
+def _one_image(path):
+    """`path` itself, when it names an image file (UsageError otherwise)."""
+    kinds = "/".join(IMAGE_SUFFIXES)
+    if not path.is_file():
+        raise UsageError(f"--input {path} does not exist (give an image file or a folder of images).")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--input file {path} is not a {kinds} image.")
+    return path
 
 
 def load_model_checked(checkpoint, device="cpu"):
