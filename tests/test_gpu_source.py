@@ -1,7 +1,8 @@
 """Checks of the GPU kernel bundle (kernels/gpu.py) that need no GPU.
 
 1. NVRTC compiles the CUDA source for float32 and float64 and every kernel is in the PTX
-   (runs where CuPy's NVRTC binding loads; NVRTC itself needs no GPU).
+   (runs where CuPy's NVRTC binding loads; NVRTC itself needs no GPU); nvcc, where it is on
+   PATH, does the same.
 2. Host emulation: the *same* CUDA source is compiled as plain C++ with a tiny shim
    (threadIdx/blockIdx as globals, integer atomics as plain read-modify-writes) and the
    Python wrappers of kernels/gpu.py run on NumPy arrays through it. Each kernel launch
@@ -10,6 +11,9 @@
    kernel's C signature (pointer element types, scalar types), the mistakes a GPU would
    not report. Results are compared with kernels/reference.py.
 """
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -49,6 +53,25 @@ def test_cuda_source_compiles_with_nvrtc(dtype, itype):
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
     missing = [n for n in gpu.KERNEL_NAMES if f".entry {n}(" not in ptx]
     assert not missing, f"kernels missing from the PTX: {missing}"
+
+
+def test_cuda_source_compiles_with_nvcc(tmp_path):
+    """The same check through nvcc, which machines without CuPy (CI) have: NVRTC's test above
+    skips there."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc (the CUDA toolkit) is not on PATH; CI machines have it")
+    for dtype in FLOATS:
+        for itype in INDEX_TYPES:
+            src = tmp_path / f"kernels_{np.dtype(dtype)}_{np.dtype(itype)}.cu"
+            src.write_text(gpu.cuda_source(dtype, itype))
+            proc = subprocess.run([nvcc, "-ptx", "-arch=compute_80", str(src), "-o",
+                                   str(src.with_suffix(".ptx"))], capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+            assert "warning" not in proc.stderr.lower(), f"nvcc warnings:\n{proc.stderr}"
+            ptx = src.with_suffix(".ptx").read_text()
+            missing = [n for n in gpu.KERNEL_NAMES if f".entry {n}(" not in ptx]
+            assert not missing, f"kernels missing from the PTX: {missing}"
 
 
 # ---------------------------------------------------------------------------- 2. host emulation
