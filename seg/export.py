@@ -3,7 +3,8 @@
     python -m seg export --checkpoint runs/unet/best.npz --output unet.onnx
     export_checkpoint("runs/unet/best.npz", "unet.onnx", size=(64, 88))
 
-The model is rebuilt from the checkpoint (seg.inference.load_for_inference) and exported by
+The model is rebuilt from the checkpoint (seg.prediction_inputs.load_model_checked, as for
+`predict`: an unusable checkpoint is one sentence) and exported by
 minidl.onnx.export from one forward pass on a zero image of the training size (or `size`).
 The graph's input is "image" (N, C, H, W) float32 and its output "logits" (N, K, H', W'),
 with a dynamic batch axis; the height and width stay those of the example, because sizes
@@ -18,7 +19,7 @@ import minidl
 import minidl.onnx
 
 from .errors import UsageError
-from .inference import load_for_inference
+from .prediction_inputs import load_model_checked
 
 __all__ = ["export_checkpoint", "INPUT_NAME", "OUTPUT_NAME"]
 
@@ -33,12 +34,10 @@ def export_checkpoint(checkpoint, output, opset_version=17, size=None):
     opset_version, model (the name), nodes (the graph's node count).
     """
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
-    if not os.path.exists(checkpoint):
-        raise UsageError(f"--checkpoint {checkpoint} does not exist.")
+    model, config = load_model_checked(checkpoint, "cpu")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise UsageError(f"--output folder {folder} does not exist; create it first.")
-    model, config = load_for_inference(checkpoint, "cpu")
     if size is None:
         size = config.get("size")
         if size is None:
