@@ -23,8 +23,7 @@ from minidl.ops.conv_implicit_gemm import ImplicitGemmPlan
 from minidl.ops.geometry import conv2d_geometry, conv_transpose2d_geometry
 
 from conftest import to_numpy
-
-UNIT_ROUNDOFF = {"highest": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+from test_implicit_gemm import UNIT_ROUNDOFF
 
 # (name, x shape, w shape, stride, padding, dilation, groups): small, the emulation is slow
 CONVS = [
