@@ -37,7 +37,7 @@ __all__ = ["TRAIN_DEFAULTS", "PRESETS", "DEFAULT_SYNTHETIC", "default_synthetic_
 #: and the command runs in the repository (elsewhere: default_synthetic_root(), a user cache).
 DEFAULT_SYNTHETIC = "data/synthetic"
 
-#: What a preset costs, said before it starts (measured on the 2-core CPU of issue 20).
+#: What a preset costs, said before it starts (measured on a 2-core CPU).
 PRESET_COST = {"seed-unet": (400, (420, 580), "about 10 hours on a 2-core CPU")}
 
 #: --preset values. "seed-unet" is the talk's U-Net settings table (tf_unet: layers 3,
@@ -61,7 +61,7 @@ TRAIN_DEFAULTS = {"model": "unet", "data": None, "device": "cpu", "epochs": 8, "
                   "val_fraction": 0.25, "num_classes": None, "augment": True, "crf": False,
                   "plot_every": 4, "progress": True, "preset": None, "distributed": False,
                   "sync_bn": False, "in_channels": None, "overwrite": False, "skip_bad": False,
-                  # issue 19 / 16 (seg/acceleration.py, seg.models.pretrained)
+                  # pretrained weights and mixed precision (seg.models.pretrained, seg/acceleration.py)
                   "pretrained": None, "pretrained_mapping": "auto", "amp": None, "cuda_graph": False,
                   "matmul_precision": None}
 

@@ -548,7 +548,7 @@ def test_loader_propagates_errors(synth_root):
         return load_sample(sample)
 
     loader = DataLoader(Dataset(samples, failing_load), batch_size=2)
-    # Issue 18: the loader wraps the error in one SampleLoadError naming the sample.
+    # The loader wraps the error in one SampleLoadError naming the sample.
     with pytest.raises(SampleLoadError, match="cannot load .*_2.tif"):
         list(loader)
     assert not prefetch_threads()
