@@ -35,6 +35,9 @@ def export_checkpoint(checkpoint, output, opset_version=17, size=None):
     """
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
     model, config = load_model_checked(checkpoint, "cpu")
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output} is a folder; name the file to write, e.g. "
+                         f"{os.path.join(output, 'model.onnx')}.")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise UsageError(f"--output folder {folder} does not exist; create it first.")
