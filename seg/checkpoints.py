@@ -125,8 +125,9 @@ def _read(path):
         state["meta"] = _json_from_array(state["meta"])
         state["model"]
     except (KeyError, ValueError, OSError, EOFError, TypeError) as exc:
+        detail = str(exc).rstrip(".")
         raise ValueError(f"Checkpoint {path} is damaged or was not written by seg.train "
-                         f"({type(exc).__name__}: {exc}).") from None
+                         f"({type(exc).__name__}: {detail}).") from None
     return state
 
 
