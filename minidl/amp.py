@@ -12,7 +12,8 @@ The dtype rules live in one table, POLICY (op class name -> rule), applied by a 
 
     "lower"    convolutions, transposed convolutions, matmuls: float32 inputs are cast to the
                low precision, the op accumulates in float32, the output is low precision
-    "float32"  softmax, log-softmax, the losses, batch norm, reductions, exp/log/pow, pooling
+    "float32"  softmax, log-softmax, the losses, batch norm (also synchronised), layer/group/
+               instance norm, reductions (and the 2-norm), exp/log/pow, pooling
                and resizing: low-precision inputs are cast up to float32
     "promote"  ops of several inputs (add, mul, cat, where, ...): all inputs are cast to the
                widest floating dtype among them, as PyTorch does
@@ -55,8 +56,10 @@ LOW_DTYPES = ("bfloat16", "float16")
 # imports no op module: an op is autocast by adding its name here.
 POLICY = {
     "Conv2d": "lower", "ConvTranspose2d": "lower", "MatMul": "lower", "Linear": "lower",
-    "BatchNorm": "float32", "Softmax": "float32", "LogSoftmax": "float32",
-    "CrossEntropy": "float32", "NLL": "float32", "Sum": "float32", "Mean": "float32",
+    "BatchNorm": "float32", "SyncBatchNorm": "float32", "Standardize": "float32",
+    "Softmax": "float32", "LogSoftmax": "float32",
+    "CrossEntropy": "float32", "NLL": "float32", "BinaryCrossEntropy": "float32",
+    "Sum": "float32", "Mean": "float32", "Norm2": "float32",
     "Exp": "float32", "Log": "float32", "Pow": "float32", "PowScalar": "float32",
     "Sqrt": "float32", "Softplus": "float32",
     # Their kernels take float32/float64 only (kernels/gpu.py).
