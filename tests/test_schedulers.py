@@ -15,7 +15,7 @@ def sgd(lr=0.1, momentum=0.0):
     return optim.SGD([p], lr=lr, momentum=momentum)
 
 
-def run(opt, sched, steps, metric=None):
+def run(opt, sched, steps):
     """The rate before the first step and after each scheduler.step()."""
     lrs = [opt.param_groups[0]["lr"]]
     for _ in range(steps):
