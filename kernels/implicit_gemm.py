@@ -372,6 +372,28 @@ def cuda_source(precisions=PRECISIONS, includes=True):
 
 # ---------------------------------------------------------------------------- host side
 _modules = {}         # precision -> cupy.RawModule, compiled on first use
+_unavailable = {}     # precision -> why its module did not compile (not tried again)
+
+
+class KernelsUnavailable(RuntimeError):
+    """One precision's kernels did not compile on this machine (a CUDA header NVRTC cannot
+    find, say); `reason` is one line. The conv plan then takes its im2col route instead."""
+
+    def __init__(self, precision, reason, log):
+        self.precision, self.reason = precision, reason
+        super().__init__(
+            f"the implicit-GEMM {precision!r} kernels did not compile with NVRTC ({reason}); the "
+            "tensor-core modes need compute capability 8.0+ and CUDA's mma.h (with crt/mma.h), "
+            "cuda_bf16.h, cuda_fp16.h: set CUDA_PATH to a CUDA toolkit, or pip install "
+            "nvidia-cuda-crt next to CuPy's CUDA headers; 'highest' needs none. "
+            f"Compiler output:\n{log}")
+
+
+def _first_error(log):
+    """The compiler's first error line, shortened: what a one-line warning says."""
+    lines = [ln.strip() for ln in str(log).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln] or lines or ["no compiler output"]
+    return errors[0][:200]
 
 
 def _cupy():
@@ -395,6 +417,8 @@ def _run_kernel(name, grid, args):
     precision = name.rsplit("_", 1)[1]
     module = _modules.get(precision)
     if module is None:
+        if precision in _unavailable:          # failed before: do not compile again
+            raise _unavailable[precision]
         cp = _cupy()
         # One module per precision, so that a missing CUDA header (the tensor-core modes
         # include mma.h and cuda_bf16.h / cuda_fp16.h) leaves the other modes working.
@@ -402,11 +426,8 @@ def _run_kernel(name, grid, args):
             module = cp.RawModule(code=cuda_source((precision,)))
             module.get_function(name)          # compiles now, inside the try
         except cp.cuda.compiler.CompileException as exc:
-            raise RuntimeError(
-                f"the implicit-GEMM {precision!r} kernels did not compile with NVRTC; the "
-                "tensor-core modes need compute capability 8.0+ and CUDA's mma.h, cuda_bf16.h, "
-                "cuda_fp16.h (set CUDA_PATH to a CUDA toolkit), 'highest' needs neither. "
-                f"Compiler output:\n{exc}") from None
+            _unavailable[precision] = KernelsUnavailable(precision, _first_error(exc), exc)
+            raise _unavailable[precision] from None
         _modules[precision] = module
     module.get_function(name)(grid, (THREADS,), args)
 

@@ -19,6 +19,8 @@ for with columns that a fallback forward kept. `precision` ("highest", "tf32", "
 "fp16") is fixed when the plan is made, during forward: backward runs outside autocast but
 in the precision forward chose, as PyTorch's autocast does for convolutions.
 """
+import warnings
+
 import numpy as np
 
 from kernels import implicit_gemm
@@ -51,8 +53,12 @@ class ImplicitGemmPlan:
         if not self.takes(x, weight):
             return self.fallback.forward(x, weight, keep_columns)
         g = self.geom
-        y = implicit_gemm.conv2d_forward(x, weight, *self.strides, g.ho, g.wo, g.groups,
-                                         self.precision)
+        try:
+            y = implicit_gemm.conv2d_forward(x, weight, *self.strides, g.ho, g.wo, g.groups,
+                                             self.precision)
+        except implicit_gemm.KernelsUnavailable as exc:
+            _warn_unavailable(exc)
+            return self.fallback.forward(x, weight, keep_columns)
         return (y, None) if keep_columns else y
 
     def input_grad(self, gy, weight, in_shape, weight_grad=None):
@@ -60,8 +66,12 @@ class ImplicitGemmPlan:
         route's hook, unused here as on every route but that one.)"""
         if not self.takes(gy, weight):
             return self.fallback.input_grad(gy, weight, in_shape)
-        return implicit_gemm.conv2d_input_grad(gy, weight, in_shape[2], in_shape[3],
-                                               *self.strides, self.geom.groups, self.precision)
+        try:
+            return implicit_gemm.conv2d_input_grad(gy, weight, in_shape[2], in_shape[3],
+                                                   *self.strides, self.geom.groups, self.precision)
+        except implicit_gemm.KernelsUnavailable as exc:
+            _warn_unavailable(exc)
+            return self.fallback.input_grad(gy, weight, in_shape)
 
     def weight_grad(self, x, gy, w_shape, cols=None):
         """x (N, C, H, W), gy (N, C_out, ho, wo) -> gW of w_shape (C_out, C/G, kh, kw).
@@ -69,8 +79,12 @@ class ImplicitGemmPlan:
         if cols is not None or not self.takes(x, gy):
             return self.fallback.weight_grad(x, gy, w_shape, cols)
         g = self.geom
-        return implicit_gemm.conv2d_weight_grad(x, gy, g.kh, g.kw, *self.strides, g.groups,
-                                                self.precision)
+        try:
+            return implicit_gemm.conv2d_weight_grad(x, gy, g.kh, g.kw, *self.strides, g.groups,
+                                                    self.precision)
+        except implicit_gemm.KernelsUnavailable as exc:
+            _warn_unavailable(exc)
+            return self.fallback.weight_grad(x, gy, w_shape, cols)
 
     def backward(self, gy, weight, x, cols, x_shape, w_shape, need_x, need_w):
         """Both gradients of y = conv2d(x, weight) -> (gx or None, gW or None)."""
@@ -81,3 +95,14 @@ class ImplicitGemmPlan:
         gx = self.input_grad(gy, weight, x_shape) if need_x else None
         gw = self.weight_grad(x, gy, w_shape) if need_w else None
         return gx, gw
+
+
+_warned = set()     # precisions whose fallback has been announced
+
+
+def _warn_unavailable(exc):
+    """Say once per precision, in one line, that its kernels did not compile and why."""
+    if exc.precision not in _warned:
+        _warned.add(exc.precision)
+        warnings.warn(f"implicit-GEMM {exc.precision!r} kernels unavailable ({exc.reason}); "
+                      "using the im2col route instead (docs/PERFORMANCE.md, what ptxas says)", RuntimeWarning, stacklevel=3)
