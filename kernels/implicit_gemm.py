@@ -276,6 +276,33 @@ TENSOR_CORE = r"""
 #include <mma.h>
 using namespace nvcuda;
 
+// Fragments to and from the shared tiles. wmma::load_matrix_sync / store_matrix_sync take a
+// generic pointer, and for the tf32 and bf16 shapes nvcc keeps it generic: the SASS has LD/ST,
+// which look up the address space at run time, where the fp16 ones become LDS/STS
+// (scripts/kernel_report.py, column "generic LD/ST"). A mode may specialise this with the
+// `.shared` form of the same PTX instruction (same fragment layout, PTX ISA "wmma.load").
+template <typename FragElem>
+struct SharedFragments {
+    template <typename F, typename E>
+    static __device__ void load(F& f, const E* p, unsigned ldm) { wmma::load_matrix_sync(f, p, ldm); }
+    template <typename F>
+    static __device__ void store(float* p, const F& f, unsigned ldm) {
+        wmma::store_matrix_sync(p, f, ldm, wmma::mem_row_major);
+    }
+};
+
+#if defined(__CUDA_ARCH__)
+// PTX wmma.load `op` of a fragment held in 4 registers, from shared address p (a "memory"
+// clobber: the compiler must not move it across the __syncthreads that filled the tile).
+#define WMMA_LOAD_SHARED(op, f, p, ldm)                                                       \
+    asm volatile(op " {%0, %1, %2, %3}, [%4], %5;"                                            \
+                 : "=r"(((unsigned*)&(f))[0]), "=r"(((unsigned*)&(f))[1]),                    \
+                   "=r"(((unsigned*)&(f))[2]), "=r"(((unsigned*)&(f))[3])                     \
+                 : "r"((unsigned)__cvta_generic_to_shared(p)), "r"(ldm) : "memory")
+#else   // the host emulation (tests/gpu_emulation_blocks.py): WMMA's own load, same values
+#define WMMA_LOAD_SHARED(op, f, p, ldm) wmma::load_matrix_sync(f, p, ldm)
+#endif
+
 // The three tensor-core modes differ only in types and the k of one MMA (KS).
 template <typename Elem, typename FragElem, int KS>
 struct TensorCore {
@@ -290,8 +317,8 @@ struct TensorCore {
         for (int k = 0; k < BK; k += KS) {
             wmma::fragment<wmma::matrix_a, 16, 16, KS, FragElem, wmma::row_major> a[2];
             wmma::fragment<wmma::matrix_b, 16, 16, KS, FragElem, wmma::row_major> b[2];
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], As + (32 * wm + 16 * i) * LDA + k, LDA);
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], Bs + k * LDB + 32 * wn + 16 * j, LDB);
+            for (int i = 0; i < 2; ++i) SharedFragments<FragElem>::load(a[i], As + (32 * wm + 16 * i) * LDA + k, LDA);
+            for (int j = 0; j < 2; ++j) SharedFragments<FragElem>::load(b[j], Bs + k * LDB + 32 * wn + 16 * j, LDB);
             for (int i = 0; i < 2; ++i)
                 for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
@@ -300,14 +327,38 @@ struct TensorCore {
         const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
         for (int i = 0; i < 2; ++i)
             for (int j = 0; j < 2; ++j)
-                wmma::store_matrix_sync(Cs + (32 * wm + 16 * i) * (BN + PAD_F) + 32 * wn + 16 * j,
-                                        acc[i][j], BN + PAD_F, wmma::mem_row_major);
+                SharedFragments<FragElem>::store(Cs + (32 * wm + 16 * i) * (BN + PAD_F) + 32 * wn + 16 * j,
+                                                 acc[i][j], BN + PAD_F);
     }
 };
 
 """
 
 TF32 = r"""
+template <>
+struct SharedFragments<wmma::precision::tf32> {
+    typedef wmma::precision::tf32 tf32;
+    static __device__ void load(wmma::fragment<wmma::matrix_a, 16, 16, 8, tf32, wmma::row_major>& f,
+                                const float* p, unsigned ldm) {
+        WMMA_LOAD_SHARED("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32", f, p, ldm);
+    }
+    static __device__ void load(wmma::fragment<wmma::matrix_b, 16, 16, 8, tf32, wmma::row_major>& f,
+                                const float* p, unsigned ldm) {
+        WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k8.shared.tf32", f, p, ldm);
+    }
+    static __device__ void store(float* p, const wmma::fragment<wmma::accumulator, 16, 16, 8, float>& f,
+                                 unsigned ldm) {
+#if defined(__CUDA_ARCH__)
+        asm volatile("wmma.store.d.sync.aligned.row.m16n16k8.shared.f32 [%0], "
+                     "{%1, %2, %3, %4, %5, %6, %7, %8}, %9;"
+                     :: "r"((unsigned)__cvta_generic_to_shared(p)),
+                        "f"(f.x[0]), "f"(f.x[1]), "f"(f.x[2]), "f"(f.x[3]),
+                        "f"(f.x[4]), "f"(f.x[5]), "f"(f.x[6]), "f"(f.x[7]), "r"(ldm) : "memory");
+#else
+        wmma::store_matrix_sync(p, f, ldm, wmma::mem_row_major);
+#endif
+    }
+};
 struct Tf32 : TensorCore<float, wmma::precision::tf32, 8> {
     static __device__ float round(float v) { return wmma::__float_to_tf32(v); }
 };
@@ -315,6 +366,22 @@ struct Tf32 : TensorCore<float, wmma::precision::tf32, 8> {
 
 BF16 = r"""
 #include <cuda_bf16.h>
+template <>
+struct SharedFragments<__nv_bfloat16> {
+    typedef __nv_bfloat16 bf16;
+    static __device__ void load(wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>& f,
+                                const bf16* p, unsigned ldm) {
+        WMMA_LOAD_SHARED("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16", f, p, ldm);
+    }
+    static __device__ void load(wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>& f,
+                                const bf16* p, unsigned ldm) {
+        WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16", f, p, ldm);
+    }
+    template <typename F>     // the float accumulators: WMMA's own store is already STS here
+    static __device__ void store(float* p, const F& f, unsigned ldm) {
+        wmma::store_matrix_sync(p, f, ldm, wmma::mem_row_major);
+    }
+};
 struct Bf16 : TensorCore<__nv_bfloat16, __nv_bfloat16, 16> {
     static __device__ __nv_bfloat16 round(float v) { return __float2bfloat16(v); }
 };
