@@ -187,7 +187,12 @@ struct Wgrad {
 
 struct Highest {                               // float32 FMA on the CUDA cores
     typedef float elem;
-    enum { LDA = BK + PAD_F, LDB = BN + PAD_F };
+    // LDC: to_shared's half-warps write rows 8 apart; 8 * 66 = 16 (mod 32) puts them on
+    // different banks (with 68, on the same ones: a 2-way conflict).
+    enum { LDA = BK + PAD_F, LDB = BN + PAD_F, LDC = BN + 2 };
+    // Blocks per SM that __launch_bounds__ asks ptxas to make room for: 6 keeps this mode at
+    // 80 registers without spills (8 would need 64 and spills 44-76 bytes); it had 95-127.
+    enum { MIN_BLOCKS = 6 };
     static __device__ elem round(float v) { return v; }
     float acc[8][4];                           // rows 8*(t/16)+i, columns t%16 + 16*jj
     __device__ void zero() {
@@ -204,7 +209,7 @@ struct Highest {                               // float32 FMA on the CUDA cores
     __device__ void to_shared(float* Cs) {
         const int r0 = 8 * (threadIdx.x / 16), c0 = threadIdx.x % 16;
         for (int i = 0; i < 8; ++i)
-            for (int jj = 0; jj < 4; ++jj) Cs[(r0 + i) * (BN + PAD_F) + c0 + 16 * jj] = acc[i][jj];
+            for (int jj = 0; jj < 4; ++jj) Cs[(r0 + i) * LDC + c0 + 16 * jj] = acc[i][jj];
     }
 };
 
@@ -215,9 +220,15 @@ template <typename Kind, typename Mode>
 __device__ void conv_tile(const Conv c, const float* a_src, const float* b_src, float* out,
                           const int splits, const int r_per_split) {
     typedef typename Mode::elem elem;
-    __shared__ __align__(32) elem As[BM * Mode::LDA];       // A[m0 + m, r0 + k]: BM x BK
-    __shared__ __align__(32) elem Bs[BK * Mode::LDB];       // B[r0 + k, q0 + q]: BK x BN
-    __shared__ __align__(32) float Cs[BM * (BN + PAD_F)];   // the finished C tile
+    // Shared memory: the A and B tiles while R is walked, then (after a barrier) the finished
+    // C tile in the same bytes: 18 KB a block instead of 27 KB, so that shared memory does
+    // not cap the blocks per SM before registers do (an A100 has 164 KB per SM).
+    enum { AB_BYTES = sizeof(elem) * (BM * Mode::LDA + BK * Mode::LDB),
+           C_BYTES = sizeof(float) * BM * Mode::LDC };
+    __shared__ __align__(32) unsigned char tiles[AB_BYTES > C_BYTES ? AB_BYTES : C_BYTES];
+    elem* const As = reinterpret_cast<elem*>(tiles);        // A[m0 + m, r0 + k]: BM x BK
+    elem* const Bs = As + BM * Mode::LDA;                   // B[r0 + k, q0 + q]: BK x BN
+    float* const Cs = reinterpret_cast<float*>(tiles);      // C[m0 + m, q0 + q]: BM x BN
     __shared__ typename Kind::Row rows[BK];                 // rows r0 .. r0+BK as coordinates
 
     const int g = blockIdx.z / splits, split = blockIdx.z % splits;
@@ -232,8 +243,10 @@ __device__ void conv_tile(const Conv c, const float* a_src, const float* b_src, 
     const int bq = threadIdx.x % BN, bk0 = threadIdx.x / BN;
     const bool bq_inside = q0 + bq < Q;
     const typename Kind::Col col = Kind::col(c, bq_inside ? q0 + bq : 0);
-    // ... and column ak = t % BK of every A tile (rows am0, am0 + 8, ...).
-    const int ak = threadIdx.x % BK, am0 = threadIdx.x / BK;
+    // ... and column ak = t % BK of every A tile, rows am0, am0 + 8, ...: a warp's two
+    // half-warps take rows 4 apart, 4 * LDA = 80 floats, i.e. 16 banks apart (rows 1
+    // apart would put 4 of their 16 banks on the same ones).
+    const int ak = threadIdx.x % BK, am0 = threadIdx.x / 32 + 4 * (threadIdx.x / 16 % 2);
 
     Mode mode;
     mode.zero();
@@ -263,11 +276,13 @@ __device__ void conv_tile(const Conv c, const float* a_src, const float* b_src, 
         // (No barrier here: step 0 writes only `rows`, which step 3 does not read.)
     }
     // 4. Accumulators -> Cs -> the output, each element through the kind's own index map.
+    //    Cs overwrites As and Bs: every warp must be done multiplying first.
+    __syncthreads();
     mode.to_shared(Cs);
     __syncthreads();
     for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
         const int m = e / BN, q = e % BN;      // consecutive threads: consecutive pixels
-        if (m0 + m < M && q0 + q < Q) Kind::store(c, out, g, split, m0 + m, q0 + q, Cs[m * (BN + PAD_F) + q]);
+        if (m0 + m < M && q0 + q < Q) Kind::store(c, out, g, split, m0 + m, q0 + q, Cs[m * Mode::LDC + q]);
     }
 }
 """
@@ -307,7 +322,16 @@ struct SharedFragments {
 template <typename Elem, typename FragElem, int KS>
 struct TensorCore {
     typedef Elem elem;
-    enum { LDA = BK + (sizeof(Elem) == 4 ? PAD_F : PAD_H), LDB = BN + (sizeof(Elem) == 4 ? PAD_F : PAD_H) };
+    // Padding, in elements (WMMA needs rows of a multiple of 16 bytes and fragments 32-byte
+    // aligned), chosen so that each fragment load or store touches every bank once: A's rows
+    // (the k8 tf32 loads read rows 0..7 of a 16 x 4 slice) 20 floats apart land on
+    // 8 different groups of 4 banks; B's and C's rows 72 apart (tf32 reads 4 rows of B, C is
+    // stored in pairs from 4 rows at a time) on 4 different groups of 8. For 16-bit
+    // elements, ldmatrix reads 8 rows of 16 bytes: rows of 48 and 144 bytes hit 8 different ones.
+    enum { LDA = BK + (sizeof(Elem) == 4 ? PAD_F : PAD_H), LDB = BN + PAD_H, LDC = BN + PAD_H };
+    // 8 blocks (32 warps) per SM: at most 64 registers a thread, which ptxas meets without
+    // spills (it used 68-95); shared memory, 8 x 19.7 KB, fits an A100's SM too.
+    enum { MIN_BLOCKS = 8 };
     wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[2][2];   // this warp's 32 x 32
     __device__ void zero() {
         for (int i = 0; i < 2; ++i) for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
@@ -327,8 +351,8 @@ struct TensorCore {
         const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
         for (int i = 0; i < 2; ++i)
             for (int j = 0; j < 2; ++j)
-                SharedFragments<FragElem>::store(Cs + (32 * wm + 16 * i) * (BN + PAD_F) + 32 * wn + 16 * j,
-                                                 acc[i][j], BN + PAD_F);
+                SharedFragments<FragElem>::store(Cs + (32 * wm + 16 * i) * LDC + 32 * wn + 16 * j,
+                                                 acc[i][j], LDC);
     }
 };
 
@@ -399,7 +423,7 @@ struct Fp16 : TensorCore<__half, __half, 16> {
 # One extern "C" entry point per (kind, mode): plain names for RawModule.get_function and for
 # the host emulation. The parameter list is the same for all.
 _ENTRY = r"""
-extern "C" __global__ void conv_{kind}_{precision}(
+extern "C" __global__ void __launch_bounds__(THREADS, {Mode}::MIN_BLOCKS) conv_{kind}_{precision}(
         const float* a_src, const float* b_src, float* out,
         const int N, const int Cin, const int H, const int W, const int Cout,
         const int ho, const int wo, const int kh, const int kw, const int sh, const int sw,

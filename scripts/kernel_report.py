@@ -15,6 +15,7 @@ packages nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm), the machine code (SASS) 
     LD/ST     generic loads and stores (the address space is decided at run time; WMMA's
               fragment loads from shared memory come out this way, see docs/PERFORMANCE.md)
     vec       128-bit loads (LDG.E.128, LDS.128): vectorised accesses
+    LDSM      ldmatrix: a warp loads whole 8 x 8 tiles of 16-bit values from shared memory
 
 The project compiles with NVRTC through cupy.RawModule, not nvcc: `--nvrtc` compiles each bundle
 with libnvrtc too (found through $NVRTC_LIBRARY, CuPy's wheels or the system), with the options
@@ -172,19 +173,20 @@ _FUNCTION = re.compile(r"Function : (\w+)|^\s*\.text\.(\w+):")
 
 
 def count_sass(sass):
-    """SASS listing -> {kernel: {hmma, imma, ldl, stl, generic, vec128}}."""
+    """SASS listing -> {kernel: {hmma, imma, ldl, stl, generic, vec128, ldsm}}."""
     out, current = {}, None
     for line in sass.splitlines():
         m = _FUNCTION.search(line)
         if m:
             current = out.setdefault(m.group(1) or m.group(2),
-                                     dict(hmma=0, imma=0, ldl=0, stl=0, generic=0, vec128=0))
+                                     dict(hmma=0, imma=0, ldl=0, stl=0, generic=0, vec128=0, ldsm=0))
             continue
         m = _SASS_OP.search(line)
         if current is None or not m:
             continue
         op, mods = m.group(1), m.group(2)
-        key = {"HMMA": "hmma", "IMMA": "imma", "LDL": "ldl", "STL": "stl", "LD": "generic", "ST": "generic"}.get(op)
+        key = {"HMMA": "hmma", "IMMA": "imma", "LDL": "ldl", "STL": "stl", "LD": "generic",
+               "ST": "generic", "LDSM": "ldsm"}.get(op)
         if key:
             current[key] += 1
         if op in ("LDG", "LDS") and ".128" in mods:
@@ -236,7 +238,7 @@ def print_table(rows, disasm):
     cols = ["arch", "bundle", "kernel", "regs", "spill st/ld", "smem", "blocks/SM", "occupancy", "limited by"]
     sass = disasm is not None
     if sass:
-        cols += ["HMMA", "LDL/STL", "generic LD/ST", "128-bit LDG/LDS"]
+        cols += ["HMMA", "LDL/STL", "generic LD/ST", "128-bit LDG/LDS", "LDSM"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -244,7 +246,7 @@ def print_table(rows, disasm):
                  r["smem"], r["blocks_per_sm"], f"{r['occupancy']:.0%}", r["limiter"]]
         if sass:
             cells += [r.get("hmma", 0) + r.get("imma", 0), f"{r.get('ldl', 0)}/{r.get('stl', 0)}",
-                      r.get("generic", 0), r.get("vec128", 0)]
+                      r.get("generic", 0), r.get("vec128", 0), r.get("ldsm", 0)]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     if not sass:
         print("(no cuobjdump or nvdisasm found: SASS counts left out; pip install nvidia-cuda-cuobjdump)")

@@ -57,7 +57,7 @@ def _launchers(source):
     """C++ for `emu_launch_<kernel>(grid, block, params...)`: runs every thread of a launch
     (all blocks x all threads per block, in order), as the GPU would run them in parallel."""
     out = []
-    for name, params in re.findall(r"__global__ void (\w+)\((.*?)\)\s*\{", source, re.S):
+    for name, params in re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\((.*?)\)\s*\{", source, re.S):
         names = [re.findall(r"\w+", p)[-1] for p in params.split(",")]
         out.append(f"""
 extern "C" void emu_launch_{name}(unsigned int emu_grid, unsigned int emu_block, {params}) {{
@@ -76,7 +76,7 @@ def signatures(source):
     types = {k: np.dtype(v) for k, v in C_TYPES.items()}
     types.update(typedefs(source))
     sigs = {}
-    for name, params in re.findall(r"__global__ void (\w+)\((.*?)\)\s*\{", source, re.S):
+    for name, params in re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\((.*?)\)\s*\{", source, re.S):
         args = []
         for p in params.split(","):
             p = " ".join(p.replace("const", " ").split())

@@ -38,6 +38,7 @@ SHIM = r"""
 #define __device__
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)            // a register budget for ptxas: nothing on the host
 using std::min;
 using std::max;
 struct emu_uint3 { unsigned int x, y, z; };
@@ -106,7 +107,7 @@ def _launchers(source):
     """C++ `emu_launch_<kernel>(gx, gy, gz, block, params...)`: `block` OS threads run every
     block of the grid in turn, meeting at a barrier between blocks."""
     out = []
-    for name, params in re.findall(r"__global__ void (\w+)\((.*?)\)\s*\{", source, re.S):
+    for name, params in re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\((.*?)\)\s*\{", source, re.S):
         names = [re.findall(r"\w+", p)[-1] for p in params.split(",")]
         out.append(f"""
 extern "C" void emu_launch_{name}(unsigned int emu_gx, unsigned int emu_gy, unsigned int emu_gz,

@@ -4,7 +4,8 @@
 2. The parsers on a few lines of ptxas / cuobjdump output.
 3. Where nvcc exists: the implicit-GEMM bundles compiled as the project compiles them; every
    entry point is reported, none spills, and (where a disassembler exists) the tensor-core
-   modes issue HMMA instructions and "highest" none, with no local-memory traffic.
+   modes issue HMMA instructions and "highest" none, with no local-memory traffic and no
+   generic loads or stores.
 4. Without nvcc the script says so in one line and succeeds.
 """
 import importlib.util
@@ -62,6 +63,7 @@ SASS = """\
         /*0a40*/              @!P0 LDL.LU R3, [R1+0x4] ;
         /*0a50*/                   LD.E R5, desc[UR4][R6.64] ;
         /*0a60*/                   LDS.128 R8, [R2] ;
+        /*0a68*/                   LDSM.16.MT88.4 R44, [R44] ;
         /*0a70*/                   STL [R1], R3 ;
 \t\tFunction : im2col_kernel
         /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
@@ -79,8 +81,8 @@ def test_parse_ptxas_reads_every_field():
 
 def test_count_sass_counts_per_kernel():
     got = kr.count_sass(SASS)
-    assert got["conv_fwd_tf32"] == dict(hmma=1, imma=0, ldl=1, stl=1, generic=1, vec128=1)
-    assert got["im2col_kernel"] == dict(hmma=0, imma=0, ldl=0, stl=0, generic=0, vec128=1)
+    assert got["conv_fwd_tf32"] == dict(hmma=1, imma=0, ldl=1, stl=1, generic=1, vec128=1, ldsm=1)
+    assert got["im2col_kernel"] == dict(hmma=0, imma=0, ldl=0, stl=0, generic=0, vec128=1, ldsm=0)
 
 
 def test_bundles_are_the_sources_the_project_compiles():
@@ -115,6 +117,9 @@ def test_tensor_core_modes_issue_hmma(implicit_gemm_rows):
         tensor_core = not r["kernel"].endswith("_highest")
         assert (r["hmma"] > 0) == tensor_core, r
         assert r["ldl"] == r["stl"] == 0, r
+        # fragments move between registers and the shared tiles with LDS/STS (or ldmatrix),
+        # not generic LD/ST (kernels/implicit_gemm.py, SharedFragments)
+        assert r["generic"] == 0, r
 
 
 # ---------------------------------------------------------------------------- 4. no nvcc
