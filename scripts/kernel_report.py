@@ -21,8 +21,8 @@ The project compiles with NVRTC through cupy.RawModule, not nvcc: `--nvrtc` comp
 with libnvrtc too (found through $NVRTC_LIBRARY, CuPy's wheels or the system), with the options
 CuPy passes, and says whether the CUDA headers the tensor-core modes include resolve.
 
-Exit status 0 when the report was printed (or nvcc is missing: one line says so), 1 when a
-bundle does not compile.
+Exit status 0 when the report was printed (or nvcc is missing: one line says so, and --nvrtc
+still runs), 1 when a bundle does not compile (with nvcc, or with NVRTC and the CUDA headers).
 """
 import argparse
 import ctypes
@@ -303,7 +303,15 @@ def nvrtc_compile(lib, source, options):
 
 
 def cuda_include_dir(nvcc):
-    """The CUDA toolkit's include folder (as cuda.pathfinder finds it for CuPy), or None."""
+    """The CUDA headers' folder CuPy would use (cuda.pathfinder, as CuPy 14 asks it), else
+    the toolkit's (CUDA_PATH, CUDA_HOME, next to nvcc), or None."""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            return found
+    except Exception:           # not installed, or an older cuda-pathfinder
+        pass
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")):
         if root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
             return os.path.join(root, "include")
@@ -314,15 +322,17 @@ def cuda_include_dir(nvcc):
     return None
 
 
-def nvrtc_report(arch="sm_90"):
-    """Each bundle through NVRTC, without and with the CUDA include folder: prints a table."""
+def nvrtc_report(arch="sm_90", include=None):
+    """Each bundle through NVRTC, without and with the CUDA include folder (`include`, or the
+    one CuPy would find): prints two tables; False when a bundle fails with the folder."""
     lib = _nvrtc_library()
     if lib is None:
         print("NVRTC: no libnvrtc found (set NVRTC_LIBRARY, or pip install nvidia-cuda-nvrtc): skipped")
         return True
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    inc = cuda_include_dir(find_nvcc())
+    nvcc = find_nvcc()
+    inc = include or cuda_include_dir(nvcc)
     print(f"\nNVRTC {major.value}.{minor.value}, {arch}, CuPy's options; CUDA include folder: {inc}")
     print("| bundle | no -I | with the CUDA include folder |")
     print("|---|---|---|")
@@ -357,24 +367,27 @@ def main(argv=None):
                     help="bundle name prefix (implicit_gemm, gpu, permutohedral); repeatable")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--nvrtc", action="store_true", help="also compile every bundle with NVRTC")
+    ap.add_argument("--cuda-include", help="the CUDA headers' folder for --nvrtc (default: the one "
+                                           "CuPy would use)")
     args = ap.parse_args(argv)
+    ok = True
     if find_nvcc() is None:
-        print("kernel_report: nvcc (the CUDA toolkit) not found on PATH or in CUDA_PATH: nothing to report")
-        return 0
-    try:
-        rows, disasm = report(args.arch or ARCHS, args.bundle or ["implicit_gemm", "gpu", "permutohedral"])
-    except RuntimeError as exc:
-        print(exc)
-        return 1
-    print_table(rows, disasm)
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, args.json)
-    if args.nvrtc and not nvrtc_report():
-        return 1
-    return 0
+        print("kernel_report: nvcc (the CUDA toolkit) not found on PATH or in CUDA_PATH: no ptxas report")
+    else:
+        try:
+            rows, disasm = report(args.arch or ARCHS, args.bundle or ["implicit_gemm", "gpu", "permutohedral"])
+        except RuntimeError as exc:
+            print(exc)
+            return 1
+        print_table(rows, disasm)
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(rows, f, indent=1)
+            os.replace(tmp, args.json)
+    if args.nvrtc:
+        ok = nvrtc_report((args.arch or ["sm_90"])[-1], args.cuda_include)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

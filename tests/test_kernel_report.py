@@ -127,3 +127,18 @@ def test_without_nvcc_it_says_so_and_succeeds(monkeypatch, capsys):
     monkeypatch.setattr(kr, "find_nvcc", lambda: None)
     assert kr.main([]) == 0
     assert "nvcc (the CUDA toolkit) not found" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- 5. NVRTC
+def test_bundles_without_headers_compile_with_nvrtc():
+    """NVRTC (what cupy.RawModule compiles with), with CuPy's options and no include folder:
+    every bundle that includes no CUDA header compiles (the tensor-core ones need mma.h:
+    `kernel_report.py --nvrtc` says whether it resolves)."""
+    lib = kr._nvrtc_library()
+    if lib is None:
+        pytest.skip("no libnvrtc here (CuPy brings one; or pip install nvidia-cuda-nvrtc)")
+    for name, (source, _) in kr.bundles().items():
+        if "#include" in source:
+            continue
+        ok, log = kr.nvrtc_compile(lib, source, kr.cupy_like_options("sm_90", []))
+        assert ok, f"{name}: {log}"
