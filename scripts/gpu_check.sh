@@ -12,7 +12,8 @@
 # the time that is left. The last lines printed (and $OUT/summary.txt) say ok / FAILED /
 # TIMEOUT and the seconds of every step.
 #
-# Order: (1) versions; (2) the GPU benchmark (with --compare-torch) while nothing else uses
+# Order: (1) versions; (1a) what ptxas says about the kernels and whether NVRTC finds the CUDA
+# headers (scripts/kernel_report.py, seconds); (2) the GPU benchmark (with --compare-torch) while nothing else uses
 # the GPU: the big U-Net (issue 15's targets: float32 strict, TF32 "high" with the implicit-GEMM
 # kernels and with im2col, bf16 autocast, each next to PyTorch), then (2a) the small U-Net
 # (depth 4, 16 features, batch 4 of 128x128: issue 16's target); (2b) the implicit-GEMM kernel,
@@ -79,6 +80,11 @@ print("minidl sees a GPU:", backend.gpu_available())
 x = cupy.arange(10, dtype=cupy.float32); assert float((x * 2).sum()) == 90.0
 print("cupy smoke test ok")
 EOF
+
+# ---- 1a. registers, spills, occupancy, HMMA counts per kernel (needs nvcc; one line without
+# it) and the NVRTC compile of every bundle with CuPy's options and header folder
+run_step kernel_report 30 python3 scripts/kernel_report.py --arch sm_90 --nvrtc \
+    --json "$OUT/kernel_report.json"
 
 # ---- 2. the benchmark, on an otherwise idle GPU (the tests below would share it), side by
 # side with PyTorch where it is importable (float32, TF32, bf16 autocast) and the step breakdown

@@ -337,18 +337,23 @@ def nvrtc_report(arch="sm_90", include=None):
     print("| bundle | no -I | with the CUDA include folder |")
     print("|---|---|---|")
     ok_all = True
-    for name, (source, _) in bundles().items():
-        cells = []
-        for dirs in ([], [inc] if inc else None):
-            if dirs is None:
-                cells.append("(no include folder found)")
-                continue
-            ok, log = nvrtc_compile(lib, source, cupy_like_options(arch, dirs))
-            missing = re.findall(r"(?:cannot|could not) open source file \"([\w./]+)\"", log)
-            cells.append("ok" if ok else "fails: " + (", ".join(sorted(set(missing))) + " not found"
-                                                      if missing else log.splitlines()[0][:80]))
-            ok_all &= ok or not dirs
-        print(f"| {name} | {cells[0]} | {cells[1]} |")
+    folders = ([], [inc] if inc else None)
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:     # NVRTC calls release the GIL
+        results = {(name, i): pool.submit(nvrtc_compile, lib, source, cupy_like_options(arch, dirs))
+                   for name, (source, _) in bundles().items()
+                   for i, dirs in enumerate(folders) if dirs is not None}
+        for name in bundles():
+            cells = []
+            for i, dirs in enumerate(folders):
+                if dirs is None:
+                    cells.append("(no include folder found)")
+                    continue
+                ok, log = results[name, i].result()
+                missing = re.findall(r"(?:cannot|could not) open source file \"([\w./]+)\"", log)
+                cells.append("ok" if ok else "fails: " + (", ".join(sorted(set(missing))) + " not found"
+                                                          if missing else log.splitlines()[0][:80]))
+                ok_all &= ok or not dirs
+            print(f"| {name} | {cells[0]} | {cells[1]} |")
     # Each header the tensor-core modes include, alone: does NVRTC find it by itself?
     print("| header | no -I | with the CUDA include folder |")
     print("|---|---|---|")
