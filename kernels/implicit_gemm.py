@@ -72,8 +72,8 @@ COMMON = r"""
 #define BN 64          // columns of the C tile (pixels for fwd/dgrad, (ci, i, j) for wgrad)
 #define BK 16          // the slice of the reduction axis R loaded per step
 #define THREADS 128    // 4 warps
-#define PAD_F 4        // shared rows padded (float: 16 bytes, half: 8 bytes) so that WMMA's
-#define PAD_H 8        // 32-byte alignment holds and rows fall on different banks
+#define PAD_F 4        // shared rows padded by 4 or 8 elements so that WMMA's alignment
+#define PAD_H 8        // holds and rows fall on different banks (each mode's LDA, LDB, LDC)
 
 
 // Geometry of the convolution (the forward one; the transposed conv is its adjoint).
@@ -323,11 +323,12 @@ template <typename Elem, typename FragElem, int KS>
 struct TensorCore {
     typedef Elem elem;
     // Padding, in elements (WMMA needs rows of a multiple of 16 bytes and fragments 32-byte
-    // aligned), chosen so that each fragment load or store touches every bank once: A's rows
-    // (the k8 tf32 loads read rows 0..7 of a 16 x 4 slice) 20 floats apart land on
-    // 8 different groups of 4 banks; B's and C's rows 72 apart (tf32 reads 4 rows of B, C is
-    // stored in pairs from 4 rows at a time) on 4 different groups of 8. For 16-bit
-    // elements, ldmatrix reads 8 rows of 16 bytes: rows of 48 and 144 bytes hit 8 different ones.
+    // aligned), chosen so that each fragment load or store touches every bank once. tf32
+    // (mma m16n8k4 layouts): an A load reads 8 rows x 4 columns, and rows 20 floats apart
+    // fall on 8 different groups of 4 banks; a B load reads 4 rows x 8 columns and C is
+    // stored as pairs from 4 rows x 4, and rows 72 floats apart fall on 4 different groups
+    // of 8 (68 would share banks: 2-way conflicts). 16-bit elements: ldmatrix reads 8 rows
+    // of 16 bytes, and rows of 48 (A) or 144 bytes (B) fall on 8 different 16-byte groups.
     enum { LDA = BK + (sizeof(Elem) == 4 ? PAD_F : PAD_H), LDB = BN + PAD_H, LDC = BN + PAD_H };
     // 8 blocks (32 warps) per SM: at most 64 registers a thread, which ptxas meets without
     // spills (it used 68-95); shared memory, 8 x 19.7 KB, fits an A100's SM too.
