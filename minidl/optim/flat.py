@@ -24,7 +24,7 @@ from .. import backend
 from ..grad_mode import enable_grad, no_grad
 from .adam import adam_defaults
 from .optimizer import Optimizer
-from .sgd import sgd_defaults
+from .sgd import sgd_defaults, skips_on_found_inf
 import kernels
 
 
@@ -194,12 +194,21 @@ class FlatSGD(_FlatOptimizer):
     def _moments(self):
         return ("momentum_buffer",) if any(g["momentum"] != 0 for g in self.param_groups) else ()
 
+    @property
+    def supports_found_inf(self):
+        # As SGD: the momentum buffers start at zero, so under a GradScaler's flag no step is
+        # treated as the first (with dampening 0 that is the same step), and a skipped one
+        # leaves nothing behind. The step count here only tells the first step apart; it counts
+        # the steps tried (SGD's own state has no step count).
+        return skips_on_found_inf(self.param_groups)
+
     def update_flat(self, lo, hi, step, group):
         buf = self.flat_state.get("momentum_buffer")
         kernels.for_array(self.buffer.data).sgd_update(
             self.buffer.data[lo:hi], self.buffer.grad[lo:hi],
-            None if buf is None else buf[lo:hi], step == 1, group["lr"], group["momentum"],
-            group["dampening"], group["weight_decay"], group["nesterov"])
+            None if buf is None else buf[lo:hi], step == 1 and self.found_inf is None,
+            group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+            group["nesterov"], found_inf=self.found_inf)
 
 
 class FlatAdam(_FlatOptimizer):
