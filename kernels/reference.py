@@ -342,7 +342,8 @@ def update_scale(scale, growth_tracker, found_inf, growth_factor, backoff_factor
     found = found_inf > 0
     tracker = np.where(found, 0, growth_tracker + 1)
     grow = tracker >= growth_interval
-    grown = scale * np.float32(growth_factor)
+    with np.errstate(over="ignore"):        # a scale grown to inf is not taken
+        grown = scale * np.float32(growth_factor)
     kept = np.where(grow & np.isfinite(grown), grown, scale)
     scale[...] = np.where(found, scale * np.float32(backoff_factor), kept)
     growth_tracker[...] = np.where(grow, 0, tracker)

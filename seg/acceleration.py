@@ -77,15 +77,20 @@ class GraphedSteps:
     def __init__(self, model, loss_fn, optimizer, device, step_context=None, scaler=None,
                  log=print):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.scaler = scaler
         self.step_context = step_context or contextlib.nullcontext
         self.log = log
         self.graphed = None
         self.reason = None
         if device != "gpu":
             self._fall_back("CUDA graphs need --device gpu")
-        elif scaler is not None:
-            self._fall_back("fp16's GradScaler reads the gradients' inf/NaN check back to the "
-                            "host every step, which a graph cannot; use --amp bf16")
+        elif scaler is not None and not getattr(optimizer, "supports_found_inf", False):
+            # With one that does (SGD, capturable Adam: seg.setup's choice for --cuda-graph)
+            # the GradScaler keeps its inf/NaN check on the GPU and the step is captured.
+            self._fall_back(f"fp16's GradScaler reads the gradients' inf/NaN check back to the "
+                            f"host every step with {type(optimizer).__name__}, which cannot "
+                            f"skip a step on the GPU, and a graph cannot read the host; use "
+                            f"SGD or Adam(capturable=True), or --amp bf16")
 
     def _fall_back(self, reason):
         self.reason = reason
@@ -96,7 +101,7 @@ class GraphedSteps:
         self.optimizer.zero_grad()
         with self.step_context():
             loss = self.loss_fn(forward_full(self.model, x), y)
-        backward_and_step(loss, self.optimizer)
+        backward_and_step(loss, self.optimizer, self.scaler)
         return loss
 
     def new_epoch(self):
