@@ -549,6 +549,8 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     parameter of a step shares one coefficient array, built for the first of them."""
     if _skipped(found_inf):
         return
+    if hasattr(step_size, "shape"):      # 0-d arrays (capturable Adam): numbers on the CPU
+        step_size, bias2_sqrt = step_size.item(), bias2_sqrt.item()
     if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous
             and (not amsgrad or v_max.flags.c_contiguous)):
         return reference.adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size,

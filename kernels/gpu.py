@@ -372,7 +372,28 @@ OPTIM_SRC = r"""
 // computes them (a float32 1 - 0.9f would differ from float32(1 - 0.9) in the last bit).
 // found_inf: the GradScaler's inf/NaN flag (0-d, on the device; a zero one when there is no
 // scaler): when it is set the whole step is skipped, so the decision needs no host read.
-// Adam (see reference.adam_update); v_max is read and written only when amsgrad.
+// Adam (see reference.adam_update), element t; v_max is read and written only when amsgrad.
+__device__ inline void adam_element(
+        T* p, const T* g, T* m, T* v, T* v_max, const I t,
+        const T beta1, const T one_minus_beta1, const T beta2, const T one_minus_beta2,
+        const T step_size, const T bias2_sqrt, const T eps, const T weight_decay,
+        const int amsgrad) {
+    T gv = g[t];
+    if (weight_decay != (T)0) gv = gv + weight_decay * p[t];
+    const T mv = beta1 * m[t] + one_minus_beta1 * gv;
+    T vv = beta2 * v[t] + one_minus_beta2 * (gv * gv);
+    m[t] = mv;
+    v[t] = vv;
+    if (amsgrad) {
+        const T a = v_max[t];
+        vv = (a != a || a >= vv) ? a : vv;     // max, NaN wins as in np.maximum
+        v_max[t] = vv;
+    }
+    p[t] -= step_size * mv / (sqrt(vv) / bias2_sqrt + eps);
+}
+
+// The bias corrections step_size and bias2_sqrt as numbers (plain Adam: its step count is a
+// Python number) ...
 extern "C" __global__ void adam_update_kernel(
         T* p, const T* g, T* m, T* v, T* v_max, const I total,
         const T beta1, const T one_minus_beta1, const T beta2, const T one_minus_beta2,
@@ -380,18 +401,23 @@ extern "C" __global__ void adam_update_kernel(
         const int amsgrad, const float* found_inf) {
     if (*found_inf != 0.0f) return;
     GRID_STRIDE {
-        T gv = g[t];
-        if (weight_decay != (T)0) gv = gv + weight_decay * p[t];
-        const T mv = beta1 * m[t] + one_minus_beta1 * gv;
-        T vv = beta2 * v[t] + one_minus_beta2 * (gv * gv);
-        m[t] = mv;
-        v[t] = vv;
-        if (amsgrad) {
-            const T a = v_max[t];
-            vv = (a != a || a >= vv) ? a : vv;     // max, NaN wins as in np.maximum
-            v_max[t] = vv;
-        }
-        p[t] -= step_size * mv / (sqrt(vv) / bias2_sqrt + eps);
+        adam_element(p, g, m, v, v_max, t, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                     step_size, bias2_sqrt, eps, weight_decay, amsgrad);
+    }
+}
+
+// ... or as 0-d arrays on the device (capturable Adam, whose step count lives there, so a
+// CUDA graph replays each step with its own bias correction).
+extern "C" __global__ void adam_update_device_coef_kernel(
+        T* p, const T* g, T* m, T* v, T* v_max, const I total,
+        const T beta1, const T one_minus_beta1, const T beta2, const T one_minus_beta2,
+        const T* step_size, const T* bias2_sqrt, const T eps, const T weight_decay,
+        const int amsgrad, const float* found_inf) {
+    if (*found_inf != 0.0f) return;
+    const T size = *step_size, bias2 = *bias2_sqrt;
+    GRID_STRIDE {
+        adam_element(p, g, m, v, v_max, t, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                     size, bias2, eps, weight_decay, amsgrad);
     }
 }
 
@@ -459,8 +485,8 @@ KERNEL_NAMES = (
     "maxunpool_claim_kernel", "maxunpool_fill_kernel", "maxunpool_backward_kernel",
     "bilinear_forward_kernel", "bilinear_backward_kernel",
     "batchnorm_stats_kernel", "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
-    "batchnorm_backward_apply_kernel", "adam_update_kernel", "sgd_update_kernel",
-    "unscale_check_kernel", "update_scale_kernel",
+    "batchnorm_backward_apply_kernel", "adam_update_kernel", "adam_update_device_coef_kernel",
+    "sgd_update_kernel", "unscale_check_kernel", "update_scale_kernel",
 )
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _ITYPES = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
@@ -791,16 +817,23 @@ def _in_place(a, what, dtype):
 def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
                 weight_decay, found_inf=None):
     """One Adam step in place on p, m, v (, v_max), one launch; see reference.adam_update
-    (found_inf: the GradScaler's 0-d float32 flag; the kernel skips the step when it is set)."""
+    (found_inf: the GradScaler's 0-d float32 flag; the kernel skips the step when it is set).
+    step_size and bias2_sqrt: numbers, or 0-d arrays of p's dtype on the device."""
     dtype = _float_dtype(p, "adam_update")
     arrays = [_in_place(a, "adam_update", dtype) for a in (p, m, v)]
     v_max = _in_place(v_max, "adam_update", dtype) if amsgrad else arrays[2]
     g = _xp().ascontiguousarray(g, dtype=dtype)
     t = dtype.type
-    _launch("adam_update_kernel", dtype, p.size,
+    if hasattr(step_size, "shape"):
+        name = "adam_update_device_coef_kernel"
+        coef = (_scalar_array(step_size, dtype, "step_size"),
+                _scalar_array(bias2_sqrt, dtype, "bias2_sqrt"))
+    else:
+        name, coef = "adam_update_kernel", (t(step_size), t(bias2_sqrt))
+    _launch(name, dtype, p.size,
             (arrays[0], g, arrays[1], arrays[2], v_max) + _i(p.size)
-            + (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(step_size), t(bias2_sqrt),
-               t(eps), t(weight_decay), np.int32(bool(amsgrad)), _flag(found_inf)))
+            + (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2)) + coef
+            + (t(eps), t(weight_decay), np.int32(bool(amsgrad)), _flag(found_inf)))
 
 
 def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov,

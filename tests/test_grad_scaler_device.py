@@ -138,6 +138,27 @@ def test_loss_scaling_kernels_emulated_match_reference(emu, dtype):  # noqa: F81
         gpu.update_scale(scale, np.array(1, np.int64), np.array(0, np.float32), 2.0, 0.5, 2)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_kernel_with_coefficients_on_the_device_emulated(emu, dtype):  # noqa: F811
+    """capturable Adam's kernel reads step_size and bias2_sqrt from device memory: the same
+    numbers as the kernel that takes them as arguments, and as the reference."""
+    rng = np.random.default_rng(3)
+    p0, g = rng.standard_normal(29).astype(dtype), rng.standard_normal(29).astype(dtype)
+    coef = (dtype(1e-2 / (1 - 0.9 ** 3)), dtype(np.sqrt(1 - 0.999 ** 3)))
+    results = []
+    for step_size, bias2_sqrt in (coef, [np.array(c) for c in coef]):
+        state = [p0.copy()] + [np.abs(p0) for _ in range(3)]
+        gpu.adam_update(state[0], g, *state[1:], True, 0.9, 0.999, step_size, bias2_sqrt, 1e-8,
+                        0.01, found_inf=np.zeros((), np.float32))
+        results.append(state)
+    want = [p0.copy()] + [np.abs(p0) for _ in range(3)]
+    ref.adam_update(want[0], g, *want[1:], True, 0.9, 0.999, *coef, 1e-8, 0.01)
+    for a, b, c in zip(*results, want):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    assert [n for n, _ in emu.launches] == ["adam_update_kernel", "adam_update_device_coef_kernel"]
+
+
 # ---------------------------------------------------------------------- the optimizers
 # name -> (factory, skips on the device, has a step count)
 OPTIMIZERS = {

@@ -4,7 +4,6 @@ import math
 from .. import backend
 from .optimizer import Optimizer
 import kernels
-import kernels.reference
 
 
 
@@ -85,9 +84,9 @@ class Adam(Optimizer):
         t += 1 if self.found_inf is None else (self.found_inf == 0)
         step_size = (lr / (1 - beta1 ** t)).astype(data.dtype)
         bias2_sqrt = xp.sqrt(1 - beta2 ** t).astype(data.dtype)
-        # The reference is written in array expressions, so it accepts 0-d arrays as
-        # coefficients (the compiled kernels take Python numbers).
-        kernels.reference.adam_update(
+        # The bundles take the coefficients as 0-d arrays too (on the GPU: a kernel that
+        # reads them from device memory).
+        kernels.for_array(data).adam_update(
             data, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
             group["amsgrad"], beta1, beta2, step_size, bias2_sqrt, group["eps"], wd,
             found_inf=self.found_inf)
