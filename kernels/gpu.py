@@ -824,7 +824,7 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     v_max = _in_place(v_max, "adam_update", dtype) if amsgrad else arrays[2]
     g = _xp().ascontiguousarray(g, dtype=dtype)
     t = dtype.type
-    if hasattr(step_size, "shape"):
+    if hasattr(step_size, "shape") and not isinstance(step_size, np.generic):   # an array
         name = "adam_update_device_coef_kernel"
         coef = (_scalar_array(step_size, dtype, "step_size"),
                 _scalar_array(bias2_sqrt, dtype, "bias2_sqrt"))
