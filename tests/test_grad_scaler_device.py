@@ -168,6 +168,10 @@ OPTIMIZERS = {
     "Adam capturable": (lambda ps: optim.Adam(ps, lr=0.01, capturable=True), True, True),
     "AdamW capturable amsgrad": (lambda ps: optim.AdamW(ps, lr=0.01, amsgrad=True, capturable=True),
                                  True, True),
+    "FlatAdam capturable": (lambda ps: optim.FlatAdam(ps, lr=0.01, weight_decay=0.01,
+                                                      capturable=True), True, True),
+    "FlatAdamW capturable amsgrad": (lambda ps: optim.FlatAdamW(ps, lr=0.01, amsgrad=True,
+                                                                capturable=True), True, True),
     # The fallback: one host read per step decides.
     "Adam": (lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.01), False, True),
     "SGD dampening": (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.5), False, False),
@@ -342,7 +346,8 @@ class _HostReads:
 
 
 @pytest.mark.parametrize("name,reads", [("Adam capturable", 0), ("FlatSGD nesterov", 0),
-                                        ("SGD momentum", 0), ("FlatAdam", 1)])
+                                        ("SGD momentum", 0), ("FlatAdamW capturable amsgrad", 0),
+                                        ("FlatAdam", 1)])
 def test_no_host_read_inside_scale_unscale_step_update(device, xp, monkeypatch, name, reads):
     net = _net(device)
     opt = OPTIMIZERS[name][0](list(net.parameters()))
@@ -372,11 +377,12 @@ def test_no_host_read_inside_scale_unscale_step_update(device, xp, monkeypatch, 
     assert scaler.get_scale() == 2.0 ** 16 * 2 * 0.5 * 2      # grow, back off, grow
 
 
-def test_a_scaled_step_keeps_no_changing_python_number(device):
+@pytest.mark.parametrize("cls", [optim.Adam, optim.FlatAdam])
+def test_a_scaled_step_keeps_no_changing_python_number(device, cls):
     """make_graphed_step's eager check (minidl.cuda.host_state_changes) accepts a step with
     a GradScaler and capturable Adam: nothing the replay would freeze lives in Python."""
     net = _net(device)
-    opt = optim.Adam(net.parameters(), lr=0.01, capturable=True)
+    opt = cls(net.parameters(), lr=0.01, capturable=True)
     scaler = amp.GradScaler(growth_interval=1)
     x = minidl.tensor(np.ones((1, 2, 4, 4), np.float32), device=device)
 
