@@ -318,7 +318,8 @@ class GradScaler:
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         if p.grad is not None:
-                            out = backend.get_array_module(p.grad).empty_like(p.grad)
+                            xp = backend.get_array_module(p.grad)
+                            out = xp.empty(p.grad.shape, dtype=p.grad.dtype)
                             kernels.for_array(p.grad).unscale_and_check(p.grad, out, scale,
                                                                         found_inf)
                             p.grad = out

@@ -71,6 +71,10 @@ class GraphedSteps:
     capture's one warm-up step is that batch's training step, so every batch trains once, as
     without the option. A batch of another shape (the last, smaller one) runs eagerly.
 
+    With --amp fp16 the GradScaler goes into the graph too when the optimizer skips an inf/NaN
+    step on the GPU itself (`supports_found_inf`: SGD, and Adam with capturable=True, which
+    seg.setup builds for --cuda-graph on the GPU); then no step reads the host.
+
     reason: why no graph is used (then every step runs eagerly), or None.
     """
 
