@@ -222,10 +222,10 @@ class GradScaler:
     the arrays are NumPy arrays and the code path is the same.
 
     Which optimizers skip on the device: those whose `supports_found_inf` is true (SGD and
-    FlatSGD without momentum dampening, Adam and AdamW with capturable=True). For any other
-    (plain Adam counts its steps in Python; FlatAdam; your own optimizer), `step` reads the
-    flag back to the host, one read per step, and does not call optimizer.step() on an
-    inf/NaN: today's behaviour, and what PyTorch does.
+    FlatSGD without momentum dampening; Adam, AdamW, FlatAdam, FlatAdamW with capturable=True).
+    For any other (plain Adam counts its steps in Python; your own optimizer), `step` reads
+    the flag back to the host, one read per step, and does not call optimizer.step() on an
+    inf/NaN: the behaviour before, and what PyTorch does.
 
     What `step` returns: PyTorch returns None for a skipped step, which needs the flag on
     the host. On the host path this is so; on the device path `step` returns what
