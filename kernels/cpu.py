@@ -22,6 +22,7 @@ Everything is `@njit(cache=True)`: compiled once per dtype, then loaded from ker
 With NUMBA_DISABLE_JIT=1 the same code runs as plain Python (prange becomes range), which is
 slow but lets you step through it in a debugger.
 """
+import math
 import os
 
 # Numba's OpenMP threads spin-wait after each parallel loop by default. On a 2-core machine
@@ -549,8 +550,6 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     parameter of a step shares one coefficient array, built for the first of them."""
     if _skipped(found_inf):
         return
-    if hasattr(step_size, "shape"):      # 0-d arrays (capturable Adam): numbers on the CPU
-        step_size, bias2_sqrt = step_size.item(), bias2_sqrt.item()
     if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous
             and (not amsgrad or v_max.flags.c_contiguous)):
         return reference.adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size,
@@ -564,6 +563,15 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     flat = p.reshape(-1)
     _adam_update(flat, np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), m.reshape(-1),
                  v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad), coef)
+
+
+def adam_update_at_step(p, g, m, v, v_max, amsgrad, beta1, beta2, lr, step, eps,
+                        weight_decay, found_inf=None):
+    """adam_update at the step count in the 0-d array `step`; see
+    reference.adam_update_at_step (on the CPU the count is read as a number)."""
+    t = float(step)
+    adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, lr / (1 - beta1 ** t),
+                math.sqrt(1 - beta2 ** t), eps, weight_decay, found_inf)
 
 
 # SGD: a few NumPy in-place passes; called on one flat buffer of every parameter by the

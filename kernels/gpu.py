@@ -406,18 +406,19 @@ extern "C" __global__ void adam_update_kernel(
     }
 }
 
-// ... or as 0-d arrays on the device (capturable Adam, whose step count lives there, so a
-// CUDA graph replays each step with its own bias correction).
-extern "C" __global__ void adam_update_device_coef_kernel(
+// ... or computed here from the step count *step, a 0-d array on the device (capturable
+// Adam: a CUDA graph replays each step with its own bias correction, and no other launch is
+// needed to compute it). In double, as Python computes them, then rounded to T.
+extern "C" __global__ void adam_update_at_step_kernel(
         T* p, const T* g, T* m, T* v, T* v_max, const I total,
-        const T beta1, const T one_minus_beta1, const T beta2, const T one_minus_beta2,
-        const T* step_size, const T* bias2_sqrt, const T eps, const T weight_decay,
-        const int amsgrad, const float* found_inf) {
+        const double beta1, const double beta2, const double lr, const double* step,
+        const T eps, const T weight_decay, const int amsgrad, const float* found_inf) {
     if (*found_inf != 0.0f) return;
-    const T size = *step_size, bias2 = *bias2_sqrt;
+    const T step_size = (T)(lr / (1.0 - pow(beta1, *step)));
+    const T bias2_sqrt = (T)sqrt(1.0 - pow(beta2, *step));
     GRID_STRIDE {
-        adam_element(p, g, m, v, v_max, t, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                     size, bias2, eps, weight_decay, amsgrad);
+        adam_element(p, g, m, v, v_max, t, (T)beta1, (T)(1.0 - beta1), (T)beta2,
+                     (T)(1.0 - beta2), step_size, bias2_sqrt, eps, weight_decay, amsgrad);
     }
 }
 
@@ -485,7 +486,7 @@ KERNEL_NAMES = (
     "maxunpool_claim_kernel", "maxunpool_fill_kernel", "maxunpool_backward_kernel",
     "bilinear_forward_kernel", "bilinear_backward_kernel",
     "batchnorm_stats_kernel", "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
-    "batchnorm_backward_apply_kernel", "adam_update_kernel", "adam_update_device_coef_kernel",
+    "batchnorm_backward_apply_kernel", "adam_update_kernel", "adam_update_at_step_kernel",
     "sgd_update_kernel", "unscale_check_kernel", "update_scale_kernel",
 )
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -817,23 +818,35 @@ def _in_place(a, what, dtype):
 def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
                 weight_decay, found_inf=None):
     """One Adam step in place on p, m, v (, v_max), one launch; see reference.adam_update
-    (found_inf: the GradScaler's 0-d float32 flag; the kernel skips the step when it is set).
-    step_size and bias2_sqrt: numbers, or 0-d arrays of p's dtype on the device."""
-    dtype = _float_dtype(p, "adam_update")
-    arrays = [_in_place(a, "adam_update", dtype) for a in (p, m, v)]
-    v_max = _in_place(v_max, "adam_update", dtype) if amsgrad else arrays[2]
-    g = _xp().ascontiguousarray(g, dtype=dtype)
+    (found_inf: the GradScaler's 0-d float32 flag; the kernel skips the step when it is set)."""
+    dtype, (p, g, m, v, v_max) = _adam_arrays(p, g, m, v, v_max, amsgrad)
     t = dtype.type
-    if hasattr(step_size, "shape") and not isinstance(step_size, np.generic):   # an array
-        name = "adam_update_device_coef_kernel"
-        coef = (_scalar_array(step_size, dtype, "step_size"),
-                _scalar_array(bias2_sqrt, dtype, "bias2_sqrt"))
-    else:
-        name, coef = "adam_update_kernel", (t(step_size), t(bias2_sqrt))
-    _launch(name, dtype, p.size,
-            (arrays[0], g, arrays[1], arrays[2], v_max) + _i(p.size)
-            + (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2)) + coef
-            + (t(eps), t(weight_decay), np.int32(bool(amsgrad)), _flag(found_inf)))
+    _launch("adam_update_kernel", dtype, p.size,
+            (p, g, m, v, v_max) + _i(p.size)
+            + (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(step_size), t(bias2_sqrt),
+               t(eps), t(weight_decay), np.int32(bool(amsgrad)), _flag(found_inf)))
+
+
+def adam_update_at_step(p, g, m, v, v_max, amsgrad, beta1, beta2, lr, step, eps,
+                        weight_decay, found_inf=None):
+    """adam_update with the bias corrections of the step count `step` (a 0-d float64 array
+    on the device), computed by the kernel; see reference.adam_update_at_step."""
+    dtype, (p, g, m, v, v_max) = _adam_arrays(p, g, m, v, v_max, amsgrad)
+    t = dtype.type
+    _launch("adam_update_at_step_kernel", dtype, p.size,
+            (p, g, m, v, v_max) + _i(p.size)
+            + (np.float64(beta1), np.float64(beta2), np.float64(lr),
+               _scalar_array(step, np.float64, "step"), t(eps), t(weight_decay),
+               np.int32(bool(amsgrad)), _flag(found_inf)))
+
+
+def _adam_arrays(p, g, m, v, v_max, amsgrad):
+    """p's dtype and the arrays as the Adam kernels take them (v stands in for an unused
+    v_max)."""
+    dtype = _float_dtype(p, "adam_update")
+    p, m, v = (_in_place(a, "adam_update", dtype) for a in (p, m, v))
+    v_max = _in_place(v_max, "adam_update", dtype) if amsgrad else v
+    return dtype, (p, _xp().ascontiguousarray(g, dtype=dtype), m, v, v_max)
 
 
 def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov,

@@ -281,6 +281,17 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     p -= step_size * m / (v ** 0.5 / bias2_sqrt + eps)
 
 
+def adam_update_at_step(p, g, m, v, v_max, amsgrad, beta1, beta2, lr, step, eps,
+                        weight_decay, found_inf=None):
+    """adam_update at step count `step`, a 0-d float64 array (capturable Adam keeps it on the
+    device): step_size = lr / (1 - beta1^step), bias2_sqrt = sqrt(1 - beta2^step), computed
+    in float64 and rounded to p's dtype, as the Python numbers are for plain Adam."""
+    step_size = (lr / (1 - beta1 ** step)).astype(p.dtype)
+    bias2_sqrt = np.sqrt(1 - beta2 ** step).astype(p.dtype)
+    adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
+                weight_decay, found_inf)
+
+
 # ---------------------------------------------------------------------- SGD
 def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov,
                found_inf=None):

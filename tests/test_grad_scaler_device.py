@@ -139,24 +139,23 @@ def test_loss_scaling_kernels_emulated_match_reference(emu, dtype):  # noqa: F81
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_adam_kernel_with_coefficients_on_the_device_emulated(emu, dtype):  # noqa: F811
-    """capturable Adam's kernel reads step_size and bias2_sqrt from device memory: the same
-    numbers as the kernel that takes them as arguments, and as the reference."""
+def test_adam_kernel_at_a_device_step_count_emulated(emu, dtype):  # noqa: F811
+    """capturable Adam's kernel computes the bias corrections from the step count in device
+    memory: the numbers of the kernel that takes them as arguments, and of the reference."""
     rng = np.random.default_rng(3)
     p0, g = rng.standard_normal(29).astype(dtype), rng.standard_normal(29).astype(dtype)
-    coef = (dtype(1e-2 / (1 - 0.9 ** 3)), dtype(np.sqrt(1 - 0.999 ** 3)))
+    hyper = (True, 0.9, 0.999)
     results = []
-    for step_size, bias2_sqrt in (coef, [np.array(c) for c in coef]):
+    for call, coef in ((gpu.adam_update, (1e-2 / (1 - 0.9 ** 3), np.sqrt(1 - 0.999 ** 3))),
+                       (gpu.adam_update_at_step, (1e-2, np.array(3.0))),
+                       (ref.adam_update_at_step, (1e-2, np.array(3.0)))):
         state = [p0.copy()] + [np.abs(p0) for _ in range(3)]
-        gpu.adam_update(state[0], g, *state[1:], True, 0.9, 0.999, step_size, bias2_sqrt, 1e-8,
-                        0.01, found_inf=np.zeros((), np.float32))
+        call(state[0], g, *state[1:], *hyper, *coef, 1e-8, 0.01, found_inf=np.zeros((), np.float32))
         results.append(state)
-    want = [p0.copy()] + [np.abs(p0) for _ in range(3)]
-    ref.adam_update(want[0], g, *want[1:], True, 0.9, 0.999, *coef, 1e-8, 0.01)
-    for a, b, c in zip(*results, want):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(a, c, rtol=1e-6 if dtype == np.float32 else 1e-12)
-    assert [n for n, _ in emu.launches] == ["adam_update_kernel", "adam_update_device_coef_kernel"]
+    for kernel, at_step, reference in zip(*results):
+        np.testing.assert_allclose(at_step, kernel, rtol=1e-7 if dtype == np.float32 else 1e-15)
+        np.testing.assert_allclose(at_step, reference, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    assert [n for n, _ in emu.launches] == ["adam_update_kernel", "adam_update_at_step_kernel"]
 
 
 # ---------------------------------------------------------------------- the optimizers

@@ -73,23 +73,19 @@ class Adam(Optimizer):
             group["eps"], wd)
 
     def _capturable_update(self, data, g, state, group, lr, beta1, beta2, wd):
-        """The same step with t, lr / (1 - beta1^t) and sqrt(1 - beta2^t) as 0-d device arrays
-        (float64, as Python computes them, then rounded to the parameter's dtype, as the
-        Python numbers are when they meet a float32 array)."""
+        """The same step with the step count t a 0-d float64 array on the parameter's device;
+        the bias corrections lr / (1 - beta1^t) and sqrt(1 - beta2^t) are computed from it
+        where the update runs (on the GPU: inside the kernel), in float64 as Python computes
+        them, then rounded to the parameter's dtype, as the Python numbers are."""
         xp = backend.get_array_module(data)
         if not hasattr(state["step"], "shape"):       # a new state, or one saved by plain Adam
             state["step"] = xp.asarray(float(state["step"]), dtype=xp.float64)
         t = state["step"]
         # In place: the graph's array. A step the GradScaler skips does not count.
         t += 1 if self.found_inf is None else (self.found_inf == 0)
-        step_size = (lr / (1 - beta1 ** t)).astype(data.dtype)
-        bias2_sqrt = xp.sqrt(1 - beta2 ** t).astype(data.dtype)
-        # The bundles take the coefficients as 0-d arrays too (on the GPU: a kernel that
-        # reads them from device memory).
-        kernels.for_array(data).adam_update(
+        kernels.for_array(data).adam_update_at_step(
             data, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-            group["amsgrad"], beta1, beta2, step_size, bias2_sqrt, group["eps"], wd,
-            found_inf=self.found_inf)
+            group["amsgrad"], beta1, beta2, lr, t, group["eps"], wd, found_inf=self.found_inf)
 
 
 def decay_factor(factor, data, found_inf=None):

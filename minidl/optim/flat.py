@@ -304,16 +304,16 @@ class FlatAdam(_FlatOptimizer):
         if wd != 0 and self.decoupled:
             p *= decay_factor(1 - lr * wd, p, self.found_inf)
             wd = 0.0
-        if hasattr(step, "shape"):      # capturable: the counts and so the corrections on the device
-            xp = backend.get_array_module(p)
-            step_size = (lr / (1 - beta1 ** step)).astype(p.dtype)
-            bias2_sqrt = xp.sqrt(1 - beta2 ** step).astype(p.dtype)
+        arrays = (p, self.buffer.grad[lo:hi], s["exp_avg"][lo:hi], s["exp_avg_sq"][lo:hi],
+                  s["max_exp_avg_sq"][lo:hi] if group["amsgrad"] else None, group["amsgrad"],
+                  beta1, beta2)
+        bundle = kernels.for_array(p)
+        if hasattr(step, "shape"):     # capturable: the count, and so the corrections, on the device
+            bundle.adam_update_at_step(*arrays, lr, step, group["eps"], wd,
+                                       found_inf=self.found_inf)
         else:
-            step_size, bias2_sqrt = lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)
-        kernels.for_array(p).adam_update(
-            p, self.buffer.grad[lo:hi], s["exp_avg"][lo:hi], s["exp_avg_sq"][lo:hi],
-            s["max_exp_avg_sq"][lo:hi] if group["amsgrad"] else None, group["amsgrad"],
-            beta1, beta2, step_size, bias2_sqrt, group["eps"], wd, found_inf=self.found_inf)
+            bundle.adam_update(*arrays, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step),
+                               group["eps"], wd)
 
 
 class FlatAdamW(FlatAdam):
