@@ -133,7 +133,8 @@ def test_loss_scaling_kernels_emulated_match_reference(emu, dtype):  # noqa: F81
     assert (float(scale), int(tracker)) == (16.0, 0)
     gpu.update_scale(scale, tracker, np.array(1, np.float32), 2.0, 0.5, 2)
     assert (float(scale), int(tracker)) == (8.0, 0)
-    assert [n for n, _ in emu.launches] == ["unscale_check_kernel"] * 2 + ["update_scale_kernel"] * 2
+    assert [n for n, _ in emu.launches] == (["unscale_check_kernel"] * 2
+                                            + ["update_scale_kernel"] * 2)
     with pytest.raises(TypeError, match="growth_tracker must be a int32 array"):
         gpu.update_scale(scale, np.array(1, np.int64), np.array(0, np.float32), 2.0, 0.5, 2)
 
@@ -162,8 +163,10 @@ def test_adam_kernel_at_a_device_step_count_emulated(emu, dtype):  # noqa: F811
 # name -> (factory, skips on the device, has a step count)
 OPTIMIZERS = {
     "SGD": (lambda ps: optim.SGD(ps, lr=0.1), True, False),
-    "SGD momentum": (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01), True, False),
-    "FlatSGD nesterov": (lambda ps: optim.FlatSGD(ps, lr=0.1, momentum=0.9, nesterov=True), True, True),
+    "SGD momentum": (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+                     True, False),
+    "FlatSGD nesterov": (lambda ps: optim.FlatSGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+                         True, True),
     "Adam capturable": (lambda ps: optim.Adam(ps, lr=0.01, capturable=True), True, True),
     "AdamW capturable amsgrad": (lambda ps: optim.AdamW(ps, lr=0.01, amsgrad=True, capturable=True),
                                  True, True),
@@ -419,3 +422,23 @@ def test_graphed_steps_eager_fallback_uses_the_scaler(device):
     x = minidl.tensor(np.ones((1, 2, 4, 4), np.float32), device=device)
     steps(x, None)
     assert steps.reason is not None and scaler.get_scale() == 8.0
+
+
+def test_flat_adam_capturable_is_one_choice_for_all_groups(device):
+    net = _net(device)
+    params = list(net.parameters())
+    with pytest.raises(ValueError, match="capturable applies to all parameters"):
+        optim.FlatAdam([{"params": params[:2]}, {"params": params[2:], "capturable": True}])
+    # A plain FlatAdam's state (numbers for step counts) loads; the counts move to the device.
+    plain = optim.FlatAdam(params, lr=0.01)
+    for p in params:
+        p.grad = p.data * 0 + 1
+    plain.step()
+    opt = optim.FlatAdam(params, lr=0.01, capturable=True)
+    opt.load_state_dict(plain.state_dict())
+    assert opt.supports_found_inf and opt.param_groups[0]["capturable"] is True
+    assert backend.device_of(opt.device_steps) == device
+    np.testing.assert_array_equal(to_numpy(opt.device_steps), np.ones(len(params)))
+    plain.load_state_dict(opt.state_dict())             # and back: numbers again
+    assert all(type(s["step"]) is int for s in plain.state.values())
+    assert plain.param_groups[0]["capturable"] is False and not plain.supports_found_inf

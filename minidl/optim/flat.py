@@ -149,7 +149,7 @@ class _FlatOptimizer(Optimizer):
                 idx = range(first, first + len(group["params"]))
                 first += len(idx)
                 active = [i for i in idx if has[i]]
-                if group.get("capturable") and active:
+                if self.defaults.get("capturable") and active:
                     for lo, hi, t in self._device_step_spans(idx, active):
                         self.update_flat(lo, hi, t, group)
                     continue
@@ -221,6 +221,9 @@ class _FlatOptimizer(Optimizer):
                     state[name] = value
             if saved and "step" not in saved:
                 state["step"] = 1     # SGD's state has no step count: it has stepped before
+        for group in self.param_groups:       # capturable: the constructor's choice, not the file's
+            if "capturable" in self.defaults:
+                group["capturable"] = self.defaults["capturable"]
         if self.defaults.get("capturable"):
             self._load_device_steps()
         else:                         # counts saved by a capturable optimizer: numbers again
@@ -279,7 +282,9 @@ class FlatAdam(_FlatOptimizer):
     """Adam (same options and numbers as minidl.optim.Adam) on one flat buffer.
 
     capturable=True: as Adam's, the step counts live on the device (see _step_view), so a
-    CUDA graph can replay the step and a GradScaler's skip happens on the device."""
+    CUDA graph can replay the step and a GradScaler's skip happens on the device. It holds
+    for every parameter group and stays what the constructor was given (a loaded state that
+    says otherwise does not change it)."""
     decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -287,10 +292,13 @@ class FlatAdam(_FlatOptimizer):
         super().__init__(params, dict(adam_defaults(type(self).__name__, lr, betas, eps,
                                                     weight_decay, amsgrad),
                                       capturable=bool(capturable)))
+        if any(bool(g["capturable"]) != bool(capturable) for g in self.param_groups):
+            raise ValueError(f"{type(self).__name__}'s capturable applies to all parameters; "
+                             "pass it to the constructor, not in a parameter group.")
 
     @property
     def supports_found_inf(self):
-        return all(g.get("capturable") for g in self.param_groups)
+        return bool(self.defaults["capturable"])
 
     def _moments(self):
         names = ("exp_avg", "exp_avg_sq")
@@ -308,7 +316,7 @@ class FlatAdam(_FlatOptimizer):
                   s["max_exp_avg_sq"][lo:hi] if group["amsgrad"] else None, group["amsgrad"],
                   beta1, beta2)
         bundle = kernels.for_array(p)
-        if hasattr(step, "shape"):     # capturable: the count, and so the corrections, on the device
+        if hasattr(step, "shape"):     # capturable: the count (so the corrections) on the device
             bundle.adam_update_at_step(*arrays, lr, step, group["eps"], wd,
                                        found_inf=self.found_inf)
         else:
