@@ -22,6 +22,7 @@ Everything is `@njit(cache=True)`: compiled once per dtype, then loaded from ker
 With NUMBA_DISABLE_JIT=1 the same code runs as plain Python (prange becomes range), which is
 slow but lets you step through it in a debugger.
 """
+import math
 import os
 
 # Numba's OpenMP threads spin-wait after each parallel loop by default. On a 2-core machine
@@ -541,12 +542,14 @@ _adam_coef = {}    # the last step's coefficient array per (hyper-parameters, dt
 
 
 def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
-                weight_decay):
+                weight_decay, found_inf=None):
     """In place on p, m, v (, v_max); see reference.adam_update. Non-contiguous state (never
     made by minidl's optimizers) falls back to the reference.
 
     Called once per parameter, so the Python here is kept to a few microseconds: every
     parameter of a step shares one coefficient array, built for the first of them."""
+    if _skipped(found_inf):
+        return
     if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous
             and (not amsgrad or v_max.flags.c_contiguous)):
         return reference.adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size,
@@ -562,9 +565,33 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
                  v.reshape(-1), v_max.reshape(-1) if amsgrad else flat[:0], bool(amsgrad), coef)
 
 
+def adam_update_at_step(p, g, m, v, v_max, amsgrad, beta1, beta2, lr, step, eps,
+                        weight_decay, found_inf=None):
+    """adam_update at the step count in the 0-d array `step`; see
+    reference.adam_update_at_step (on the CPU the count is read as a number)."""
+    t = float(step)
+    adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, lr / (1 - beta1 ** t),
+                math.sqrt(1 - beta2 ** t), eps, weight_decay, found_inf)
+
+
 # SGD: a few NumPy in-place passes; called on one flat buffer of every parameter by the
 # multi-tensor optimizers (minidl/optim/flat.py), so there is no per-parameter loop to compile.
-sgd_update = reference.sgd_update
+def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov,
+               found_inf=None):
+    """In place on p (and buf); see reference.sgd_update."""
+    if not _skipped(found_inf):
+        reference.sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov)
+
+
+def _skipped(found_inf):
+    # The GradScaler's inf/NaN flag (a 0-d array): on the CPU, reading it is no device sync.
+    return found_inf is not None and found_inf != 0
+
+
+# The GradScaler's unscale-and-check and scale update: a few NumPy operations on small or
+# flat arrays, nothing to compile.
+unscale_and_check = reference.unscale_and_check
+update_scale = reference.update_scale
 
 
 # ---------------------------------------------------------------------------- dense CRF

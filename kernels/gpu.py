@@ -370,25 +370,55 @@ OPTIM_SRC = r"""
 // flat buffer holding every parameter (minidl/optim/flat.py): then one launch updates all.
 // Coefficients such as 1 - beta1 come precomputed from Python, in T, as the reference
 // computes them (a float32 1 - 0.9f would differ from float32(1 - 0.9) in the last bit).
-// Adam (see reference.adam_update); v_max is read and written only when amsgrad.
+// found_inf: the GradScaler's inf/NaN flag (0-d, on the device; a zero one when there is no
+// scaler): when it is set the whole step is skipped, so the decision needs no host read.
+// Adam (see reference.adam_update), element t; v_max is read and written only when amsgrad.
+__device__ inline void adam_element(
+        T* p, const T* g, T* m, T* v, T* v_max, const I t,
+        const T beta1, const T one_minus_beta1, const T beta2, const T one_minus_beta2,
+        const T step_size, const T bias2_sqrt, const T eps, const T weight_decay,
+        const int amsgrad) {
+    T gv = g[t];
+    if (weight_decay != (T)0) gv = gv + weight_decay * p[t];
+    const T mv = beta1 * m[t] + one_minus_beta1 * gv;
+    T vv = beta2 * v[t] + one_minus_beta2 * (gv * gv);
+    m[t] = mv;
+    v[t] = vv;
+    if (amsgrad) {
+        const T a = v_max[t];
+        vv = (a != a || a >= vv) ? a : vv;     // max, NaN wins as in np.maximum
+        v_max[t] = vv;
+    }
+    p[t] -= step_size * mv / (sqrt(vv) / bias2_sqrt + eps);
+}
+
+// The bias corrections step_size and bias2_sqrt as numbers (plain Adam: its step count is a
+// Python number) ...
 extern "C" __global__ void adam_update_kernel(
         T* p, const T* g, T* m, T* v, T* v_max, const I total,
         const T beta1, const T one_minus_beta1, const T beta2, const T one_minus_beta2,
         const T step_size, const T bias2_sqrt, const T eps, const T weight_decay,
-        const int amsgrad) {
+        const int amsgrad, const float* found_inf) {
+    if (*found_inf != 0.0f) return;
     GRID_STRIDE {
-        T gv = g[t];
-        if (weight_decay != (T)0) gv = gv + weight_decay * p[t];
-        const T mv = beta1 * m[t] + one_minus_beta1 * gv;
-        T vv = beta2 * v[t] + one_minus_beta2 * (gv * gv);
-        m[t] = mv;
-        v[t] = vv;
-        if (amsgrad) {
-            const T a = v_max[t];
-            vv = (a != a || a >= vv) ? a : vv;     // max, NaN wins as in np.maximum
-            v_max[t] = vv;
-        }
-        p[t] -= step_size * mv / (sqrt(vv) / bias2_sqrt + eps);
+        adam_element(p, g, m, v, v_max, t, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                     step_size, bias2_sqrt, eps, weight_decay, amsgrad);
+    }
+}
+
+// ... or computed here from the step count *step, a 0-d array on the device (capturable
+// Adam: a CUDA graph replays each step with its own bias correction, and no other launch is
+// needed to compute it). In double, as Python computes them, then rounded to T.
+extern "C" __global__ void adam_update_at_step_kernel(
+        T* p, const T* g, T* m, T* v, T* v_max, const I total,
+        const double beta1, const double beta2, const double lr, const double* step,
+        const T eps, const T weight_decay, const int amsgrad, const float* found_inf) {
+    if (*found_inf != 0.0f) return;
+    const T step_size = (T)(lr / (1.0 - pow(beta1, *step)));
+    const T bias2_sqrt = (T)sqrt(1.0 - pow(beta2, *step));
+    GRID_STRIDE {
+        adam_element(p, g, m, v, v_max, t, (T)beta1, (T)(1.0 - beta1), (T)beta2,
+                     (T)(1.0 - beta2), step_size, bias2_sqrt, eps, weight_decay, amsgrad);
     }
 }
 
@@ -396,7 +426,8 @@ extern "C" __global__ void adam_update_kernel(
 extern "C" __global__ void sgd_update_kernel(
         T* p, const T* g, T* buf, const I total, const T lr, const T momentum,
         const T one_minus_dampening, const T weight_decay, const int first,
-        const int nesterov) {
+        const int nesterov, const float* found_inf) {
+    if (*found_inf != 0.0f) return;
     GRID_STRIDE {
         T gv = g[t];
         if (weight_decay != (T)0) gv = gv + weight_decay * p[t];
@@ -410,15 +441,53 @@ extern "C" __global__ void sgd_update_kernel(
 }
 """
 
+LOSS_SCALING_SRC = r"""
+// The GradScaler's two kernels (see reference.unscale_and_check and reference.update_scale).
+// The scale, the growth tracker and the inf/NaN flag stay on the device: no host read, so
+// eager steps do not stall the GPU's queue and a CUDA graph can replay them.
+// out = g * (1 / scale) (out may be g); found_inf = 1 when a value of out is inf or NaN. Many
+// threads may write the flag, all the same 1, so the race is harmless. v - v is 0 for a
+// finite v and NaN for inf or NaN (no isfinite needed in the host emulation).
+extern "C" __global__ void unscale_check_kernel(
+        const T* g, T* out, const float* scale, float* found_inf, const I total) {
+    const T inv = (T)(float)(1.0 / (double)*scale);   // rounded to float32, as PyTorch's
+    GRID_STRIDE {
+        const T v = g[t] * inv;
+        out[t] = v;
+        if (v - v != (T)0) *found_inf = 1.0f;
+    }
+}
+
+// The scale's update after a step, by one thread (total = 1): back off on an inf/NaN, grow
+// after growth_interval clean steps in a row (unless the grown scale is inf).
+extern "C" __global__ void update_scale_kernel(
+        float* scale, int* growth_tracker, const float* found_inf, const I total,
+        const float growth_factor, const float backoff_factor, const int growth_interval) {
+    GRID_STRIDE {
+        if (*found_inf > 0.0f) {
+            *scale = *scale * backoff_factor;
+            *growth_tracker = 0;
+        } else if (*growth_tracker + 1 >= growth_interval) {
+            const float grown = *scale * growth_factor;
+            if (grown - grown == 0.0f) *scale = grown;
+            *growth_tracker = 0;
+        } else {
+            *growth_tracker += 1;
+        }
+    }
+}
+"""
+
 SOURCES = (IM2COL_SRC, COL2IM_SRC, MAXPOOL_SRC, MAXUNPOOL_SRC, BILINEAR_SRC,
-           BATCHNORM_SRC, OPTIM_SRC)
+           BATCHNORM_SRC, OPTIM_SRC, LOSS_SCALING_SRC)
 KERNEL_NAMES = (
     "im2col_kernel", "col2im_kernel",
     "maxpool_forward_kernel", "maxpool_link_kernel", "maxpool_gather_kernel",
     "maxunpool_claim_kernel", "maxunpool_fill_kernel", "maxunpool_backward_kernel",
     "bilinear_forward_kernel", "bilinear_backward_kernel",
     "batchnorm_stats_kernel", "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
-    "batchnorm_backward_apply_kernel", "adam_update_kernel", "sgd_update_kernel",
+    "batchnorm_backward_apply_kernel", "adam_update_kernel", "adam_update_at_step_kernel",
+    "sgd_update_kernel", "unscale_check_kernel", "update_scale_kernel",
 )
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _ITYPES = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
@@ -747,22 +816,43 @@ def _in_place(a, what, dtype):
 
 
 def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
-                weight_decay):
-    """One Adam step in place on p, m, v (, v_max), one launch; see reference.adam_update."""
-    dtype = _float_dtype(p, "adam_update")
-    arrays = [_in_place(a, "adam_update", dtype) for a in (p, m, v)]
-    v_max = _in_place(v_max, "adam_update", dtype) if amsgrad else arrays[2]
-    g = _xp().ascontiguousarray(g, dtype=dtype)
+                weight_decay, found_inf=None):
+    """One Adam step in place on p, m, v (, v_max), one launch; see reference.adam_update
+    (found_inf: the GradScaler's 0-d float32 flag; the kernel skips the step when it is set)."""
+    dtype, (p, g, m, v, v_max) = _adam_arrays(p, g, m, v, v_max, amsgrad)
     t = dtype.type
     _launch("adam_update_kernel", dtype, p.size,
-            (arrays[0], g, arrays[1], arrays[2], v_max) + _i(p.size)
+            (p, g, m, v, v_max) + _i(p.size)
             + (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(step_size), t(bias2_sqrt),
-               t(eps), t(weight_decay), np.int32(bool(amsgrad))))
+               t(eps), t(weight_decay), np.int32(bool(amsgrad)), _flag(found_inf)))
 
 
-def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov):
+def adam_update_at_step(p, g, m, v, v_max, amsgrad, beta1, beta2, lr, step, eps,
+                        weight_decay, found_inf=None):
+    """adam_update with the bias corrections of the step count `step` (a 0-d float64 array
+    on the device), computed by the kernel; see reference.adam_update_at_step."""
+    dtype, (p, g, m, v, v_max) = _adam_arrays(p, g, m, v, v_max, amsgrad)
+    t = dtype.type
+    _launch("adam_update_at_step_kernel", dtype, p.size,
+            (p, g, m, v, v_max) + _i(p.size)
+            + (np.float64(beta1), np.float64(beta2), np.float64(lr),
+               _scalar_array(step, np.float64, "step"), t(eps), t(weight_decay),
+               np.int32(bool(amsgrad)), _flag(found_inf)))
+
+
+def _adam_arrays(p, g, m, v, v_max, amsgrad):
+    """p's dtype and the arrays as the Adam kernels take them (v stands in for an unused
+    v_max)."""
+    dtype = _float_dtype(p, "adam_update")
+    p, m, v = (_in_place(a, "adam_update", dtype) for a in (p, m, v))
+    v_max = _in_place(v_max, "adam_update", dtype) if amsgrad else v
+    return dtype, (p, _xp().ascontiguousarray(g, dtype=dtype), m, v, v_max)
+
+
+def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov,
+               found_inf=None):
     """One SGD step in place on p (and buf when momentum), one launch; see
-    reference.sgd_update."""
+    reference.sgd_update (found_inf as in adam_update)."""
     dtype = _float_dtype(p, "sgd_update")
     p = _in_place(p, "sgd_update", dtype)
     buf = _in_place(buf, "sgd_update", dtype) if momentum != 0 else p
@@ -771,7 +861,53 @@ def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov
     _launch("sgd_update_kernel", dtype, p.size,
             (p, g, buf) + _i(p.size)
             + (t(lr), t(momentum), t(1 - dampening), t(weight_decay), np.int32(bool(first)),
-               np.int32(bool(nesterov))))
+               np.int32(bool(nesterov)), _flag(found_inf)))
+
+
+def _flag(found_inf):
+    """found_inf as the kernels take it: a 0-d float32 device array (a zero one for None)."""
+    if found_inf is None:
+        return _zero_flag(_device_key())
+    if found_inf.dtype != np.float32 or found_inf.size != 1:
+        raise TypeError(f"found_inf must be a float32 array of one element (the GradScaler's "
+                        f"flag), got {found_inf.dtype} of shape {found_inf.shape}.")
+    return found_inf
+
+
+@functools.lru_cache(maxsize=16)
+def _zero_flag(device_key):
+    # Made once per device and kept: the update kernels read it when no GradScaler is used.
+    return _xp().zeros((), np.float32)
+
+
+# ---------------------------------------------------------------------- loss scaling
+def unscale_and_check(g, out, scale, found_inf):
+    """out = g / scale, found_inf set on an inf/NaN, one launch; see
+    reference.unscale_and_check. Other dtypes than float32/float64 use the reference."""
+    if np.dtype(g.dtype) not in _CTYPES:
+        return _reference.unscale_and_check(g, out, scale, found_inf)
+    g = _xp().ascontiguousarray(g)
+    out = _in_place(out, "unscale_and_check", np.dtype(g.dtype))
+    _launch("unscale_check_kernel", np.dtype(g.dtype), g.size,
+            (g, out, _scalar_array(scale, np.float32, "scale"), _flag(found_inf)) + _i(g.size))
+
+
+def update_scale(scale, growth_tracker, found_inf, growth_factor, backoff_factor,
+                 growth_interval):
+    """The scale's update in place on the device, one launch of one thread; see
+    reference.update_scale."""
+    _launch("update_scale_kernel", np.dtype(np.float32), 1,
+            (_scalar_array(scale, np.float32, "scale"),
+             _scalar_array(growth_tracker, np.int32, "growth_tracker"), _flag(found_inf))
+            + _i(1) + (np.float32(growth_factor), np.float32(backoff_factor),
+                       np.int32(growth_interval)))
+
+
+def _scalar_array(a, dtype, what):
+    if a.dtype != dtype or a.size != 1:
+        raise TypeError(f"{what} must be a {np.dtype(dtype)} array of one element, got "
+                        f"{a.dtype} of shape {a.shape}.")
+    return a
 
 
 # The dense CRF's lattice and row softmax (see the end of kernels/cpu.py): the lattice is built

@@ -251,7 +251,7 @@ def batchnorm_backward(gy, xhat, inv_std, scale, training, relu_shift=None):
 # In-place arithmetic and operators only, so the same code also runs on CuPy arrays
 # (kernels/gpu.py uses it as it is).
 def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
-                weight_decay):
+                weight_decay, found_inf=None):
     """One Adam step, in place on p, m, v (and v_max when amsgrad), all of one shape:
 
         g = g + weight_decay * p                       (L2 form; AdamW decays p beforehand)
@@ -260,8 +260,15 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
         p = p - step_size * m / (sqrt(v) / bias2_sqrt + eps)
 
     step_size = lr / (1 - beta1^t) and bias2_sqrt = sqrt(1 - beta2^t) undo the zero start of
-    m and v at step t.
+    m and v at step t. found_inf: a 0-d float32 array (the GradScaler's); when it is nonzero
+    the step is skipped and nothing changes (see skip_if_found_inf).
     """
+    if found_inf is not None:
+        state = (p, m, v) + ((v_max,) if amsgrad else ())
+        return skip_if_found_inf(
+            lambda p, m, v, v_max=None: adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2,
+                                                    step_size, bias2_sqrt, eps, weight_decay),
+            state, found_inf)
     if weight_decay != 0:
         g = g + weight_decay * p
     m *= beta1
@@ -274,8 +281,20 @@ def adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt,
     p -= step_size * m / (v ** 0.5 / bias2_sqrt + eps)
 
 
+def adam_update_at_step(p, g, m, v, v_max, amsgrad, beta1, beta2, lr, step, eps,
+                        weight_decay, found_inf=None):
+    """adam_update at step count `step`, a 0-d float64 array (capturable Adam keeps it on the
+    device): step_size = lr / (1 - beta1^step), bias2_sqrt = sqrt(1 - beta2^step), computed
+    in float64 and rounded to p's dtype, as the Python numbers are for plain Adam."""
+    step_size = (lr / (1 - beta1 ** step)).astype(p.dtype)
+    bias2_sqrt = np.sqrt(1 - beta2 ** step).astype(p.dtype)
+    adam_update(p, g, m, v, v_max, amsgrad, beta1, beta2, step_size, bias2_sqrt, eps,
+                weight_decay, found_inf)
+
+
 # ---------------------------------------------------------------------- SGD
-def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov):
+def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov,
+               found_inf=None):
     """One SGD step, in place on p (and buf, the momentum buffer, when momentum != 0):
 
         g = g + weight_decay * p
@@ -285,7 +304,14 @@ def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov
         p = p - lr * g
 
     The same arithmetic as minidl/optim/sgd.py, as one function a kernel bundle can offer.
+    found_inf: as in adam_update (nonzero: the step is skipped, nothing changes).
     """
+    if found_inf is not None:
+        state = (p, buf) if momentum != 0 else (p,)
+        return skip_if_found_inf(
+            lambda p, buf=None: sgd_update(p, g, buf, first, lr, momentum, dampening,
+                                           weight_decay, nesterov),
+            state, found_inf)
     if weight_decay != 0:
         g = g + weight_decay * p
     if momentum != 0:
@@ -296,3 +322,51 @@ def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov
             buf += (1 - dampening) * g
         g = g + momentum * buf if nesterov else buf
     p -= lr * g
+
+
+# ---------------------------------------------------------------------- loss scaling (GradScaler)
+# The GradScaler's arithmetic on arrays (minidl/amp.py), written so that no value is read back
+# to the host: on a GPU every decision stays on the device, and a CUDA graph can replay it.
+# The flag `found_inf` is a 0-d float32 array, 0 or 1 (or a sum of such flags).
+def unscale_and_check(g, out, scale, found_inf):
+    """out = g * inv (out may be g itself, for in place), inv = 1 / scale rounded to float32
+    (PyTorch's inverse scale); found_inf becomes 1 when a value of out is inf or NaN and is
+    left as it is otherwise, so one flag collects the check over several calls.
+
+    g, out: arrays of one shape and dtype; scale: 0-d float32 array; found_inf: 0-d float32.
+    Checking out rather than g also flags a finite value that unscaling overflows.
+    """
+    inv = (1.0 / scale.astype(np.float64)).astype(np.float32)
+    np.multiply(g, inv.astype(g.dtype), out=out)
+    np.maximum(found_inf, ~np.isfinite(out).all(), out=found_inf)
+
+
+def update_scale(scale, growth_tracker, found_inf, growth_factor, backoff_factor,
+                 growth_interval):
+    """The loss scale's update rule (PyTorch's), in place on 0-d arrays scale (float32) and
+    growth_tracker (int32, the clean steps in a row):
+
+        found_inf > 0:  scale = scale * backoff_factor, growth_tracker = 0
+        otherwise:      growth_tracker += 1, and when it reaches growth_interval:
+                        scale = scale * growth_factor (unless that is inf), growth_tracker = 0
+    """
+    found = found_inf > 0
+    tracker = np.where(found, 0, growth_tracker + 1)
+    grow = tracker >= growth_interval
+    with np.errstate(over="ignore"):        # a scale grown to inf is not taken
+        grown = scale * np.float32(growth_factor)
+    kept = np.where(grow & np.isfinite(grown), grown, scale)
+    scale[...] = np.where(found, scale * np.float32(backoff_factor), kept)
+    growth_tracker[...] = np.where(grow, 0, tracker)
+
+
+def skip_if_found_inf(update, arrays, found_inf):
+    """Run update(*arrays) (in place) so that it changes nothing where found_inf is nonzero:
+    the step is taken on copies, which are kept only when found_inf is 0. Array operations
+    only, so a GPU decides without a host read (the compiled kernels test the flag instead)."""
+    copies = [a.copy() for a in arrays]
+    with np.errstate(all="ignore"):       # a skipped step may compute with inf/NaN gradients
+        update(*copies)
+    keep = found_inf == 0
+    for a, c in zip(arrays, copies):
+        np.copyto(a, c, where=keep)

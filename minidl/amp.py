@@ -48,7 +48,9 @@ import numpy
 from . import backend, function
 from .function import Function
 from .grad_mode import no_grad
+from .optim.flat import FlatBuffer
 from .tensor import Tensor
+import kernels
 
 LOW_DTYPES = ("bfloat16", "float16")
 
@@ -211,8 +213,29 @@ class GradScaler:
     halves the scale (backoff_factor), and doubles it (growth_factor) after growth_interval
     steps in a row without inf/NaN. bfloat16 has float32's range and rarely needs it.
 
-    Works on every device (the inf/NaN check is one host read per step). enabled=False makes
-    every method a pass-through, so one training loop serves both.
+    No host read. The scale (0-d float32), the growth tracker (0-d int32) and each step's
+    inf/NaN flag (0-d float32) are arrays on the gradients' device (made there at the first
+    `scale` or `unscale_`), and every decision is taken there: `unscale_` is one kernel per
+    gradient (one per flat buffer for FlatSGD/FlatAdam/FlatAdamW) that also sets the flag,
+    the optimizer skips its own update when the flag is set, and `update` is one kernel.
+    So a GPU never waits for Python, and a CUDA graph can replay the whole step. On the CPU
+    the arrays are NumPy arrays and the code path is the same.
+
+    Which optimizers skip on the device: those whose `supports_found_inf` is true (SGD and
+    FlatSGD without momentum dampening; Adam, AdamW, FlatAdam, FlatAdamW with capturable=True).
+    For any other (plain Adam counts its steps in Python; your own optimizer), `step` reads
+    the flag back to the host, one read per step, and does not call optimizer.step() on an
+    inf/NaN: the behaviour before, and what PyTorch does.
+
+    What `step` returns: PyTorch returns None for a skipped step, which needs the flag on
+    the host. On the host path this is so; on the device path `step` returns what
+    optimizer.step() returned (None unless it was given a closure), skipped or not. To learn
+    whether steps are skipped, read `get_scale()` (a host read) after `update()`: it falls
+    when one was.
+
+    get_scale() and state_dict() read the host (the user asks for numbers), as in PyTorch;
+    state_dict() keeps its format of plain numbers. enabled=False makes every method a
+    pass-through, so one training loop serves both.
     """
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
@@ -223,18 +246,35 @@ class GradScaler:
                              f"backoff_factor < 1 and growth_interval >= 1, got {init_scale}, "
                              f"{growth_factor}, {backoff_factor}, {growth_interval}.")
         self._enabled = bool(enabled)
-        self._scale = float(init_scale)
         self._growth_factor, self._backoff_factor = float(growth_factor), float(backoff_factor)
         self._growth_interval = int(growth_interval)
-        self._growth_tracker = 0
-        self._found_inf = {}       # id(optimizer) -> bool, for optimizers unscaled this step
+        # Plain numbers until the first scale()/unscale_() shows the device (as in PyTorch).
+        self._init_scale, self._init_growth_tracker = float(init_scale), 0
+        self._scale = None            # 0-d float32 array on the device
+        self._growth_tracker = None   # 0-d int32 array on the device
+        self._found_inf = {}       # id(optimizer) -> its 0-d float32 flag, unscaled this step
         self._stepped = set()      # id(optimizer) whose step() ran since the last update()
 
     def is_enabled(self):
         return self._enabled
 
+    def _state_on(self, like):
+        """The scale and growth tracker as arrays on `like`'s device (made or moved there)."""
+        device = backend.device_of(like)
+        if self._scale is None:
+            xp = backend.array_module(device)
+            self._scale = xp.full((), self._init_scale, dtype=numpy.float32)
+            self._growth_tracker = xp.full((), self._init_growth_tracker, dtype=numpy.int32)
+        elif backend.device_of(self._scale) != device:     # the model moved: once, not per step
+            self._scale = backend.to_device(self._scale, device)
+            self._growth_tracker = backend.to_device(self._growth_tracker, device)
+        return self._scale, self._growth_tracker
+
     def get_scale(self):
-        return self._scale if self._enabled else 1.0
+        """The current scale as a Python float (a host read); 1.0 when disabled."""
+        if not self._enabled:
+            return 1.0
+        return self._init_scale if self._scale is None else float(_to_host(self._scale))
 
     def scale(self, outputs):
         """outputs (a Tensor, or a list/tuple of them) multiplied by the current scale."""
@@ -245,11 +285,12 @@ class GradScaler:
         if not isinstance(outputs, Tensor):
             raise TypeError(f"GradScaler.scale expects a Tensor (the loss), got "
                             f"{type(outputs).__name__}.")
-        return outputs * self._scale
+        scale, _ = self._state_on(outputs.data)
+        return outputs * scale
 
     def unscale_(self, optimizer):
-        """Divide the optimizer's gradients by the scale, in place (once per step), e.g.
-        before clipping them; remembers whether any is inf or NaN."""
+        """Divide the optimizer's gradients by the scale (once per step), e.g. before clipping
+        them, and record on the device whether any is inf or NaN."""
         if not self._enabled:
             return
         key = id(optimizer)
@@ -258,21 +299,36 @@ class GradScaler:
                                "update(); call it at most once per step.")
         if key in self._stepped:
             raise RuntimeError("unscale_() is being called after step(); call it before.")
-        inv = 1.0 / self._scale
-        checks = []
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if not grads:
+            return
+        scale, _ = self._state_on(grads[0])
+        found_inf = backend.get_array_module(scale).zeros((), dtype=numpy.float32)
         with no_grad():
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    xp = backend.get_array_module(p.grad)
-                    p.grad = p.grad * p.grad.dtype.type(inv)
-                    checks.append(xp.isfinite(p.grad).all())
-        # One host read for all gradients, not one per parameter.
-        self._found_inf[key] = bool(checks) and not bool(_all(checks))
+            buffer = getattr(optimizer, "buffer", None)
+            if isinstance(buffer, FlatBuffer):
+                # A flat optimizer: its gradients gathered into its buffer (step() would do it
+                # anyway, then finds them there), unscaled there in place by one kernel.
+                buffer.gather_grads()
+                kernels.for_array(buffer.grad).unscale_and_check(buffer.grad, buffer.grad,
+                                                                 scale, found_inf)
+            else:
+                # New arrays, not in place: autograd may hand one array to several parameters.
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            xp = backend.get_array_module(p.grad)
+                            out = xp.empty(p.grad.shape, dtype=p.grad.dtype)
+                            kernels.for_array(p.grad).unscale_and_check(p.grad, out, scale,
+                                                                        found_inf)
+                            p.grad = out
+        self._found_inf[key] = found_inf
 
     def step(self, optimizer, *args, **kwargs):
-        """optimizer.step(*args, **kwargs) unless a gradient is inf/NaN (then None)."""
+        """optimizer.step(*args, **kwargs), skipped when a gradient is inf/NaN: on the device
+        when the optimizer supports it (returns optimizer.step()'s result either way), else
+        decided by one host read (returns None when skipped). See the class docstring."""
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
         key = id(optimizer)
@@ -282,36 +338,55 @@ class GradScaler:
         if key not in self._found_inf:
             self.unscale_(optimizer)
         self._stepped.add(key)
-        if self._found_inf[key]:
+        found_inf = self._found_inf.get(key)
+        if found_inf is None:                  # no gradients: nothing to check
+            return optimizer.step(*args, **kwargs)
+        if getattr(optimizer, "supports_found_inf", False):
+            optimizer.found_inf = found_inf
+            try:
+                return optimizer.step(*args, **kwargs)
+            finally:
+                optimizer.found_inf = None
+        # The fallback for optimizers that cannot skip on the device: one host read.
+        if _to_host(found_inf):
             return None
         return optimizer.step(*args, **kwargs)
 
     def update(self, new_scale=None):
-        """Back off (any inf/NaN this step) or grow (growth_interval clean steps) the scale;
-        new_scale sets it directly instead."""
+        """Back off (any inf/NaN this step) or grow (growth_interval clean steps) the scale,
+        on the device; new_scale (a number) sets it directly instead."""
         if not self._enabled:
             return
         if new_scale is not None:
-            self._scale = float(new_scale)
-            self._growth_tracker = 0
-        elif any(self._found_inf.values()):
-            self._scale *= self._backoff_factor
-            self._growth_tracker = 0
+            if self._scale is None:
+                self._init_scale, self._init_growth_tracker = float(new_scale), 0
+            else:                  # in place: a CUDA graph keeps the arrays it captured
+                self._scale[...] = float(new_scale)
+                self._growth_tracker[...] = 0
         elif self._found_inf:
-            self._growth_tracker += 1
-            if self._growth_tracker == self._growth_interval:
-                self._scale *= self._growth_factor
-                self._growth_tracker = 0
+            flags = list(self._found_inf.values())
+            found_inf = flags[0]
+            for flag in flags[1:]:
+                found_inf = found_inf + flag
+            kernels.for_array(self._scale).update_scale(
+                self._scale, self._growth_tracker, found_inf, self._growth_factor,
+                self._backoff_factor, self._growth_interval)
         self._found_inf.clear()
         self._stepped.clear()
 
+    def _get_growth_tracker(self):
+        if self._growth_tracker is None:
+            return self._init_growth_tracker
+        return int(_to_host(self._growth_tracker))
+
     def state_dict(self):
-        """Plain numbers (storable with minidl.save); {} when disabled, as in PyTorch."""
+        """Plain numbers (storable with minidl.save; reads the host); {} when disabled, as in
+        PyTorch."""
         if not self._enabled:
             return {}
-        return {"scale": self._scale, "growth_factor": self._growth_factor,
+        return {"scale": self.get_scale(), "growth_factor": self._growth_factor,
                 "backoff_factor": self._backoff_factor, "growth_interval": self._growth_interval,
-                "_growth_tracker": self._growth_tracker}
+                "_growth_tracker": self._get_growth_tracker()}
 
     def load_state_dict(self, state_dict):
         if not self._enabled:
@@ -320,14 +395,18 @@ class GradScaler:
             raise RuntimeError("GradScaler.load_state_dict got an empty state (saved from a "
                                "disabled GradScaler); save one from an enabled GradScaler.")
         value = {k: (v.item() if hasattr(v, "item") else v) for k, v in state_dict.items()}
-        self._scale = float(value["scale"])
         self._growth_factor = float(value["growth_factor"])
         self._backoff_factor = float(value["backoff_factor"])
         self._growth_interval = int(value["growth_interval"])
-        self._growth_tracker = int(value["_growth_tracker"])
+        scale, tracker = float(value["scale"]), int(value["_growth_tracker"])
+        if self._scale is None:
+            self._init_scale, self._init_growth_tracker = scale, tracker
+        else:                      # in place: a CUDA graph keeps the arrays it captured
+            self._scale[...] = scale
+            self._growth_tracker[...] = tracker
 
 
-def _all(flags):
-    xp = backend.get_array_module(*flags)
-    return xp.stack(flags).all() if len(flags) > 1 else flags[0]
-
+def _to_host(a):
+    """The one place the GradScaler reads an array back to the host (get_scale, state_dict,
+    and step() for an optimizer that cannot skip on the device); tests count the calls."""
+    return backend.to_numpy(a)[()]

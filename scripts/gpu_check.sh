@@ -97,12 +97,14 @@ run_step benchmark_small 45 python3 examples/benchmark_gpu.py --compare-torch --
     --json "$OUT/benchmark_gpu_small.json"
 
 # ---- 2b. the implicit-GEMM kernels against their NumPy reference, every shape class and
-# precision (and the matmul-precision setting). pytest-xdist, where installed, spreads the
-# tests over 8 worker processes (the GPU machines have 16 cores).
+# precision (and the matmul-precision setting), and the GradScaler on the device (never run
+# on real CuPy before: 0-d views, where/copyto on flags, the loss-scaling kernels).
+# pytest-xdist, where installed, spreads the tests over 8 worker processes (the GPU machines
+# have 16 cores).
 XDIST=()
 if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
 GPU_TESTS=(tests/test_implicit_gemm.py tests/test_conv_implicit_gemm.py tests/test_precision.py
-           tests/test_amp_pooling.py)
+           tests/test_amp_pooling.py tests/test_grad_scaler_device.py)
 run_step implicit_gemm 60 python3 -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
     "${GPU_TESTS[@]}"
 

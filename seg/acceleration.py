@@ -71,21 +71,30 @@ class GraphedSteps:
     capture's one warm-up step is that batch's training step, so every batch trains once, as
     without the option. A batch of another shape (the last, smaller one) runs eagerly.
 
+    With --amp fp16 the GradScaler goes into the graph too when the optimizer skips an inf/NaN
+    step on the GPU itself (`supports_found_inf`: SGD, and Adam with capturable=True, which
+    seg.setup builds for --cuda-graph on the GPU); then no step reads the host.
+
     reason: why no graph is used (then every step runs eagerly), or None.
     """
 
     def __init__(self, model, loss_fn, optimizer, device, step_context=None, scaler=None,
                  log=print):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.scaler = scaler
         self.step_context = step_context or contextlib.nullcontext
         self.log = log
         self.graphed = None
         self.reason = None
         if device != "gpu":
             self._fall_back("CUDA graphs need --device gpu")
-        elif scaler is not None:
-            self._fall_back("fp16's GradScaler reads the gradients' inf/NaN check back to the "
-                            "host every step, which a graph cannot; use --amp bf16")
+        elif scaler is not None and not getattr(optimizer, "supports_found_inf", False):
+            # With one that does (SGD, capturable Adam: seg.setup's choice for --cuda-graph)
+            # the GradScaler keeps its inf/NaN check on the GPU and the step is captured.
+            self._fall_back(f"fp16's GradScaler reads the gradients' inf/NaN check back to the "
+                            f"host every step with {type(optimizer).__name__}, which cannot "
+                            f"skip a step on the GPU, and a graph cannot read the host; use "
+                            f"SGD or Adam(capturable=True), or --amp bf16")
 
     def _fall_back(self, reason):
         self.reason = reason
@@ -96,7 +105,7 @@ class GraphedSteps:
         self.optimizer.zero_grad()
         with self.step_context():
             loss = self.loss_fn(forward_full(self.model, x), y)
-        backward_and_step(loss, self.optimizer)
+        backward_and_step(loss, self.optimizer, self.scaler)
         return loss
 
     def new_epoch(self):

@@ -1,8 +1,8 @@
 """Run CUDA kernel source on the host: the tool behind tests/test_gpu_source.py and tests/fake_cupy.py.
 
-The kernels of kernels/gpu.py are plain C++ apart from four CUDA names: `__global__`, the
-built-in thread coordinates (threadIdx, blockIdx, blockDim, gridDim) and the integer atomics
-(and sqrt, which C++ has in <cmath>).
+The kernels of kernels/gpu.py are plain C++ apart from five CUDA names: `__global__`,
+`__device__` (a function that kernels call), the built-in thread coordinates (threadIdx,
+blockIdx, blockDim, gridDim) and the integer atomics (and sqrt, which C++ has in <cmath>).
 A short shim defines those, g++ compiles the unchanged source into a shared library, and
 ctypes calls a kernel as a number of emulated threads, one after another in any order. Each
 call's arguments are checked against the kernel's C signature first, which catches the
@@ -24,6 +24,7 @@ SHIM = r"""
 #include <cmath>
 using std::sqrt;  // CUDA's math functions (sqrt, ...) are overloaded for float and double
 #define __global__
+#define __device__
 struct emu_uint3 { unsigned int x, y, z; };
 static emu_uint3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
 static emu_uint3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};

@@ -14,6 +14,11 @@ PAIRS = {
     "adam": (optim.Adam, optim.FlatAdam, dict(lr=0.01, weight_decay=1e-3)),
     "adam_amsgrad": (optim.Adam, optim.FlatAdam, dict(lr=0.01, amsgrad=True)),
     "adamw": (optim.AdamW, optim.FlatAdamW, dict(lr=0.01)),
+    # step counts on the device (minidl.optim.flat's _step_view)
+    "adam_capturable": (optim.Adam, optim.FlatAdam, dict(lr=0.01, weight_decay=1e-3,
+                                                         capturable=True)),
+    "adamw_capturable_amsgrad": (optim.AdamW, optim.FlatAdamW, dict(lr=0.01, amsgrad=True,
+                                                                    capturable=True)),
 }
 
 
@@ -78,7 +83,7 @@ def test_parameters_and_gradients_are_views_of_one_buffer(device):
     assert float(to_numpy(buf.data[0])) == 7
 
 
-@pytest.mark.parametrize("name", ["sgd_momentum", "adam_amsgrad"])
+@pytest.mark.parametrize("name", ["sgd_momentum", "adam_amsgrad", "adam_capturable"])
 def test_state_dict_moves_between_flat_and_per_parameter(tmp_path, device, name):
     per_cls, flat_cls, kwargs = PAIRS[name]
     a, b = model(device), model(device)

@@ -4,7 +4,6 @@ import math
 from .. import backend
 from .optimizer import Optimizer
 import kernels
-import kernels.reference
 
 
 
@@ -30,7 +29,9 @@ class Adam(Optimizer):
     device and computes the bias corrections there, so that no Python number changes from
     step to step and a CUDA graph can replay the update (minidl.cuda.make_graphed_step). The
     numbers are Adam's; the learning rate stays a Python number (capture again after changing
-    it). Slower on the CPU, where nothing is captured.
+    it). Slower on the CPU, where nothing is captured. With capturable=True a GradScaler's
+    inf/NaN check skips the step on the device (`supports_found_inf`): parameters, moments
+    and the step count stay as they were, with no host read.
     """
     decoupled = False
 
@@ -39,6 +40,11 @@ class Adam(Optimizer):
         super().__init__(params, dict(adam_defaults(type(self).__name__, lr, betas, eps,
                                                     weight_decay, amsgrad),
                                       capturable=bool(capturable)))
+
+    @property
+    def supports_found_inf(self):
+        # Plain Adam counts steps in Python, which cannot learn of a step skipped on the GPU.
+        return all(g.get("capturable") for g in self.param_groups)
 
     def update(self, p, g, state, group):
         # Runs once per parameter per step (64 times for the example U-Net, most of them
@@ -54,7 +60,7 @@ class Adam(Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         if wd != 0 and self.decoupled:
-            data *= 1 - lr * wd
+            data *= decay_factor(1 - lr * wd, data, self.found_inf)
             wd = 0.0
         if group.get("capturable"):
             self._capturable_update(data, g, state, group, lr, beta1, beta2, wd)
@@ -67,21 +73,28 @@ class Adam(Optimizer):
             group["eps"], wd)
 
     def _capturable_update(self, data, g, state, group, lr, beta1, beta2, wd):
-        """The same step with t, lr / (1 - beta1^t) and sqrt(1 - beta2^t) as 0-d device arrays
-        (float64, as Python computes them, then rounded to the parameter's dtype, as the
-        Python numbers are when they meet a float32 array)."""
+        """The same step with the step count t a 0-d float64 array on the parameter's device;
+        the bias corrections lr / (1 - beta1^t) and sqrt(1 - beta2^t) are computed from it
+        where the update runs (on the GPU: inside the kernel), in float64 as Python computes
+        them, then rounded to the parameter's dtype, as the Python numbers are."""
         xp = backend.get_array_module(data)
         if not hasattr(state["step"], "shape"):       # a new state, or one saved by plain Adam
             state["step"] = xp.asarray(float(state["step"]), dtype=xp.float64)
         t = state["step"]
-        t += 1                                         # in place: the graph's array
-        step_size = (lr / (1 - beta1 ** t)).astype(data.dtype)
-        bias2_sqrt = xp.sqrt(1 - beta2 ** t).astype(data.dtype)
-        # The reference is written in array expressions, so it accepts 0-d arrays as
-        # coefficients (the compiled kernels take Python numbers).
-        kernels.reference.adam_update(
+        # In place: the graph's array. A step the GradScaler skips does not count.
+        t += 1 if self.found_inf is None else (self.found_inf == 0)
+        kernels.for_array(data).adam_update_at_step(
             data, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-            group["amsgrad"], beta1, beta2, step_size, bias2_sqrt, group["eps"], wd)
+            group["amsgrad"], beta1, beta2, lr, t, group["eps"], wd, found_inf=self.found_inf)
+
+
+def decay_factor(factor, data, found_inf=None):
+    """AdamW's decay factor 1 - lr * weight_decay, or with a GradScaler's flag a 0-d array of
+    data's dtype that is 1 when the step is skipped (decided on the device)."""
+    if found_inf is None:
+        return factor
+    xp = backend.get_array_module(data)
+    return xp.where(found_inf == 0, data.dtype.type(factor), data.dtype.type(1))
 
 
 class AdamW(Adam):

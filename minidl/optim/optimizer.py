@@ -16,6 +16,18 @@ from ..tensor import Tensor
 
 
 class Optimizer:
+    # The GradScaler's inf/NaN flag (a 0-d float32 array on the parameters' device) while
+    # GradScaler.step runs this optimizer's step, None otherwise. Optimizers whose
+    # `supports_found_inf` is true then skip the step on the device when the flag is set
+    # (parameters, moments and step counts unchanged), so the scaler never reads it back.
+    found_inf = None
+
+    @property
+    def supports_found_inf(self):
+        """Whether step() honours `found_inf` (else the GradScaler reads the flag on the host
+        and does not call step() on an inf/NaN)."""
+        return False
+
     def __init__(self, params, defaults):
         self.defaults = dict(defaults)
         self.param_groups = []

@@ -1,5 +1,7 @@
 """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay (torch semantics)."""
+from .. import backend
 from .optimizer import Optimizer
+import kernels
 
 
 def sgd_defaults(name, lr, momentum, dampening, weight_decay, nesterov):
@@ -27,7 +29,13 @@ class SGD(Optimizer):
         super().__init__(params, sgd_defaults("SGD", lr, momentum, dampening, weight_decay,
                                               nesterov))
 
+    @property
+    def supports_found_inf(self):
+        return skips_on_found_inf(self.param_groups)
+
     def update(self, p, g, state, group):
+        if self.found_inf is not None:
+            return self._skippable_update(p, g, state, group)
         momentum, wd = group["momentum"], group["weight_decay"]
         if wd != 0:
             g = g + wd * p.data
@@ -40,3 +48,24 @@ class SGD(Optimizer):
                 buf += (1 - group["dampening"]) * g
             g = g + momentum * buf if group["nesterov"] else buf
         p.data -= group["lr"] * g
+
+    def _skippable_update(self, p, g, state, group):
+        """The same step through the kernel bundle, which skips it on the device when the
+        GradScaler's flag self.found_inf is set. The momentum buffer starts at zero instead of
+        at the first gradient: with dampening 0, momentum * 0 + g is g, and a skipped first
+        step then leaves nothing to undo."""
+        momentum, buf = group["momentum"], None
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = \
+                    backend.get_array_module(p.data).zeros_like(p.data)
+        kernels.for_array(p.data).sgd_update(
+            p.data, g, buf, False, group["lr"], momentum, group["dampening"],
+            group["weight_decay"], group["nesterov"], found_inf=self.found_inf)
+
+
+def skips_on_found_inf(groups):
+    """Whether SGD over these parameter groups can skip a step on the device (GradScaler):
+    not with momentum and dampening, whose first step differs from the later ones."""
+    return all(g["momentum"] == 0 or g["dampening"] == 0 for g in groups)
