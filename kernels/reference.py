@@ -296,3 +296,50 @@ def sgd_update(p, g, buf, first, lr, momentum, dampening, weight_decay, nesterov
             buf += (1 - dampening) * g
         g = g + momentum * buf if nesterov else buf
     p -= lr * g
+
+
+# ---------------------------------------------------------------------- softmax cross-entropy
+def cross_entropy_forward(x, target, weight):
+    """Softmax cross-entropy over the class axis 1, per element, and the softmax.
+
+    x: (N, C, S) logits; target: (N, S) int64 class ids, all in [0, C) (ignored elements
+    already replaced by a valid id and given weight 0); weight: (N, S) factors or None.
+    Returns (loss (N, S), probs (N, C, S)): with z = x - max_c x (log-sum-exp: exp never
+    overflows), loss = (log sum_c exp(z_c) - z_target) * weight, probs = softmax(x).
+    """
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    picked = np.take_along_axis(z, target[:, None, :], axis=1)[:, 0]
+    loss = np.log(s[:, 0]) - picked
+    if weight is not None:
+        loss = loss * weight
+    return loss, e / s
+
+
+def cross_entropy_backward(probs, target, coef, weight):
+    """d loss / dx of cross_entropy_forward: (probs - onehot(target)) * k per element,
+    k = weight * coef (coef: d(result)/d(loss element) before weighting, a 0-d array for a
+    reduced loss or an (N, S) map for reduction "none"; weight (N, S) or None).
+
+    probs: (N, C, S); target: (N, S) int64 -> gx (N, C, S).
+    """
+    k = np.broadcast_to(coef if weight is None else weight * coef, target.shape)
+    onehot = np.arange(probs.shape[1])[None, :, None] == target[:, None, :]
+    return probs * k[:, None, :] - onehot * k[:, None, :]
+
+
+# ---------------------------------------------------------------------- conv epilogue: bias + ReLU
+def bias_relu(y, bias):
+    """y (N, C, S) -> max(y + bias[c], 0) (bias (C,) or None); NaN stays NaN."""
+    if bias is not None:
+        y = y + bias[None, :, None]
+    return np.maximum(y, 0)
+
+
+def relu_bias_backward(gy, y, bias_grad=True):
+    """The adjoint of bias_relu, from its output y (N, C, S) and gy (N, C, S):
+    gx = gy where y > 0 else 0 (the gradient of the conv's output), and the bias gradient
+    gbias (C,) = the sum of gx over N and S (None unless bias_grad)."""
+    gx = gy * (y > 0)
+    return gx, gx.sum(axis=(0, 2)) if bias_grad else None
