@@ -51,8 +51,9 @@ class DoubleConv(nn.Module):
 
     def forward(self, x):
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2)):
-            x = conv(x)
-            x = F.relu(x) if bn is None else bn(x)     # bn: BatchNormReLU2d
+            # Without batch norm, the bias and ReLU are the conv's epilogue (one GPU kernel).
+            x = bn(conv(x)) if bn is not None else F.conv2d_relu(
+                x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
             if self.dropout is not None:
                 x = self.dropout(x)
         return x
