@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 import kernels
 import minidl
-from minidl import functional as F
+from minidl import functional as F, nn
 
 from conftest import assert_close, to_numpy
 from test_conv import direct_conv2d
@@ -158,3 +158,14 @@ def test_conv2d_relu_gradcheck(device, seed, case):
     if np.abs(pre).min() < 1e-3:
         return      # an output within finite-difference reach of the kink: no derivative there
     assert minidl.gradcheck(fn, tensors, mode="random", n_directions=4)
+
+
+def test_conv_relu_module_is_a_conv2d_with_its_relu(device):
+    minidl.manual_seed(0)
+    fused = nn.ConvReLU2d(3, 4, 3, padding=1).to(device)
+    plain = nn.Conv2d(3, 4, 3, padding=1).to(device)
+    plain.load_state_dict(fused.state_dict())          # the same keys and shapes
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert isinstance(fused, nn.Conv2d) and "ConvReLU2d(3, 4" in repr(fused)
+    x = minidl.randn(2, 3, 5, 5, device=device)
+    assert_close(fused(x).data, F.relu(plain(x)).data)

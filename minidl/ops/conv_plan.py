@@ -483,9 +483,11 @@ class WeightGrad:
         elif geom.groups == 1:
             # 2-D products per sample: the .T of a C-contiguous matrix is F-contiguous, which
             # cuBLAS takes as a transpose flag, so nothing is copied (CuPy's batched matmul
-            # copies a transposed view); the temporary stays small.
+            # copies a transposed view); the temporary stays small. The sum goes into a view
+            # of gw: `self.gw[0] += p` would also copy the result back onto itself (a launch).
+            gw = self.gw[0]
             for s in range(n1 - n0):
-                self.gw[0] += xp.matmul(a[s, 0], b[s, 0].T)
+                gw += xp.matmul(a[s, 0], b[s, 0].T)
         else:   # grouped convs: small blocks, one batched product per sample
             for s in range(n1 - n0):
                 self.gw += xp.matmul(a[s], b[s].transpose(0, 2, 1))
