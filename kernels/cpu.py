@@ -632,3 +632,10 @@ def relu_bias_backward(gy, y, bias_grad=True):
     n, c = gx.shape[:2]
     rows = gx.reshape(n * c, -1)
     return gx, (rows @ np.ones(rows.shape[1], dtype=gx.dtype)).reshape(n, c).sum(axis=0)
+
+
+def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> cols (C*kh*kw, N*ho*wo); see reference.im2col_rows. (The CPU's conv
+    plans sum the weight gradient per piece with batched products instead.)"""
+    cols = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)

@@ -925,3 +925,50 @@ def relu_bias_backward(gy, y, bias_grad=True):
     _launch("relu_bias_backward_kernel", dtype, c * lanes,
             (gy, _same(y, dtype, xp), gx, part) + _i(c * lanes, c, s, m, lanes))
     return gx, part.sum(axis=1) if bias_grad else None
+
+
+# ---------------------------------------------------------------------- im2col, batch in the columns
+IM2COL_ROWS_SRC = r"""
+// im2col_kernel's work with another layout: cols (C*kh*kw, N*L), L = ho*wo, row (c, i, j),
+// column (n, oy, ox), so that one GEMM gy (C_out, N*L) @ cols.T gives a conv's weight
+// gradient summed over the samples too (instead of one GEMM and one add per sample).
+// One thread per (n, c, oy, ox), as there; neighbouring ox still write neighbouring addresses.
+extern "C" __global__ void im2col_rows_kernel(
+        const T* x, T* cols, const I total,
+        const I N, const I C, const I H, const I W,
+        const I kh, const I kw, const I sh, const I sw,
+        const I ph, const I pw, const I dh, const I dw,
+        const I ho, const I wo) {
+    const I L = ho * wo, NL = N * L;
+    GRID_STRIDE {
+        I r = t;
+        const I ox = r % wo; r /= wo;
+        const I oy = r % ho; r /= ho;           // now r = n * C + c
+        const I c = r % C, n = r / C;
+        const T* plane = x + r * H * W;
+        T* out = cols + c * kh * kw * NL + n * L + oy * wo + ox;   // row (c, i=0, j=0)
+        const I y0 = oy * sh - ph, x0 = ox * sw - pw;
+        for (I i = 0; i < kh; ++i) {
+            const I iy = y0 + i * dh;
+            const bool row_inside = iy >= 0 && iy < H;
+            for (I j = 0; j < kw; ++j, out += NL) {
+                const I ix = x0 + j * dw;
+                *out = (row_inside && ix >= 0 && ix < W) ? plane[iy * W + ix] : (T)0;
+            }
+        }
+    }
+}
+"""
+SOURCES += (IM2COL_ROWS_SRC,)
+KERNEL_NAMES += ("im2col_rows_kernel",)
+
+
+def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> cols (C*kh*kw, N*ho*wo), one launch; see reference.im2col_rows."""
+    x, dtype = _float_input(x, "im2col_rows")
+    n, c, h, w = x.shape
+    cols = _xp().empty((c * kh * kw, n * ho * wo), dtype=dtype)
+    total = n * c * ho * wo
+    _launch("im2col_rows_kernel", dtype, total,
+            (x, cols) + _i(total, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+    return cols

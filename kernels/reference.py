@@ -343,3 +343,12 @@ def relu_bias_backward(gy, y, bias_grad=True):
     gbias (C,) = the sum of gx over N and S (None unless bias_grad)."""
     gx = gy * (y > 0)
     return gx, gx.sum(axis=(0, 2)) if bias_grad else None
+
+
+# ---------------------------------------------------------------------- im2col, batch in the columns
+def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """im2col with the samples side by side: x (N, C, H, W) -> cols (C*kh*kw, N*ho*wo),
+    column (n, oy, ox). Then gy (C_out, N*ho*wo) @ cols.T is a conv's weight gradient summed
+    over the samples in one matrix product."""
+    cols = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)       # (N, K, L)
+    return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
