@@ -639,3 +639,7 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     plans sum the weight gradient per piece with batched products instead.)"""
     cols = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
     return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
+
+
+# bfloat16 rounding (autocast's casts): a few NumPy passes over the bits, as fast as a loop here.
+round_bfloat16 = reference.round_bfloat16

@@ -972,3 +972,37 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     _launch("im2col_rows_kernel", dtype, total,
             (x, cols) + _i(total, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
     return cols
+
+
+# ---------------------------------------------------------------------- bfloat16 rounding
+# Autocast rounds every input and output of a "lower" op to bfloat16 (minidl/amp.py): as
+# CuPy array expressions that is 7 launches per cast (shift, and, two adds, and, isnan,
+# where), the biggest item of a bf16 step in scripts/launch_census.py; here it is one.
+ROUND_SRC = r"""
+// out = a rounded to bfloat16, both float32 seen as 32-bit integers (see
+// reference.round_bfloat16): add 0x7FFF plus the lowest kept bit, clear the low 16 bits.
+// NaN (exponent all ones, mantissa not 0) is copied as it is.
+extern "C" __global__ void round_bfloat16_kernel(const int* a, int* out, const I total) {
+    GRID_STRIDE {
+        const unsigned int u = (unsigned int)a[t];
+        const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+        out[t] = (int)(nan ? u : ((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u));
+    }
+}
+"""
+SOURCES += (ROUND_SRC,)
+KERNEL_NAMES += ("round_bfloat16_kernel",)
+
+
+def round_bfloat16(a):
+    """a (float32, any shape) -> a rounded to bfloat16's values, as float32; one launch;
+    see reference.round_bfloat16."""
+    xp = _xp()
+    if np.dtype(a.dtype) != np.float32:
+        raise TypeError(f"round_bfloat16 rounds float32 arrays, got {a.dtype}; cast with "
+                        ".astype('float32') first.")
+    a = xp.ascontiguousarray(a)
+    out = xp.empty_like(a)
+    _launch("round_bfloat16_kernel", np.dtype(np.float32), a.size,
+            (a.view(np.int32), out.view(np.int32)) + _i(a.size))
+    return out

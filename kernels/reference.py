@@ -352,3 +352,17 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     over the samples in one matrix product."""
     cols = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)       # (N, K, L)
     return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
+
+
+# ---------------------------------------------------------------------- bfloat16 rounding
+def round_bfloat16(a):
+    """a (float32, C-contiguous, any shape) -> the nearest bfloat16 values (ties to even), as
+    float32; NaN stays NaN, values beyond bfloat16's range become +-inf.
+
+    bfloat16 is the top half of a float32, so rounding is integer arithmetic on the bits:
+    add 0x7FFF plus the lowest kept bit (ties to even), then clear the low 16 bits.
+    """
+    u = a.view(np.uint32)
+    lsb = (u >> np.uint32(16)) & np.uint32(1)
+    r = ((u + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(np.float32)
+    return np.where(np.isnan(a), a, r)

@@ -120,7 +120,8 @@ class _CensusMethods:
         return super().__getitem__(key)
 
     def __setitem__(self, key, value):
-        _count("scatter" if _advanced(key) else "copy", "setitem")
+        if census is not None:
+            _count("scatter" if _advanced(key) else "copy", "setitem")
         return super().__setitem__(key, value)
 
     def item(self, *args):
