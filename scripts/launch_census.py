@@ -1,7 +1,7 @@
 """Count the GPU work of one U-Net training step without a GPU: the launch census.
 
     PYTHONPATH=tests python scripts/launch_census.py --depth 4 --features 16 --batch 4 --size 128
-    PYTHONPATH=tests python scripts/launch_census.py --depth 5 --features 64 --batch 1 --size 32
+    PYTHONPATH=tests python scripts/launch_census.py --depth 5 --features 64 --batch 8 --size 16
     ... --amp bf16          forward and loss under minidl.amp.autocast("gpu", "bfloat16")
     ... --optimizer flat    FlatAdam (one update kernel for every parameter) instead of Adam
     ... --batch-norm        the U-Net with BatchNormReLU2d after each 3x3 conv
@@ -18,7 +18,8 @@ each is a synchronisation on a real GPU, and a step with one cannot be captured 
 
 How the count relates to real kernel launches (it is a count, not a timing):
 
-* One per CuPy operation: an element-wise ufunc, a reduction, a cupy function (where, take,
+* One per CuPy operation: an element-wise ufunc, a reduction (CuPy runs a reduction over
+  any axes as one kernel, as counted), a cupy function (where, take,
   concatenate...), an advanced index or an index assignment, a copy (astype, a contiguous
   copy of a non-contiguous view), a fill (zeros, ones, arange: zeros is a cudaMemsetAsync,
   not a kernel, but it costs a launch all the same) and each RawKernel launch. Views
@@ -35,7 +36,8 @@ How the count relates to real kernel launches (it is a count, not a timing):
 * Sizes matter only where the conv plan cuts a layer's column matrix into pieces (more
   than 512 MiB of columns, conv_plan.Settings.gpu_column_buffer_bytes): the big U-Net at
   batch 8 of 256x256 has more launches in its largest layers than at the small size this
-  script runs it at. Everything else depends on the layers, not on their sizes.
+  script runs it at. Everything else depends on the layers and the batch (a 1x1 conv sums
+  its weight gradient sample by sample), not on the image size or the channel counts.
 """
 import argparse
 import collections
