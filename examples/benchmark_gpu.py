@@ -275,6 +275,8 @@ def step_breakdown(clock, step, opt):
             bd.wrap(cls, name, category)
     for name in ("maxpool2d_forward", "maxpool2d_backward"):
         bd.wrap(bundle, name, "pooling")
+    for name in ("bias_relu", "relu_bias_backward"):
+        bd.wrap(bundle, name, "activations")     # the epilogue of ConvReLU2d (conv2d_relu)
     bd.wrap(opt, "step", "optimizer")
     try:
         bd.measure(step, BREAKDOWN)

@@ -58,6 +58,7 @@ def layer_list(model):
     out = []
     for m in model.modules():
         kind = type(m).__name__
+        kind = "Conv2d" if kind == "ConvReLU2d" else kind    # minidl's Conv2d, ReLU fused in
         if kind in ("Conv2d", "ConvTranspose2d"):
             out.append((kind, tuple(m.weight.shape)))
     return out

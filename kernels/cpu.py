@@ -601,3 +601,72 @@ update_scale = reference.update_scale
 # PermutohedralLattice(features) is built once per image, softmax_rows(x, out) is the
 # per-pixel softmax of a mean-field step.
 from .permutohedral_cpu import PermutohedralLattice, softmax_rows  # noqa: E402,F401
+
+
+# ---------------------------------------------------------------------------- fused epilogues
+# Softmax cross-entropy and a conv's bias + ReLU are one kernel each on the GPU (to save
+# launches); on the CPU NumPy's array expressions are as fast, so these are those, exactly
+# as minidl's CrossEntropy and ReLU computed them before the GPU kernels existed.
+def _target_positions(shape, target):
+    """Flat indices of a[n, target[n, s], s] in an (N, C, S) array: one gather with them is
+    3x faster than take_along_axis, which indexes every axis."""
+    n, c, s = shape
+    rows = np.arange(n).reshape(n, 1) * c + target
+    return (rows * s + np.arange(s)).reshape(-1)
+
+
+def cross_entropy_forward(x, target, weight):
+    """x (N, C, S), target (N, S), weight (N, S) or None -> (loss (N, S), probs (N, C, S));
+    see reference.cross_entropy_forward."""
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    picked = np.take(z.reshape(-1), _target_positions(x.shape, target)).reshape(target.shape)
+    loss = np.log(s)[:, 0] - picked
+    e /= s
+    if weight is not None:
+        loss *= weight
+    return loss, e
+
+
+def cross_entropy_backward(probs, target, coef, weight):
+    """-> gx (N, C, S); see reference.cross_entropy_backward."""
+    k = coef if weight is None else weight * coef
+    positions = _target_positions(probs.shape, target)
+    if getattr(k, "ndim", 0):
+        g = probs * np.expand_dims(k, 1)
+        g.reshape(-1)[positions] -= k.reshape(-1)
+    else:
+        g = probs * k
+        g.reshape(-1)[positions] -= k
+    return g
+
+
+def bias_relu(y, bias):
+    """y (N, C, S), bias (C,) or None -> max(y + bias, 0), in place on y (y is the conv's own
+    output); see reference.bias_relu."""
+    if bias is not None:
+        y += bias.reshape(1, -1, 1)
+    return np.maximum(y, y.dtype.type(0), out=y)
+
+
+def relu_bias_backward(gy, y, bias_grad=True):
+    """-> (gx, gbias); see reference.relu_bias_backward. The bias gradient as a
+    matrix-vector product (N*C, S) @ ones: 2-3x faster than NumPy's sum over axes (0, 2)."""
+    gx = gy * (y > 0)
+    if not bias_grad:
+        return gx, None
+    n, c = gx.shape[:2]
+    rows = gx.reshape(n * c, -1)
+    return gx, (rows @ np.ones(rows.shape[1], dtype=gx.dtype)).reshape(n, c).sum(axis=0)
+
+
+def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> cols (C*kh*kw, N*ho*wo); see reference.im2col_rows. (The CPU's conv
+    plans sum the weight gradient per piece with batched products instead.)"""
+    cols = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
+
+
+# bfloat16 rounding (autocast's casts): a few NumPy passes over the bits, as fast as a loop here.
+round_bfloat16 = reference.round_bfloat16

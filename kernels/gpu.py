@@ -914,3 +914,231 @@ def _scalar_array(a, dtype, what):
 # on the CPU, its filter runs as CUDA kernels.
 from .permutohedral_gpu import PermutohedralLatticeGPU as PermutohedralLattice  # noqa: E402,F401
 from .permutohedral_gpu import softmax_rows  # noqa: E402,F401
+
+
+# ---------------------------------------------------------------------- fused epilogues
+# Kernels that replace chains of CuPy array expressions, each a launch (counted by
+# scripts/launch_census.py): softmax cross-entropy (about 15 launches forward and 5
+# backward as expressions) and the bias + ReLU after a conv (3 forward: add, compare,
+# maximum; 4 backward: mask, and the bias gradient's ones, product and sum).
+EPILOGUE_SRC = r"""
+// Softmax cross-entropy over the class axis of x (N, C, S), one thread per pixel (n, s),
+// whose C logits lie S apart. Log-sum-exp: z = x - max_c x, so exp never overflows; a NaN
+// logit makes the maximum, and so the pixel's loss and softmax, NaN (as the reference).
+// loss[n, s] = (log(sum_c exp(z_c)) - z[target]) * weight[n, s], probs = exp(z) / sum.
+extern "C" __global__ void cross_entropy_forward_kernel(
+        const T* x, const long long* target, const T* weight, T* loss, T* probs,
+        const I total, const I C, const I S, const int weighted) {
+    GRID_STRIDE {
+        const I n = t / S;
+        const I first = n * C * S + (t - n * S);     // (n, class 0, s)
+        T m = x[first];
+        for (I c = 1; c < C; ++c) {
+            const T v = x[first + c * S];
+            if (v > m || v != v) m = v;
+        }
+        T sum = (T)0;
+        for (I c = 0; c < C; ++c) {
+            const T e = exp(x[first + c * S] - m);
+            probs[first + c * S] = e;
+            sum += e;
+        }
+        T l = log(sum) - (x[first + (I)target[t] * S] - m);
+        if (weighted) l *= weight[t];
+        loss[t] = l;
+        for (I c = 0; c < C; ++c) probs[first + c * S] /= sum;
+    }
+}
+
+// Its gradient, one thread per element (n, c, s): (probs - onehot(target)) * k with
+// k = coef (one value, or one per pixel when per_pixel) times weight[n, s] when weighted.
+extern "C" __global__ void cross_entropy_backward_kernel(
+        const T* probs, const long long* target, const T* coef, const T* weight, T* gx,
+        const I total, const I C, const I S, const int per_pixel, const int weighted) {
+    GRID_STRIDE {
+        const I s = t % S, n = t / (C * S), c = (t / S) % C;
+        const I pixel = n * S + s;
+        T k = coef[per_pixel ? pixel : 0];
+        if (weighted) k = weight[pixel] * k;
+        T g = probs[t] * k;
+        if ((I)target[pixel] == c) g -= k;
+        gx[t] = g;
+    }
+}
+
+// A conv's epilogue on its output y (N, C, S), in place, one thread per element:
+// y = max(y + bias[c], 0) (no bias: has_bias = 0); NaN stays NaN, as np.maximum.
+extern "C" __global__ void bias_relu_kernel(
+        T* y, const T* bias, const I total, const I C, const I S, const int has_bias) {
+    GRID_STRIDE {
+        T v = y[t];
+        if (has_bias) v += bias[(t / S) % C];
+        y[t] = v < (T)0 ? (T)0 : v;
+    }
+}
+
+// Its backward from the output y: gx = gy where y > 0, else 0, and per channel c the partial
+// sums of gx (the bias gradient) over values k, k + K, k + 2K, ... of the channel's M = N*S,
+// as batchnorm_backward_reduce_kernel: thread (c, k) writes those K-strided gx values too,
+// so one pass does both; the wrapper adds up the K partial sums.
+extern "C" __global__ void relu_bias_backward_kernel(
+        const T* gy, const T* y, T* gx, T* part, const I total, const I C, const I S,
+        const I M, const I K) {
+    GRID_STRIDE {
+        const I c = t / K;
+        T sum = (T)0;
+        for (I j = t % K; j < M; j += K) {
+            const I a = ((j / S) * C + c) * S + j % S;
+            const T g = y[a] > (T)0 ? gy[a] : (T)0;
+            gx[a] = g;
+            sum += g;
+        }
+        part[t] = sum;
+    }
+}
+"""
+SOURCES += (EPILOGUE_SRC,)
+KERNEL_NAMES += ("cross_entropy_forward_kernel", "cross_entropy_backward_kernel",
+                 "bias_relu_kernel", "relu_bias_backward_kernel")
+
+
+def _same(a, dtype, xp):
+    return xp.ascontiguousarray(a, dtype=dtype)
+
+
+def cross_entropy_forward(x, target, weight):
+    """x (N, C, S), target (N, S), weight (N, S) or None -> (loss (N, S), probs (N, C, S)),
+    one launch; see reference.cross_entropy_forward."""
+    x, dtype = _float_input(x, "cross_entropy_forward")
+    xp = _xp()
+    n, c, s = x.shape
+    target = _index_input(target)
+    loss = xp.empty((n, s), dtype=dtype)
+    probs = xp.empty_like(x)
+    w = loss if weight is None else _same(weight, dtype, xp)        # unread unless weighted
+    _launch("cross_entropy_forward_kernel", dtype, n * s,
+            (x, target, w, loss, probs) + _i(n * s, c, s) + (np.int32(weight is not None),))
+    return loss, probs
+
+
+def cross_entropy_backward(probs, target, coef, weight):
+    """probs (N, C, S), target (N, S), coef (a 0-d array or (N, S)), weight (N, S) or None
+    -> gx (N, C, S), one launch; see reference.cross_entropy_backward."""
+    probs, dtype = _float_input(probs, "cross_entropy_backward")
+    xp = _xp()
+    n, c, s = probs.shape
+    coef = _same(coef, dtype, xp)
+    gx = xp.empty_like(probs)
+    w = coef if weight is None else _same(weight, dtype, xp)        # unread unless weighted
+    _launch("cross_entropy_backward_kernel", dtype, probs.size,
+            (probs, _index_input(target), coef, w, gx) + _i(probs.size, c, s)
+            + (np.int32(coef.size > 1), np.int32(weight is not None)))
+    return gx
+
+
+def bias_relu(y, bias):
+    """y (N, C, S) -> max(y + bias, 0) in place on y (the conv's own output), one launch;
+    see reference.bias_relu."""
+    y, dtype = _float_input(y, "bias_relu")
+    xp = _xp()
+    _, c, s = y.shape
+    b = y if bias is None else _same(bias, dtype, xp)               # unread without bias
+    _launch("bias_relu_kernel", dtype, y.size,
+            (y, b) + _i(y.size, c, s) + (np.int32(bias is not None),))
+    return y
+
+
+def relu_bias_backward(gy, y, bias_grad=True):
+    """gy, y (N, C, S) -> (gx, gbias (C,) or None): two launches (the masked gradient with
+    per-channel partial sums, then their sum); see reference.relu_bias_backward."""
+    gy, dtype = _float_input(gy, "relu_bias_backward")
+    xp = _xp()
+    n, c, s = gy.shape
+    m = n * s
+    lanes = max(1, min(_BN_LANES, m))
+    gx = xp.empty_like(gy)
+    part = xp.empty((c, lanes), dtype=dtype)
+    _launch("relu_bias_backward_kernel", dtype, c * lanes,
+            (gy, _same(y, dtype, xp), gx, part) + _i(c * lanes, c, s, m, lanes))
+    return gx, part.sum(axis=1) if bias_grad else None
+
+
+# ---------------------------------------------------------------------- im2col, batch in the columns
+IM2COL_ROWS_SRC = r"""
+// im2col_kernel's work with another layout: cols (C*kh*kw, N*L), L = ho*wo, row (c, i, j),
+// column (n, oy, ox), so that one GEMM gy (C_out, N*L) @ cols.T gives a conv's weight
+// gradient summed over the samples too (instead of one GEMM and one add per sample).
+// One thread per (n, c, oy, ox), as there; neighbouring ox still write neighbouring addresses.
+extern "C" __global__ void im2col_rows_kernel(
+        const T* x, T* cols, const I total,
+        const I N, const I C, const I H, const I W,
+        const I kh, const I kw, const I sh, const I sw,
+        const I ph, const I pw, const I dh, const I dw,
+        const I ho, const I wo) {
+    const I L = ho * wo, NL = N * L;
+    GRID_STRIDE {
+        I r = t;
+        const I ox = r % wo; r /= wo;
+        const I oy = r % ho; r /= ho;           // now r = n * C + c
+        const I c = r % C, n = r / C;
+        const T* plane = x + r * H * W;
+        T* out = cols + c * kh * kw * NL + n * L + oy * wo + ox;   // row (c, i=0, j=0)
+        const I y0 = oy * sh - ph, x0 = ox * sw - pw;
+        for (I i = 0; i < kh; ++i) {
+            const I iy = y0 + i * dh;
+            const bool row_inside = iy >= 0 && iy < H;
+            for (I j = 0; j < kw; ++j, out += NL) {
+                const I ix = x0 + j * dw;
+                *out = (row_inside && ix >= 0 && ix < W) ? plane[iy * W + ix] : (T)0;
+            }
+        }
+    }
+}
+"""
+SOURCES += (IM2COL_ROWS_SRC,)
+KERNEL_NAMES += ("im2col_rows_kernel",)
+
+
+def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """x (N, C, H, W) -> cols (C*kh*kw, N*ho*wo), one launch; see reference.im2col_rows."""
+    x, dtype = _float_input(x, "im2col_rows")
+    n, c, h, w = x.shape
+    cols = _xp().empty((c * kh * kw, n * ho * wo), dtype=dtype)
+    total = n * c * ho * wo
+    _launch("im2col_rows_kernel", dtype, total,
+            (x, cols) + _i(total, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+    return cols
+
+
+# ---------------------------------------------------------------------- bfloat16 rounding
+# Autocast rounds every input and output of a "lower" op to bfloat16 (minidl/amp.py): as
+# CuPy array expressions that is 7 launches per cast (shift, and, two adds, and, isnan,
+# where), the biggest item of a bf16 step in scripts/launch_census.py; here it is one.
+ROUND_SRC = r"""
+// out = a rounded to bfloat16, both float32 seen as 32-bit integers (see
+// reference.round_bfloat16): add 0x7FFF plus the lowest kept bit, clear the low 16 bits.
+// NaN (exponent all ones, mantissa not 0) is copied as it is.
+extern "C" __global__ void round_bfloat16_kernel(const int* a, int* out, const I total) {
+    GRID_STRIDE {
+        const unsigned int u = (unsigned int)a[t];
+        const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+        out[t] = (int)(nan ? u : ((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u));
+    }
+}
+"""
+SOURCES += (ROUND_SRC,)
+KERNEL_NAMES += ("round_bfloat16_kernel",)
+
+
+def round_bfloat16(a):
+    """a (float32, any shape) -> a rounded to bfloat16's values, as float32; one launch;
+    see reference.round_bfloat16."""
+    xp = _xp()
+    if np.dtype(a.dtype) != np.float32:
+        raise TypeError(f"round_bfloat16 rounds float32 arrays, got {a.dtype}; cast with "
+                        ".astype('float32') first.")
+    a = xp.ascontiguousarray(a)
+    out = xp.empty_like(a)
+    _launch("round_bfloat16_kernel", np.dtype(np.float32), a.size,
+            (a.view(np.int32), out.view(np.int32)) + _i(a.size))
+    return out

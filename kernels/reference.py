@@ -370,3 +370,73 @@ def skip_if_found_inf(update, arrays, found_inf):
     keep = found_inf == 0
     for a, c in zip(arrays, copies):
         np.copyto(a, c, where=keep)
+
+
+# ---------------------------------------------------------------------- softmax cross-entropy
+def cross_entropy_forward(x, target, weight):
+    """Softmax cross-entropy over the class axis 1, per element, and the softmax.
+
+    x: (N, C, S) logits; target: (N, S) int64 class ids, all in [0, C) (ignored elements
+    already replaced by a valid id and given weight 0); weight: (N, S) factors or None.
+    Returns (loss (N, S), probs (N, C, S)): with z = x - max_c x (log-sum-exp: exp never
+    overflows), loss = (log sum_c exp(z_c) - z_target) * weight, probs = softmax(x).
+    """
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    picked = np.take_along_axis(z, target[:, None, :], axis=1)[:, 0]
+    loss = np.log(s[:, 0]) - picked
+    if weight is not None:
+        loss = loss * weight
+    return loss, e / s
+
+
+def cross_entropy_backward(probs, target, coef, weight):
+    """d loss / dx of cross_entropy_forward: (probs - onehot(target)) * k per element,
+    k = weight * coef (coef: d(result)/d(loss element) before weighting, a 0-d array for a
+    reduced loss or an (N, S) map for reduction "none"; weight (N, S) or None).
+
+    probs: (N, C, S); target: (N, S) int64 -> gx (N, C, S).
+    """
+    k = np.broadcast_to(coef if weight is None else weight * coef, target.shape)
+    onehot = np.arange(probs.shape[1])[None, :, None] == target[:, None, :]
+    return probs * k[:, None, :] - onehot * k[:, None, :]
+
+
+# ---------------------------------------------------------------------- conv epilogue: bias + ReLU
+def bias_relu(y, bias):
+    """y (N, C, S) -> max(y + bias[c], 0) (bias (C,) or None); NaN stays NaN."""
+    if bias is not None:
+        y = y + bias[None, :, None]
+    return np.maximum(y, 0)
+
+
+def relu_bias_backward(gy, y, bias_grad=True):
+    """The adjoint of bias_relu, from its output y (N, C, S) and gy (N, C, S):
+    gx = gy where y > 0 else 0 (the gradient of the conv's output), and the bias gradient
+    gbias (C,) = the sum of gx over N and S (None unless bias_grad)."""
+    gx = gy * (y > 0)
+    return gx, gx.sum(axis=(0, 2)) if bias_grad else None
+
+
+# ---------------------------------------------------------------------- im2col, batch in the columns
+def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """im2col with the samples side by side: x (N, C, H, W) -> cols (C*kh*kw, N*ho*wo),
+    column (n, oy, ox). Then gy (C_out, N*ho*wo) @ cols.T is a conv's weight gradient summed
+    over the samples in one matrix product."""
+    cols = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)       # (N, K, L)
+    return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
+
+
+# ---------------------------------------------------------------------- bfloat16 rounding
+def round_bfloat16(a):
+    """a (float32, C-contiguous, any shape) -> the nearest bfloat16 values (ties to even), as
+    float32; NaN stays NaN, values beyond bfloat16's range become +-inf.
+
+    bfloat16 is the top half of a float32, so rounding is integer arithmetic on the bits:
+    add 0x7FFF plus the lowest kept bit (ties to even), then clear the low 16 bits.
+    """
+    u = a.view(np.uint32)
+    lsb = (u >> np.uint32(16)) & np.uint32(1)
+    r = ((u + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(np.float32)
+    return np.where(np.isnan(a), a, r)

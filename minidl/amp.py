@@ -87,11 +87,9 @@ def round_to(a, dtype):
     if dtype == "float16":
         with numpy.errstate(over="ignore"):
             return a.astype(numpy.float16).astype(numpy.float32)
-    # bfloat16 is the top half of a float32: round the low 16 bits to nearest, ties to even.
-    u = a.view(numpy.uint32)
-    lsb = (u >> numpy.uint32(16)) & numpy.uint32(1)
-    r = ((u + numpy.uint32(0x7FFF) + lsb) & numpy.uint32(0xFFFF0000)).view(numpy.float32)
-    return xp.where(xp.isnan(a), a, r)
+    # bfloat16 is the top half of a float32: round the low 16 bits to nearest, ties to even
+    # (kernels/reference.py spells it out; one kernel on the GPU).
+    return kernels.for_array(a).round_bfloat16(a)
 
 
 def _storage(a, dtype):

@@ -17,7 +17,7 @@ from .ops.pixel_shuffle import pixel_shuffle, pixel_unshuffle  # noqa: F401
 from .ops.padding import center_crop, pad  # noqa: F401
 from .ops.dropout import dropout, dropout2d  # noqa: F401
 from .ops.linear import linear  # noqa: F401
-from .ops.conv import conv2d, conv_transpose2d  # noqa: F401
+from .ops.conv import conv2d, conv2d_relu, conv_transpose2d  # noqa: F401
 from .ops.pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d, max_unpool2d  # noqa: F401
 from .ops.normalization import batch_norm  # noqa: F401
 from .ops.resize import interpolate  # noqa: F401

@@ -54,10 +54,113 @@ MISSING_METHODS = {"ctypes", "getfield", "resize", "setfield", "setflags", "to_d
 _CONVERTERS = {"asarray", "array", "asanyarray"}
 
 
-class ndarray(np.ndarray):
+# ---------------------------------------------------------------------------- launch census
+# scripts/launch_census.py sets `census` to a callable census(category, name) that is told of
+# every device operation: "elementwise", "reduction", "gemm", "scatter" (a[idx] op= b),
+# "gather" (a[idx]), "copy" (astype, setitem, non-contiguous ascontiguousarray...), "fill"
+# (zeros, ones, arange...), "function" (any other cupy function), "kernel" (a RawKernel
+# launch; name = the kernel), "d2h" (a read of device values on the host) and "h2d".
+# None (the default) costs one test per operation.
+census = None
+# cupy functions that only make a view or allocate (no launch on the GPU).
+_NO_LAUNCH = {"empty", "empty_like", "broadcast_to", "expand_dims", "squeeze", "reshape",
+              "transpose", "moveaxis", "swapaxes", "atleast_1d", "atleast_2d", "atleast_3d",
+              "result_type", "can_cast", "promote_types", "iinfo", "finfo", "dtype", "ndim",
+              "shape", "size", "isscalar", "get_array_module", "split", "array_split"}
+_FILLS = {"zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "arange", "eye",
+          "linspace", "identity", "tri"}
+
+
+def _count(category, name):
+    if census is not None:
+        census(category, name)
+
+
+def _count_function(name, args, kwargs):
+    """Whether cupy.<name>(*args) launches work, and of which kind, told to the census."""
+    if census is None or name in _NO_LAUNCH:
+        return
+    if name in _CONVERTERS or name == "ascontiguousarray":
+        src = args[0] if args else None
+        dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+        if not isinstance(src, ndarray):
+            _count("h2d", name)
+        elif ((dtype is not None and np.dtype(dtype) != src.dtype)
+              or (name == "ascontiguousarray" and not src.flags.c_contiguous)
+              or (name == "array" and kwargs.get("copy", True))):
+            _count("copy", name)        # CuPy returns a device array that is already right as is
+        return
+    if name in _FILLS:
+        _count("fill", name)
+    elif name in ("matmul", "dot", "tensordot", "einsum", "inner", "outer", "vdot"):
+        _count("gemm", name)
+    else:
+        _count("function", name)
+
+
+class _CensusMethods:
+    """ndarray methods that launch a kernel or read values on the host, told to the census."""
+
+    def astype(self, dtype, *args, **kwargs):
+        if census is not None and (np.dtype(dtype) != self.dtype or kwargs.get("copy", True)):
+            _count("copy", "astype")
+        return super().astype(dtype, *args, **kwargs)
+
+    def copy(self, *args, **kwargs):
+        _count("copy", "copy")
+        return super().copy(*args, **kwargs)
+
+    def fill(self, value):
+        _count("fill", "fill")
+        return super().fill(value)
+
+    def __getitem__(self, key):
+        if census is not None and _advanced(key):
+            _count("gather", "getitem")
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        if census is not None:
+            _count("scatter" if _advanced(key) else "copy", "setitem")
+        return super().__setitem__(key, value)
+
+    def item(self, *args):
+        _count("d2h", "item")
+        return super().item(*args)
+
+    def tolist(self):
+        _count("d2h", "tolist")
+        return super().tolist()
+
+    def __float__(self):
+        _count("d2h", "float")
+        return super().__float__()
+
+    def __int__(self):
+        _count("d2h", "int")
+        return super().__int__()
+
+    def __index__(self):
+        _count("d2h", "index")
+        return super().__index__()
+
+    def __bool__(self):
+        _count("d2h", "bool")
+        return super().__bool__()
+
+
+def _advanced(key):
+    """Whether an index key is advanced (an array or list: a gather/scatter kernel), not a
+    view (ints, slices, None, Ellipsis)."""
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, (np.ndarray, list)) for k in keys)
+
+
+class ndarray(_CensusMethods, np.ndarray):
     """Fake cupy.ndarray: NumPy storage, CuPy's type name and rules."""
 
     def get(self, stream=None, order="C", out=None):
+        _count("d2h", "get")
         return np.array(self.view(np.ndarray), copy=True, order=order)
 
     @property
@@ -73,6 +176,8 @@ class ndarray(np.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         _refuse_host(inputs, f"cupy ufunc {ufunc.__name__}.{method}")
+        _count(_UFUNC_CATEGORY.get(method, "elementwise") if ufunc is not np.matmul else "gemm",
+               f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__)
         out = kwargs.get("out")
         if out is not None:
             _refuse_host(out, f"cupy ufunc {ufunc.__name__} out=")
@@ -88,7 +193,12 @@ class ndarray(np.ndarray):
 
     def __array_function__(self, func, types_, args, kwargs):
         _refuse_host(args, f"numpy.{func.__name__} on cupy arrays")
+        _count_function(func.__name__, args, kwargs)
         return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+
+_UFUNC_CATEGORY = {"reduce": "reduction", "accumulate": "reduction", "reduceat": "reduction",
+                   "at": "scatter", "outer": "elementwise"}
 
 
 class _MemoryPointer:
@@ -148,6 +258,7 @@ def _function(name, fn):
     def call(*args, **kwargs):
         if name not in _CONVERTERS:
             _refuse_host(args, f"cupy.{name}")
+        _count_function(name, args, kwargs)
         if name in _CONVERTERS or name == "ascontiguousarray":
             dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
             order = "C" if name == "ascontiguousarray" else "K"
@@ -165,6 +276,7 @@ class _UFunc:
 
     def __call__(self, *args, **kwargs):
         _refuse_host(args, f"cupy.{self._u.__name__}")
+        _count("gemm" if self._u is np.matmul else "elementwise", self._u.__name__)
         result = self._u(*_unwrap(args), **_unwrap(kwargs))
         if self._u is np.matmul:
             _blas_rounding(result)
@@ -240,6 +352,7 @@ class _RawKernel:
         self.module, self.name = module, name
 
     def __call__(self, grid, block, args, **kwargs):
+        _count("kernel", self.name)
         grid, block = tuple(grid), tuple(block)
         # Threads of a block cooperate (a barrier call, not the word in a comment).
         if re.search(r"__syncthreads\s*\(", self.module.code):
@@ -296,7 +409,8 @@ def _make_modules():
     cp.__version__ = "fake (tests/fake_cupy.py)"
     cp.ndarray = ndarray
     cp.RawModule = RawModule
-    cp.asnumpy = lambda a, stream=None, order="C", out=None: np.array(_unwrap(a), copy=True, order=order)
+    cp.asnumpy = lambda a, stream=None, order="C", out=None: (
+        _count("d2h", "asnumpy"), np.array(_unwrap(a), copy=True, order=order))[1]
     cp.get_array_module = lambda *args: cp if any(isinstance(a, ndarray) for a in args) else np
     cp.get_default_memory_pool = lambda: _Pool()
     cp.get_default_pinned_memory_pool = lambda: _Pool()
@@ -324,6 +438,7 @@ def _make_modules():
 
     def scatter_add(a, slices, value):
         _refuse_host([value], "cupyx.scatter_add value")
+        _count("scatter", "scatter_add")
         np.add.at(_unwrap(a), _unwrap(slices), _unwrap(value))
     cupyx.scatter_add = scatter_add
 

@@ -22,7 +22,7 @@ import numpy as np
 SHIM = r"""
 #include <cstddef>
 #include <cmath>
-using std::sqrt;  // CUDA's math functions (sqrt, ...) are overloaded for float and double
+using std::sqrt; using std::exp; using std::log;  // CUDA's math functions (sqrt, exp, log) are overloaded for float and double
 #define __global__
 #define __device__
 struct emu_uint3 { unsigned int x, y, z; };

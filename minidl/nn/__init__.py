@@ -4,7 +4,7 @@ from .activation import GELU, Identity, LeakyReLU, LogSoftmax, ReLU, Sigmoid, Si
 from .dropout import Dropout, Dropout2d
 from .flatten import Flatten
 from .linear import Linear
-from .conv import Conv2d, ConvTranspose2d
+from .conv import Conv2d, ConvReLU2d, ConvTranspose2d
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, MaxUnpool2d
 from .normalization import BatchNorm2d, BatchNormReLU2d
 from .sample_norm import GroupNorm, InstanceNorm2d, LayerNorm

@@ -2,7 +2,7 @@
 import math
 
 from .. import backend
-from ..ops.conv import conv2d, conv_transpose2d
+from ..ops.conv import conv2d, conv2d_relu, conv_transpose2d
 from ..ops.geometry import conv_transpose_output_size, pair
 from . import init
 from .module import Module, Parameter
@@ -65,6 +65,7 @@ class Conv2d(_ConvNd):
 
     padding: int, pair, "valid" (= 0) or "same" (stride 1 only).
     """
+    relu = False        # ConvReLU2d: the ReLU fused into the conv's epilogue
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, device=None, dtype=None):
@@ -72,8 +73,19 @@ class Conv2d(_ConvNd):
                          groups, bias, False, 0, device, dtype)
 
     def forward(self, x):
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                      self.groups)
+        op = conv2d_relu if self.relu else conv2d
+        return op(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                  self.groups)
+
+
+class ConvReLU2d(Conv2d):
+    """Conv2d followed by ReLU, as one op (F.conv2d_relu): on the GPU the bias and the ReLU
+    are one kernel after the conv's GEMM, and their backward one more. The same arguments,
+    parameters and state-dict keys as Conv2d (torch.ao.nn.intrinsic.ConvReLU2d's role).
+
+    x (N, C_in, H, W) -> relu(conv2d(x)) (N, C_out, H_out, W_out).
+    """
+    relu = True
 
 
 class ConvTranspose2d(_ConvNd):

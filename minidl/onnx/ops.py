@@ -69,8 +69,9 @@ def _conv(g, op, names, xs, y):
     s, (h, w), (ho, wo) = op.geom, xs[0].shape[2:], y.shape[2:]
     pads = [s.ph, s.pw, _end_pad(h, ho, s.kh, s.sh, s.ph, s.dh),
             _end_pad(w, wo, s.kw, s.sw, s.pw, s.dw)]
-    return g.node("Conv", names, kernel_shape=[s.kh, s.kw], strides=[s.sh, s.sw],
-                  dilations=[s.dh, s.dw], group=s.groups, pads=[int(p) for p in pads])
+    y = g.node("Conv", names, kernel_shape=[s.kh, s.kw], strides=[s.sh, s.sw],
+               dilations=[s.dh, s.dw], group=s.groups, pads=[int(p) for p in pads])
+    return g.node("Relu", [y]) if op.relu else y     # conv2d_relu: the ReLU after the bias
 
 
 @register(conv.ConvTranspose2d)

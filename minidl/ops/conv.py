@@ -102,7 +102,9 @@ def _bias_grad(gy):
 
 
 class Conv2d(Function):
-    """y = conv2d(x, weight) + bias. Params: geom (Geometry)."""
+    """y = conv2d(x, weight) + bias. Params: geom (Geometry), relu (then y = max(y, 0):
+    conv2d_relu, the bias and the ReLU one pass over y, one kernel on the GPU)."""
+    relu = False
 
     def forward(self, x, weight, bias=None):
         need = self.needs_input_grad
@@ -117,16 +119,33 @@ class Conv2d(Function):
         self.x = x if need_w and self.cols is None else None
         self.weight = weight if need and need[0] else None
         self.x_shape, self.w_shape = x.shape, weight.shape
+        if self.relu:
+            return self._bias_relu(y, bias)
         if bias is not None:
             y += bias.reshape(1, -1, 1, 1)
+        return y
+
+    def _bias_relu(self, y, bias):
+        """The epilogue of conv2d_relu: y (N, C_out, ho, wo) -> max(y + bias, 0); keeps y,
+        whose sign is the ReLU's mask in backward."""
+        n, c = y.shape[:2]
+        y = kernels.for_array(y).bias_relu(y.reshape(n, c, -1), bias).reshape(y.shape)
+        self.y = y if self.needs_input_grad else None
         return y
 
     def backward(self, gy):
         need = self.needs_input_grad
         gy = backend.get_array_module(gy).ascontiguousarray(gy)   # once, for all three
+        gb = None
+        if self.relu:   # through the ReLU first: the masked gradient and the bias gradient
+            n, c = gy.shape[:2]
+            gy, gb = kernels.for_array(gy).relu_bias_backward(
+                gy.reshape(n, c, -1), self.y.reshape(n, c, -1), len(need) > 2 and need[2])
+            gy = gy.reshape(self.y.shape)
         gx, gw = self.plan.backward(gy, self.weight, self.x, self.cols, self.x_shape,
                                     self.w_shape, need[0], need[1])
-        gb = _bias_grad(gy) if len(need) > 2 and need[2] else None
+        if not self.relu:
+            gb = _bias_grad(gy) if len(need) > 2 and need[2] else None
         return gx, gw, gb
 
 
@@ -184,6 +203,19 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_bias("conv2d", bias, _data(weight).shape[0])
     inputs = (x, weight) if bias is None else (x, weight, bias)
     return Conv2d.apply(*inputs, geom=geom)
+
+
+def conv2d_relu(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """relu(conv2d(x, weight, bias, ...)) as one op: the bias and the ReLU are one pass over
+    the conv's output (one kernel on the GPU instead of three), and in backward the ReLU's
+    mask and the bias gradient are one more (instead of four). Arguments and shapes as
+    conv2d. (PyTorch has no such function; torch.ao.nn.intrinsic.ConvReLU2d is its module.)
+    """
+    geom = conv2d_geometry(tuple(_data(x).shape), tuple(_data(weight).shape), stride, padding,
+                           dilation, groups)
+    _check_bias("conv2d_relu", bias, _data(weight).shape[0])
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return Conv2d.apply(*inputs, geom=geom, relu=True)
 
 
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,

@@ -470,6 +470,9 @@ class WeightGrad:
         """gy_p: gy (n, G, C_out/G, rows*wo) of those samples and rows, or (shifted=True, row
         route only) its shifted stack."""
         xp, geom, self.fed = self.xp, self.plan.geom, True
+        if self._fold_batch(n0, n1, r0, r1):
+            self._add_folded(gy_p, n0, n1)
+            return
         cols_p = self.columns(n0, n1, r0, r1)
         if self.extra and not shifted:
             # The row route: gy's rows shifted by each kernel row i, stacked (i, o), so one
@@ -483,12 +486,35 @@ class WeightGrad:
         elif geom.groups == 1:
             # 2-D products per sample: the .T of a C-contiguous matrix is F-contiguous, which
             # cuBLAS takes as a transpose flag, so nothing is copied (CuPy's batched matmul
-            # copies a transposed view); the temporary stays small.
+            # copies a transposed view); the temporary stays small. The sum goes into a view
+            # of gw: `self.gw[0] += p` would also copy the result back onto itself (a launch).
+            gw = self.gw[0]
             for s in range(n1 - n0):
-                self.gw[0] += xp.matmul(a[s, 0], b[s, 0].T)
+                gw += xp.matmul(a[s, 0], b[s, 0].T)
         else:   # grouped convs: small blocks, one batched product per sample
             for s in range(n1 - n0):
                 self.gw += xp.matmul(a[s], b[s].transpose(0, 2, 1))
+
+    def _fold_batch(self, n0, n1, r0, r1):
+        """Whether the GPU sums this piece in one GEMM over its samples (_add_folded): whole
+        samples, several, of a plain im2col conv (groups 1) whose columns are rebuilt from x."""
+        plan = self.plan
+        return (plan.device == "gpu" and plan.kind == "im2col" and plan.geom.groups == 1
+                and self.cols is None and not self.extra and n1 - n0 > 1
+                and (r0, r1) == (0, plan.geom.ho))
+
+    def _add_folded(self, gy_p, n0, n1):
+        """gW += gy (C_out, n*L) @ cols (K, n*L).T: the samples folded into the product's inner
+        dimension, so one GEMM sums over them. 4 launches (the columns in that layout,
+        kernels' im2col_rows; gy's transposed copy; the GEMM; the add) instead of 1 + 2 per
+        sample, which is what a launch-bound small network pays for."""
+        xp, u = self.xp, self.plan.unfold
+        x = self.x = xp.ascontiguousarray(self.x)
+        cols = kernels.for_array(x).im2col_rows(x[n0:n1], u.kh, u.kw, u.sh, u.sw, u.ph, u.pw,
+                                                u.dh, u.dw, u.ho, u.wo)          # (K, n*L)
+        gy_t = xp.ascontiguousarray(gy_p[:, 0].transpose(1, 0, 2)).reshape(gy_p.shape[2], -1)
+        gw = self.gw[0]
+        gw += xp.matmul(gy_t, cols.T)
 
     def add_all(self, gy):
         """Every piece of gy (N, C_out, ho, wo): kept or 1x1 columns in one, else pieces."""

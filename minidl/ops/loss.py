@@ -9,6 +9,8 @@ compositions of differentiable ops, so they get their gradients from those ops.
 Shapes follow torch.nn.functional: logits (N, C) or (N, C, d1, ..., dk) with integer
 targets (N,) or (N, d1, ..., dk); the class axis is axis 1.
 """
+import math
+
 import numpy
 
 from .. import backend
@@ -16,6 +18,7 @@ from ..function import Function
 from ..tensor import Tensor
 from . import activation
 from .arithmetic import abs, log, where  # noqa: A004
+import kernels
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -119,32 +122,30 @@ class CrossEntropy(Function):
 
     With z = x - max(x) (log-sum-exp: no overflow even for logits of 1e4) and s = sum exp(z):
     loss = log(s) - z[target]; d loss / dx = softmax(x) - onehot(target). Forward keeps the
-    softmax for backward, so backward needs no exp.
+    softmax for backward, so backward needs no exp. Both run as one kernel on the GPU
+    (kernels.gpu.cross_entropy_forward / _backward) on x viewed as (N, C, S).
     """
     def forward(self, x):
-        xp = backend.get_array_module(x)
-        z = x - x.max(axis=1, keepdims=True)
-        e = xp.exp(z)
-        s = e.sum(axis=1, keepdims=True)
-        self.positions = _target_positions(x.shape, self.target)
-        picked = xp.take(z.reshape(-1), self.positions).reshape(self.target.shape)
-        loss = xp.log(s)[:, 0] - picked
-        e /= s
-        self.probs = e
-        if self.weight is not None:
-            loss *= self.weight
-        return _reduce_array(loss, self.reduction, self.denominator)
+        n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        self.x_shape = x.shape
+        loss, self.probs = kernels.for_array(x).cross_entropy_forward(
+            x.reshape(n, c, s), self.target.reshape(n, s), _pixels(self.weight, n, s))
+        return _reduce_array(loss.reshape(self.target.shape), self.reduction, self.denominator)
 
     def backward(self, gy):
-        xp = backend.get_array_module(self.probs)
-        coef = _scale(gy, self.weight, self.denominator, self.reduction)  # scalar or a map
+        n, _, s = self.probs.shape
+        # d(result)/d(loss element) before the weight: a scalar, or a map for "none".
+        coef = gy / self.denominator if self.reduction == "mean" else gy
         if getattr(coef, "ndim", 0):
-            g = self.probs * xp.expand_dims(coef, 1)
-            g.reshape(-1)[self.positions] -= coef.reshape(-1)
-        else:
-            g = self.probs * coef
-            g.reshape(-1)[self.positions] -= coef
-        return g
+            coef = coef.reshape(n, s)
+        g = kernels.for_array(self.probs).cross_entropy_backward(
+            self.probs, self.target.reshape(n, s), coef, _pixels(self.weight, n, s))
+        return g.reshape(self.x_shape)
+
+
+def _pixels(a, n, s):
+    """An (N, ...) per-element array as (N, S), or None."""
+    return None if a is None else a.reshape(n, s)
 
 
 class NLL(Function):

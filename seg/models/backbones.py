@@ -114,7 +114,9 @@ class VGG(nn.Module):
             d = self.dilations[s - 1]
             for i in range(1, n_convs + 1):
                 pad = self.first_padding if (s, i) == (1, 1) else d
-                setattr(self, f"conv{s}_{i}", nn.Conv2d(channels, out, 3, padding=pad, dilation=d))
+                # Without batch norm the ReLU is the conv's epilogue (nn.ConvReLU2d).
+                conv = nn.Conv2d if self.batch_norm else nn.ConvReLU2d
+                setattr(self, f"conv{s}_{i}", conv(channels, out, 3, padding=pad, dilation=d))
                 if self.batch_norm:
                     setattr(self, f"bn{s}_{i}", nn.BatchNormReLU2d(out))   # BN + ReLU
                 names.append(f"{s}_{i}")
@@ -132,7 +134,8 @@ class VGG(nn.Module):
         for s, names in enumerate(self.plan, start=1):
             for name in names:
                 x = getattr(self, "conv" + name)(x)
-                x = getattr(self, "bn" + name)(x) if self.batch_norm else F.relu(x)
+                if self.batch_norm:
+                    x = getattr(self, "bn" + name)(x)
             feats[f"conv{s}"] = x
             feats[f"size{s}"] = tuple(x.shape[2:])
             if self.pool_specs[s - 1] is not None:

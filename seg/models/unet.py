@@ -33,7 +33,8 @@ class DoubleConv(nn.Module):
     """Two 3x3 convs, each followed by (BatchNorm) and ReLU, and optionally by dropout.
 
     With batch norm, BN and ReLU are one op (nn.BatchNormReLU2d: same parameters and
-    state-dict keys as BatchNorm2d, one pass over memory instead of two plus a mask).
+    state-dict keys as BatchNorm2d, one pass over memory instead of two plus a mask);
+    without, conv and ReLU are (nn.ConvReLU2d: the same as Conv2d, the ReLU fused in).
 
     x: (N, in_channels, H, W) -> (N, out_channels, H - 4, W - 4) with valid padding, or
     (N, out_channels, H, W) with same padding.
@@ -42,17 +43,20 @@ class DoubleConv(nn.Module):
     def __init__(self, in_channels, out_channels, padding, batch_norm, dropout):
         super().__init__()
         pad = 0 if padding == "valid" else 1
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=pad)
+        # Without batch norm the ReLU follows the conv directly: the conv's epilogue then.
+        conv = nn.Conv2d if batch_norm else nn.ConvReLU2d
+        self.conv1 = conv(in_channels, out_channels, 3, padding=pad)
         self.bn1 = nn.BatchNormReLU2d(out_channels) if batch_norm else None
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=pad)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=pad)
         self.bn2 = nn.BatchNormReLU2d(out_channels) if batch_norm else None
         # tf_unet (the seed's code) drops out after every conv; dropout=0 switches it off.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x):
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2)):
-            x = conv(x)
-            x = F.relu(x) if bn is None else bn(x)     # bn: BatchNormReLU2d
+            x = conv(x)            # ConvReLU2d without batch norm: the ReLU is in the conv
+            if bn is not None:
+                x = bn(x)          # BatchNormReLU2d
             if self.dropout is not None:
                 x = self.dropout(x)
         return x
