@@ -33,6 +33,8 @@ Measures, on one GPU:
    precision "highest"; TF32 = minidl.set_float32_matmul_precision("high"); bf16 =
    minidl.amp.autocast("gpu", "bfloat16"); TF32 and bf16 each with the conv plan's automatic
    choice (the implicit-GEMM kernels) and with --conv-algorithm's im2col for comparison.
+   With --cuda-graph, each of minidl's rows is also timed as a CUDA-graph replay of the whole
+   step (minidl.cuda.make_graphed_step, Adam(capturable=True)), against PyTorch eager.
 
 The step itself runs in the settings --matmul-precision (highest | high), --amp (none | bf16 |
 fp16: autocast, with a GradScaler for fp16 as in PyTorch's recipe) and --conv-algorithm
@@ -47,6 +49,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -209,13 +212,13 @@ def training_step_benchmark(clock, args):
     ), layers, step
 
 
-def make_step(model, opt, x, target, amp_dtype=None):
-    """One training step (forward, CE, backward, Adam) as a function; amp_dtype "bf16" or
-    "fp16" runs forward and loss under autocast on x's device (fp16 with a GradScaler)."""
-    device = backend.device_of(x.data)
+def make_batch_step(model, opt, device, amp_dtype=None):
+    """One training step (forward, CE, backward, Adam) as a function of the batch (x, target);
+    amp_dtype "bf16" or "fp16" runs forward and loss under autocast on `device` (fp16 with a
+    GradScaler)."""
     scaler = amp.GradScaler(enabled=amp_dtype == "fp16")
 
-    def step():
+    def batch_step(x, target):
         opt.zero_grad()
         with amp.autocast(device, dtype=amp_dtype or "bf16", enabled=amp_dtype is not None):
             loss = F.cross_entropy(model(x), target)
@@ -223,8 +226,38 @@ def make_step(model, opt, x, target, amp_dtype=None):
         scaler.step(opt)
         scaler.update()
         return loss
+    return batch_step
+
+
+def make_step(model, opt, x, target, amp_dtype=None):
+    """make_batch_step on a fixed batch: a function of nothing, for the timers."""
+    batch_step = make_batch_step(model, opt, backend.device_of(x.data), amp_dtype)
+
+    def step():
+        return batch_step(x, target)
     step.model, step.opt, step.x, step.target = model, opt, x, target
     return step
+
+
+def make_graphed_step(step, amp_dtype=None):
+    """step's model trained by a CUDA-graph replay (minidl.cuda.make_graphed_step) of the same
+    step, with a capturable Adam (its step count on the device; fresh moments). Each call
+    copies the batch into the graph's static inputs and launches the graph, as --cuda-graph
+    does in training. Returns (a function of nothing, None), or (None, the reason) where
+    the step cannot be captured."""
+    from minidl import cuda
+    opt = optim.Adam(step.model.parameters(), lr=1e-4, capturable=True)
+    batch_step = make_batch_step(step.model, opt, backend.device_of(step.x.data), amp_dtype)
+    with warnings.catch_warnings():          # the reason is returned (and printed) instead
+        warnings.simplefilter("ignore", RuntimeWarning)
+        graphed = cuda.make_graphed_step(batch_step, (step.x, step.target), optimizer=opt,
+                                         fallback=True)
+    if not graphed.graphed:
+        return None, graphed.reason
+
+    def replay():
+        return graphed(step.x, step.target)
+    return replay, None
 
 
 class settings_of:
@@ -287,15 +320,35 @@ def step_breakdown(clock, step, opt):
             del opt.step                 # back to the class's method
 
 
-def minidl_mode_times(clock, step, iters):
-    """{label: seconds of minidl's step} in each setting of MINIDL_MODES (a failing setting,
-    e.g. kernels NVRTC cannot compile, prints its reason and gives None)."""
+def minidl_modes(cuda_graph=False):
+    """MINIDL_MODES, with each row also as a CUDA-graph replay (label + ", graph") when
+    cuda_graph: {mode: [(label, matmul precision, amp, conv algorithm, graphed), ...]}."""
+    return {mode: [row + (graphed,) for row in rows
+                   for graphed in ((False, True) if cuda_graph else (False,))]
+            for mode, rows in MINIDL_MODES.items()}
+
+
+def mode_label(label, graphed):
+    return label + ", graph" if graphed else label
+
+
+def minidl_mode_times(clock, step, iters, cuda_graph=False):
+    """{label: seconds of minidl's step} in each setting of minidl_modes() (a failing setting,
+    e.g. kernels NVRTC cannot compile or a step that cannot be captured, prints its reason
+    and gives None)."""
     out = {}
-    for mode, rows in MINIDL_MODES.items():
-        for label, matmul, amp_dtype, algorithm in rows:
-            mode_step = make_step(step.model, step.opt, step.x, step.target, amp_dtype)
+    for mode, rows in minidl_modes(cuda_graph).items():
+        for label, matmul, amp_dtype, algorithm, graphed in rows:
+            label = mode_label(label, graphed)
             try:
                 with settings_of(matmul, algorithm):
+                    if graphed:
+                        mode_step, reason = make_graphed_step(step, amp_dtype)
+                    else:
+                        mode_step, reason = make_step(step.model, step.opt, step.x,
+                                                      step.target, amp_dtype), None
+                    if mode_step is None:
+                        raise RuntimeError(f"not captured: {reason}")
                     out[label] = clock.time(mode_step, warmup=1, iters=iters)[0]
             except RuntimeError as exc:
                 print(f"  minidl {label}: {str(exc).splitlines()[0]}")
@@ -314,17 +367,18 @@ def compare_torch(clock, args, step):
     if clock.cp is None or not torch.cuda.is_available():
         print("\n  --compare-torch: needs a GPU visible to both CuPy and PyTorch; skipped")
         return None
-    mine = minidl_mode_times(clock, step, args.iters)
+    mine = minidl_mode_times(clock, step, args.iters, args.cuda_graph)
     out = {}
     print(f"\n  vs PyTorch {torch.__version__} (same U-Net, batch, CE, Adam), training step:")
     for mode in torch_compare.TORCH_MODES:
         t = torch_compare.torch_step_time(torch, args.depth, args.features, args.batch, args.size,
                                           mode, iters=args.iters)
         out[mode] = {"torch": t}
-        for label, *_ in MINIDL_MODES[mode]:
+        for label, *_, graphed in minidl_modes(args.cuda_graph)[mode]:
+            label = mode_label(label, graphed)
             m = out[mode][label] = mine[label]
             shown = f"{m * 1e3:8.1f} ms   minidl/PyTorch {m / t:5.2f}x" if m else "  (failed)"
-            print(f"  {mode:8s} PyTorch {t * 1e3:8.1f} ms   minidl ({label:13s}) {shown}")
+            print(f"  {mode:8s} PyTorch {t * 1e3:8.1f} ms   minidl ({label:20s}) {shown}")
     return out
 
 
@@ -461,6 +515,9 @@ def main(argv=None):
                         help="minidl.backends.conv_algorithm for the step")
     parser.add_argument("--compare-torch", action="store_true",
                         help="also time the same U-Net in PyTorch (when importable) and print ratios")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time the step as a CUDA-graph replay (minidl.cuda.make_graphed_step), "
+                             "and with --compare-torch each of minidl's modes")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.amp = None if args.amp == "none" else args.amp
@@ -501,6 +558,15 @@ def run(args):
     print("  breakdown of one step (CUDA events around the work; 'other + idle': the rest):")
     for k, v in result["breakdown_ms"].items():
         print(f"    {k:14s} {v:8.2f} ms")
+    if args.cuda_graph:
+        replay, reason = make_graphed_step(step, args.amp)
+        result["graph_step_s"] = None if replay is None else clock.time(
+            replay, warmup=1, iters=args.iters)[0]
+        if replay is None:
+            print(f"  CUDA graph: not captured ({reason})")
+        else:
+            print(f"  step as a CUDA-graph replay {result['graph_step_s'] * 1e3:8.1f} ms "
+                  f"({args.batch / result['graph_step_s']:.1f} images/s)")
     if args.compare_torch:
         result["torch"] = compare_torch(clock, args, step)
     # Written now and again at the end: the per-conv table below runs new kernels last, and a

@@ -88,11 +88,11 @@ run_step kernel_report 30 python3 scripts/kernel_report.py --arch sm_90 --nvrtc 
 
 # ---- 2. the benchmark, on an otherwise idle GPU (the tests below would share it), side by
 # side with PyTorch where it is importable (float32, TF32, bf16 autocast) and the step breakdown
-run_step benchmark_gpu 150 python3 examples/benchmark_gpu.py --compare-torch --layer-iters 2 \
+run_step benchmark_gpu 150 python3 examples/benchmark_gpu.py --compare-torch --cuda-graph --layer-iters 2 \
     --json "$OUT/benchmark_gpu.json"
 
 # ---- 2a. the small U-Net (launch-bound: issue 16), the same comparison, no per-conv table
-run_step benchmark_small 45 python3 examples/benchmark_gpu.py --compare-torch --skip-layers \
+run_step benchmark_small 45 python3 examples/benchmark_gpu.py --compare-torch --cuda-graph --skip-layers \
     --depth 4 --features 16 --batch 4 --size 128 --matmul-size 4096 \
     --json "$OUT/benchmark_gpu_small.json"
 
