@@ -17,8 +17,12 @@ replay, read it when needed).
 What a step must satisfy, because a replay repeats the recorded kernels and nothing else:
 
 * the same shapes every call (a new batch size needs a new graph): checked on each call;
-* no host read inside (`.item()`, `float(loss)`, printing): a capture cannot wait for the
-  GPU. Read the returned arrays after the call instead;
+* no host read inside (`.item()`, `float(loss)`, `if (t < 0).any():`, printing, a NumPy
+  array made from device data): a capture cannot wait for the GPU. Read the returned arrays
+  after the call instead. minidl's own ops read nothing during a step on the GPU: they defer
+  their checks of device data (class ids, indices) to the next host read
+  (minidl.device_checks); the checks a captured step makes are re-armed after every replay,
+  so each replayed batch is checked at the caller's next read;
 * no Python-side state that changes from step to step and feeds a kernel: random numbers
   drawn on the host side (dropout masks, augmentation), or an optimizer whose update uses a
   step count kept in Python (Adam's bias correction): replays would reuse the captured value.
@@ -35,7 +39,7 @@ import warnings
 
 import numpy
 
-from . import backend
+from . import backend, device_checks
 from . import random as _random
 from .tensor import Tensor
 
@@ -136,9 +140,10 @@ class GraphedStep:
     graphed = True
     reason = None
 
-    def __init__(self, graph, stream, static, outputs, pool, spec):
+    def __init__(self, graph, stream, static, outputs, pool, spec, checks=()):
         self.graph, self.stream, self.static = graph, stream, static
         self.outputs, self.pool, self.spec = outputs, pool, spec
+        self.checks = list(checks)      # the device checks the step makes (device_checks)
 
     def __call__(self, *batch):
         check_batch(self.spec, batch)
@@ -153,6 +158,7 @@ class GraphedStep:
                 dst[...] = src if backend.is_gpu_array(src) else cp.asarray(src)
             self.graph.launch(stream=self.stream)
         caller.wait_event(self.stream.record())
+        device_checks.rearm(self.checks)      # this replay rewrote their records
         return self.outputs
 
 
@@ -184,6 +190,11 @@ def _make(step_fn, batch, optimizer, warmup):
         raise CaptureError("this CuPy cannot capture CUDA graphs (no Stream.begin_capture); "
                            "use CuPy 12 or newer on a real GPU.")
     spec = _spec(batch)
+
+    def recorded(*inputs):
+        """The step, and the device checks it made (taken: they belong to the graph)."""
+        return step_fn(*inputs), device_checks.take()
+
     static = [cp.array(_array(x), copy=True) for x in batch]
     inputs = [Tensor(s) if isinstance(x, Tensor) else s for s, x in zip(static, batch)]
     stream = cp.cuda.Stream(non_blocking=True)
@@ -195,11 +206,12 @@ def _make(step_fn, batch, optimizer, warmup):
             if reasons:
                 raise CaptureError(reasons[0] + ".")
         stream.synchronize()
+        device_checks.check()        # the warm-up's checks, read before the capture
         # Everything the step allocates from here comes from `pool`, kept with the graph.
         with cp.cuda.using_allocator(pool.malloc):
             stream.begin_capture()
             try:
-                outputs = step_fn(*inputs)
+                outputs, checks = recorded(*inputs)
             except Exception as exc:
                 _abandon(stream)
                 raise CaptureError(
@@ -208,14 +220,19 @@ def _make(step_fn, batch, optimizer, warmup):
                     "mixed in) cannot be captured: return the arrays and read them after the "
                     "call.") from exc
             graph = stream.end_capture()
+    if hasattr(graph, "set_python_replay"):
+        # The host emulation of CuPy (tests/fake_cupy.py) records no kernels; its replay
+        # runs the step again and writes the results into the captured outputs.
+        graph.set_python_replay(recorded, inputs, (outputs, checks))
     stream.synchronize()
-    return GraphedStep(graph, stream, static, outputs, pool, spec)
+    return GraphedStep(graph, stream, static, outputs, pool, spec, checks)
 
 
 def _abandon(stream):
-    """End a failed capture so the stream is usable again (its graph is discarded)."""
+    """End a failed capture so the stream is usable again (its graph is discarded). Ended
+    even when the capture was invalidated (is_capturing() then raises): a capture left open
+    would keep refusing work."""
     try:
-        if stream.is_capturing():
-            stream.end_capture()
+        stream.end_capture()
     except Exception:   # an invalidated capture reports its own error when ended
         pass
