@@ -74,20 +74,32 @@ def check_batch(spec, batch):
                              "shape).")
 
 
-def _host_numbers(optimizer):
-    """{where: value} of the numbers an optimizer keeps in Python (not in arrays)."""
+def _host_number_slots(optimizer):
+    """{where: (mapping, key)} of the numbers an optimizer keeps in Python (not in arrays)."""
     found = {}
     if optimizer is None:
         return found
     for i, group in enumerate(optimizer.param_groups):
         for k, v in group.items():
             if k != "params" and isinstance(v, (int, float)):
-                found[f"param_groups[{i}][{k!r}]"] = v
+                found[f"param_groups[{i}][{k!r}]"] = (group, k)
     for j, state in enumerate(optimizer.state.values()):
         for k, v in state.items():
             if isinstance(v, (int, float)):
-                found[f"state of parameter {j}, {k!r}"] = v
+                found[f"state of parameter {j}, {k!r}"] = (state, k)
     return found
+
+
+def _host_numbers(optimizer):
+    """{where: value} of the numbers an optimizer keeps in Python (not in arrays)."""
+    return {where: mapping[key] for where, (mapping, key) in _host_number_slots(optimizer).items()}
+
+
+def _frozen_numbers_reason(changed):
+    return (f"the optimizer keeps numbers in Python that change every step "
+            f"({changed[0]}{' and more' if len(changed) > 1 else ''}; e.g. Adam's "
+            "bias correction), which a replay would freeze; use SGD, or a "
+            "constant-coefficient update")
 
 
 def host_state_changes(step_fn, batch, optimizer=None):
@@ -116,10 +128,7 @@ def host_state_changes(step_fn, batch, optimizer=None):
     after = _host_numbers(optimizer)
     changed = [k for k in after if k in before and after[k] != before[k]]
     if changed:
-        reasons.append(f"the optimizer keeps numbers in Python that change every step "
-                       f"({changed[0]}{' and more' if len(changed) > 1 else ''}; e.g. Adam's "
-                       "bias correction), which a replay would freeze; use SGD, or a "
-                       "constant-coefficient update")
+        reasons.append(_frozen_numbers_reason(changed))
     return out, reasons
 
 
@@ -207,6 +216,11 @@ def _make(step_fn, batch, optimizer, warmup):
                 raise CaptureError(reasons[0] + ".")
         stream.synchronize()
         device_checks.check()        # the warm-up's checks, read before the capture
+        # The capture runs the step's Python but none of its kernels: a Python number it
+        # changes (a step count made by the first warm-up step, so not compared there) has
+        # changed once too often, and a replay would freeze it. Put back and refused below.
+        slots = _host_number_slots(optimizer)
+        before = {where: mapping[key] for where, (mapping, key) in slots.items()}
         # Everything the step allocates from here comes from `pool`, kept with the graph.
         with cp.cuda.using_allocator(pool.malloc):
             stream.begin_capture()
@@ -214,18 +228,32 @@ def _make(step_fn, batch, optimizer, warmup):
                 outputs, checks = recorded(*inputs)
             except Exception as exc:
                 _abandon(stream)
+                _put_back(slots, before)
                 raise CaptureError(
                     f"the step failed while being captured ({type(exc).__name__}: {exc}); a "
                     "host read inside it (.item(), float(loss), printing, a NumPy array "
                     "mixed in) cannot be captured: return the arrays and read them after the "
                     "call.") from exc
             graph = stream.end_capture()
+    changed = _put_back(slots, before)
+    if changed:
+        raise CaptureError(_frozen_numbers_reason(changed) + ".")
     if hasattr(graph, "set_python_replay"):
         # The host emulation of CuPy (tests/fake_cupy.py) records no kernels; its replay
         # runs the step again and writes the results into the captured outputs.
         graph.set_python_replay(recorded, inputs, (outputs, checks))
     stream.synchronize()
     return GraphedStep(graph, stream, static, outputs, pool, spec, checks)
+
+
+def _put_back(slots, before):
+    """Restore the Python numbers a capture changed; returns where they were."""
+    changed = [where for where, (mapping, key) in slots.items()
+               if mapping.get(key) != before[where]]
+    for where in changed:
+        mapping, key = slots[where]
+        mapping[key] = before[where]
+    return changed
 
 
 def _abandon(stream):

@@ -308,16 +308,27 @@ class HostReads:
 
     def __enter__(self):
         _Capture.counters.append(self)
+        _guard_numpy()
         return self
 
     def __exit__(self, *exc):
         _Capture.counters.remove(self)
+        _guard_numpy()
         return False
 
 
 def count_host_reads():
     """`with count_host_reads() as reads: ...` then len(reads), reads.where."""
     return HostReads()
+
+
+def assert_no_host_reads(step, *args, **kwargs):
+    """Run step(*args, **kwargs) and fail, listing them, if it read device data back to the
+    host (what a CUDA graph capture refuses). Returns the step's result."""
+    with count_host_reads() as reads:
+        result = step(*args, **kwargs)
+    assert not reads.where, "host reads inside the step:\n  " + "\n  ".join(reads.where)
+    return result
 
 
 def _call_site():
@@ -348,8 +359,9 @@ def _asnumpy(a, stream=None, order="C", out=None):
 
 
 # NumPy turns an ndarray subclass into a host array without asking it, so numpy.asarray(x)
-# and friends cannot be seen by the fake array itself; while a graph is captured or replayed
-# these module functions are wrapped to refuse device arrays. (Real CuPy refuses them always.)
+# and friends cannot be seen by the fake array itself; while a graph is captured or replayed,
+# or reads are counted, these module functions are wrapped to count and refuse device arrays.
+# (Real CuPy refuses them always; code that binds them under other names is not seen.)
 _NUMPY_CONVERTERS = ("asarray", "array", "asanyarray", "ascontiguousarray")
 _numpy_originals = {}
 
@@ -363,11 +375,13 @@ def _refusing(convert):
     return call
 
 
-def _guard_numpy(on):
+def _guard_numpy():
+    on = _Capture.stream is not None or _Capture.replaying or bool(_Capture.counters)
     for name in _NUMPY_CONVERTERS:
         if on:
-            _numpy_originals.setdefault(name, getattr(np, name))
-            setattr(np, name, _refusing(_numpy_originals[name]))
+            if name not in _numpy_originals:
+                _numpy_originals[name] = getattr(np, name)
+                setattr(np, name, _refusing(_numpy_originals[name]))
         elif name in _numpy_originals:
             setattr(np, name, _numpy_originals.pop(name))
 
@@ -417,12 +431,12 @@ class _Graph:
                                       "(graph.set_python_replay).")
         step, inputs, outputs = self._replay
         _Capture.replaying = True
-        _guard_numpy(True)
+        _guard_numpy()
         try:
             fresh = step(*inputs)
         finally:
             _Capture.replaying = False
-            _guard_numpy(False)
+            _guard_numpy()
         old, new = _arrays_in(outputs), _arrays_in(fresh)
         if [a.shape for a in old] != [a.shape for a in new]:
             raise RuntimeError("fake CuPy: the replayed step returned other arrays than the "
@@ -474,7 +488,7 @@ class _Stream:
         self._capturing, self._invalidated = True, False
         self._saved = _snapshot()
         _Capture.stream = self
-        _guard_numpy(True)
+        _guard_numpy()
 
     def is_capturing(self):
         if self._capturing and self._invalidated:
@@ -490,7 +504,7 @@ class _Stream:
             memory.view(np.ndarray)[...] = values
         self._capturing, self._saved = False, None
         _Capture.stream = None
-        _guard_numpy(False)
+        _guard_numpy()
         if self._invalidated:
             raise CUDARuntimeError(CAPTURE_INVALIDATED, "a host read broke this capture")
         return _Graph()
