@@ -71,6 +71,8 @@ class GraphedSteps:
     changes the rate between epochs and a graph would replay the rate it recorded. The
     capture's one warm-up step is that batch's training step, so every batch trains once, as
     without the option. A batch of another shape (the last, smaller one) runs eagerly.
+    What the loss makes on the host from the labels (seg.losses.batch_inputs: the U-Net
+    weight map) is made before the step and copied in as a graph input, like x and y.
 
     reason: why no graph is used (then every step runs eagerly), or None.
     """
