@@ -38,11 +38,11 @@ What it cannot imitate: CUDA itself (races, memory limits, NVRTC's dialect), num
 differences of cuBLAS, and the exact set of keyword arguments each CuPy function accepts.
 """
 import contextlib
+import gc
 import re
 import sys
 import time
 import types
-import weakref
 
 import numpy as np
 
@@ -120,9 +120,6 @@ class ndarray(np.ndarray):
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
-
-    def __array_finalize__(self, obj):
-        _live[id(self)] = self          # for the capture's snapshot (see _snapshot)
 
     @property
     def data(self):
@@ -386,14 +383,12 @@ def _guard_numpy():
             setattr(np, name, _numpy_originals.pop(name))
 
 
-# Every live fake array, so that a capture can put back what existed before it.
-_live = weakref.WeakValueDictionary()
-
-
 def _snapshot():
-    """[(memory, copy)] of the memory behind every live device array."""
+    """[(memory, copy)] of the memory behind every live device array. (Instances of a Python
+    subclass of ndarray are tracked by the garbage collector, so gc finds them all; scanning
+    once per capture costs less than registering every array made.)"""
     owners = {}
-    for a in list(_live.values()):
+    for a in [o for o in gc.get_objects() if type(o) is ndarray]:
         base = a
         while isinstance(base.base, np.ndarray):
             base = base.base
