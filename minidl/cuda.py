@@ -201,8 +201,14 @@ def _make(step_fn, batch, optimizer, warmup):
     spec = _spec(batch)
 
     def recorded(*inputs):
-        """The step, and the device checks it made (taken: they belong to the graph)."""
-        return step_fn(*inputs), device_checks.take()
+        """The step, and the device checks it made (taken: they belong to the graph). Checks
+        made before are set aside: none at the capture (read just before it), but a replay
+        that runs the Python again (the emulation's) may find some not read yet."""
+        earlier = device_checks.take()
+        try:
+            return step_fn(*inputs), device_checks.take()
+        finally:
+            device_checks.rearm(earlier)
 
     static = [cp.array(_array(x), copy=True) for x in batch]
     inputs = [Tensor(s) if isinstance(x, Tensor) else s for s, x in zip(static, batch)]
@@ -229,6 +235,7 @@ def _make(step_fn, batch, optimizer, warmup):
             except Exception as exc:
                 _abandon(stream)
                 _put_back(slots, before)
+                device_checks.take()     # made by a capture that ran no kernel: no values
                 raise CaptureError(
                     f"the step failed while being captured ({type(exc).__name__}: {exc}); a "
                     "host read inside it (.item(), float(loss), printing, a NumPy array "

@@ -234,6 +234,11 @@ def test_a_graphs_checks_are_rearmed_after_every_replay():
     with pytest.raises(ValueError, match="class id 9, outside \\[0, 2\\)"):
         loss.item()
     assert np.isfinite(steps(x, y).item())                # a good batch reads clean again
+    # Replays not read in between: the first failure is kept until the read.
+    steps(x, backend.to_device(bad, "gpu"))
+    loss = steps(x, y)
+    with pytest.raises(ValueError, match="class id 9"):
+        loss.item()
 
 
 def test_unpool_and_embedding_check_device_indices_at_the_next_read(device):
