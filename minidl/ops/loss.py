@@ -391,9 +391,16 @@ def binary_cross_entropy(input, target, weight=None, reduction="mean"):
     _same_shape("binary_cross_entropy", p, target)
     t = _float_target(target, p)
     a = _array(p)
-    if a.size and (float(a.min()) < 0 or float(a.max()) > 1):
-        raise ValueError("binary_cross_entropy() needs probabilities in [0, 1] as input; apply "
-                         "sigmoid first or use binary_cross_entropy_with_logits.")
+
+    def error(*_):
+        return ValueError("binary_cross_entropy() needs probabilities in [0, 1] as input; apply "
+                          "sigmoid first or use binary_cross_entropy_with_logits.")
+    if a.size and backend.is_gpu_array(a):     # no host read: checked at the next one
+        failed = (a.min() < 0) | (a.max() > 1)
+        device_checks.defer(("binary_cross_entropy", "range"),
+                            failed.reshape(1).astype(numpy.int64), error)
+    elif a.size and (float(a.min()) < 0 or float(a.max()) > 1):
+        raise error()
     loss = BinaryCrossEntropy.apply(p, _array(t))
     if weight is not None:
         loss = loss * _float_target(weight, p)
