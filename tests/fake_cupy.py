@@ -548,7 +548,9 @@ class _Device:
         self.id = int(device)
 
     def synchronize(self):
-        pass
+        if _Capture.stream is not None:      # waits for the capturing stream too
+            _Capture.stream._invalidated = True
+            raise CUDARuntimeError(CAPTURE_UNSUPPORTED, "Device.synchronize() while capturing")
 
     def use(self):
         pass
