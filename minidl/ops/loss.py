@@ -123,7 +123,8 @@ def _class_ids_checked_on_device(name, t, c, ignore_index, dtype):
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= c))
     first = bad.reshape(-1).argmax()                     # 0 when no id is bad
-    record = xp.stack([bad.any(), xp.take(t.reshape(-1), first)]).astype(numpy.int64)
+    record = xp.stack([bad.any().astype(numpy.int64),
+                       xp.take(t.reshape(-1), first).astype(numpy.int64)])
     device_checks.defer((name, "class ids", c), record, _bad_class_id(name, c))
     keep = valid & ~bad
     return xp.where(keep, t, 0), keep.astype(dtype)
