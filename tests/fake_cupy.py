@@ -26,9 +26,9 @@ What it imitates:
 * `cupy.random.RandomState`, `cupyx.scatter_add`, events, streams, the memory pool and
   `cuda.runtime` have small host versions.
 * Device-to-host reads (`.get()`, `.item()`, `.tolist()`, `int()`/`float()`/`bool()`, printing,
-  `cupy.asnumpy`, and `numpy.asarray`/`numpy.array` of a device array while a graph is being
-  captured) are counted (`count_host_reads()`), and indexing one element gives a 0-d device
-  array, as in CuPy, not a host scalar.
+  `cupy.asnumpy`, `numpy.asarray`/`numpy.array` of a device array) and host-to-device copies
+  are counted (`count_host_reads()`, `assert_no_host_reads(step, ...)`), and indexing one
+  element gives a 0-d device array, as in CuPy, not a host scalar.
 * CUDA graph capture (`Stream.begin_capture()`, `end_capture()`, `is_capturing()`, and the
   graph's `launch()`): a host read while a stream captures raises the CUDARuntimeError CUDA
   gives (cudaErrorStreamCaptureUnsupported) and breaks the capture, as on a GPU. See
@@ -210,6 +210,8 @@ def _function(name, fn):
         if name not in _CONVERTERS:
             _refuse_host(args, f"cupy.{name}")
         if name in _CONVERTERS or name == "ascontiguousarray":
+            if name in _CONVERTERS and not isinstance(args[0], ndarray):
+                _host_upload(f"cupy.{name}() of host data")
             dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
             order = "C" if name == "ascontiguousarray" else "K"
             return np.array(_unwrap(args[0]), dtype=dtype, copy=True, order=order).view(ndarray)
@@ -295,10 +297,14 @@ class _Capture:
 
 class HostReads:
     """The device-to-host reads made while it is active: `where` lists one line per read
-    (what was read and the line of code, outside this file and NumPy, that read it)."""
+    (what was read and the line of code, outside this file and NumPy, that read it).
+    `uploads` lists the host-to-device copies the same way: CUDA allows them in a capture,
+    but the graph keeps the host buffer's address and replays the copy from it, so data that
+    changes per step must be a graph input instead."""
 
     def __init__(self):
         self.where = []
+        self.uploads = []
 
     def __len__(self):
         return len(self.where)
@@ -321,10 +327,13 @@ def count_host_reads():
 
 def assert_no_host_reads(step, *args, **kwargs):
     """Run step(*args, **kwargs) and fail, listing them, if it read device data back to the
-    host (what a CUDA graph capture refuses). Returns the step's result."""
+    host (what a CUDA graph capture refuses) or copied host data in (what a graph would
+    replay from a stale host buffer). Returns the step's result."""
     with count_host_reads() as reads:
         result = step(*args, **kwargs)
     assert not reads.where, "host reads inside the step:\n  " + "\n  ".join(reads.where)
+    assert not reads.uploads, "host data copied in inside the step:\n  " + "\n  ".join(
+        reads.uploads)
     return result
 
 
@@ -347,6 +356,14 @@ def _host_read(what):
         raise CUDARuntimeError(CAPTURE_UNSUPPORTED, f"{what} while a graph is being captured")
     if _Capture.replaying:
         raise CUDARuntimeError(CAPTURE_UNSUPPORTED, f"{what} inside an emulated graph replay")
+
+
+def _host_upload(what):
+    """Host-to-device copies are only counted (see HostReads)."""
+    if _Capture.counters:
+        site = f"{what} at {_call_site()}"
+        for counter in _Capture.counters:
+            counter.uploads.append(site)
 
 
 def _asnumpy(a, stream=None, order="C", out=None):
