@@ -24,9 +24,9 @@ from minidl import functional as F
 from minidl.function import Function
 from minidl.tensor import Tensor
 
-__all__ = ["unet_weight_map", "weighted_cross_entropy", "batch_inputs", "SoftDice", "soft_dice_loss",
+__all__ = ["unet_weight_map", "weighted_cross_entropy", "SoftDice", "soft_dice_loss",
            "ce_dice_loss", "bce_dice", "CrossEntropyLoss", "WeightedCrossEntropyLoss", "DiceLoss",
-           "CEDiceLoss", "get_loss", "LOSSES"]
+           "CEDiceLoss", "get_loss", "LOSSES", "batch_inputs"]
 
 
 # ----------------------------------------------------------------------------- weight map

@@ -131,13 +131,16 @@ def test_training_steps_make_no_host_reads(loss, batch_norm, opt, autocast):
 
 
 @GPU_ONLY
-@pytest.mark.parametrize("loss", ["ce", "ce_dice", "weighted_ce"])
-def test_graphed_steps_capture_and_train_as_eager(loss):
+@pytest.mark.parametrize("loss,autocast", [("ce", None), ("ce_dice", None),
+                                           ("weighted_ce", None), ("ce_dice", "bfloat16")])
+def test_graphed_steps_capture_and_train_as_eager(loss, autocast):
     def run(graph):
         model = unet()
         optimizer = optim.Adam(model.parameters(), lr=1e-2, capturable=True)
         notes = []
-        steps = GraphedSteps(model, losses.get_loss(loss), optimizer, "gpu", log=notes.append)
+        context = (lambda: amp.autocast("gpu", autocast)) if autocast else None
+        steps = GraphedSteps(model, losses.get_loss(loss), optimizer, "gpu",
+                             step_context=context, log=notes.append)
         values = []
         for seed in range(4):
             x, y, host = batch(seed)
@@ -174,7 +177,7 @@ def test_seg_trainer_with_cuda_graph_graphs_and_trains_as_eager(loss, tmp_path):
 
 
 @GPU_ONLY
-def test_a_step_with_a_host_read_falls_back_with_one_line(capsys):
+def test_a_step_with_a_host_read_falls_back_with_one_line():
     model = unet()
     optimizer = optim.SGD(model.parameters(), lr=0.05)
     notes = []
