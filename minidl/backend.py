@@ -10,6 +10,8 @@ import numpy
 # kernels need it too; it is re-exported here so that `backend.require_cupy()` reads naturally.
 from kernels.cuda import gpu_available, load_cupy, require_cupy  # noqa: F401
 
+from . import device_checks
+
 DEVICES = ("cpu", "gpu")
 
 
@@ -73,6 +75,7 @@ def is_out_of_memory(exc):
 def to_numpy(a):
     """A numpy.ndarray holding `a`'s values (copied from the GPU when needed)."""
     if is_gpu_array(a):
+        device_checks.check()       # a host read anyway: read the deferred checks with it
         return a.get()
     return numpy.asarray(a)
 

@@ -17,8 +17,12 @@ replay, read it when needed).
 What a step must satisfy, because a replay repeats the recorded kernels and nothing else:
 
 * the same shapes every call (a new batch size needs a new graph): checked on each call;
-* no host read inside (`.item()`, `float(loss)`, printing): a capture cannot wait for the
-  GPU. Read the returned arrays after the call instead;
+* no host read inside (`.item()`, `float(loss)`, `if (t < 0).any():`, printing, a NumPy
+  array made from device data): a capture cannot wait for the GPU. Read the returned arrays
+  after the call instead. minidl's own ops read nothing during a step on the GPU: they defer
+  their checks of device data (class ids, indices) to the next host read
+  (minidl.device_checks); the checks a captured step makes are re-armed after every replay,
+  so each replayed batch is checked at the caller's next read;
 * no Python-side state that changes from step to step and feeds a kernel: random numbers
   drawn on the host side (dropout masks, augmentation), or an optimizer whose update uses a
   step count kept in Python (Adam's bias correction): replays would reuse the captured value.
@@ -35,7 +39,7 @@ import warnings
 
 import numpy
 
-from . import backend
+from . import backend, device_checks
 from . import random as _random
 from .tensor import Tensor
 
@@ -70,20 +74,32 @@ def check_batch(spec, batch):
                              "shape).")
 
 
-def _host_numbers(optimizer):
-    """{where: value} of the numbers an optimizer keeps in Python (not in arrays)."""
+def _host_number_slots(optimizer):
+    """{where: (mapping, key)} of the numbers an optimizer keeps in Python (not in arrays)."""
     found = {}
     if optimizer is None:
         return found
     for i, group in enumerate(optimizer.param_groups):
         for k, v in group.items():
             if k != "params" and isinstance(v, (int, float)):
-                found[f"param_groups[{i}][{k!r}]"] = v
+                found[f"param_groups[{i}][{k!r}]"] = (group, k)
     for j, state in enumerate(optimizer.state.values()):
         for k, v in state.items():
             if isinstance(v, (int, float)):
-                found[f"state of parameter {j}, {k!r}"] = v
+                found[f"state of parameter {j}, {k!r}"] = (state, k)
     return found
+
+
+def _host_numbers(optimizer):
+    """{where: value} of the numbers an optimizer keeps in Python (not in arrays)."""
+    return {where: mapping[key] for where, (mapping, key) in _host_number_slots(optimizer).items()}
+
+
+def _frozen_numbers_reason(changed):
+    return (f"the optimizer keeps numbers in Python that change every step "
+            f"({changed[0]}{' and more' if len(changed) > 1 else ''}; e.g. Adam's "
+            "bias correction), which a replay would freeze; use SGD, or a "
+            "constant-coefficient update")
 
 
 def host_state_changes(step_fn, batch, optimizer=None):
@@ -112,10 +128,7 @@ def host_state_changes(step_fn, batch, optimizer=None):
     after = _host_numbers(optimizer)
     changed = [k for k in after if k in before and after[k] != before[k]]
     if changed:
-        reasons.append(f"the optimizer keeps numbers in Python that change every step "
-                       f"({changed[0]}{' and more' if len(changed) > 1 else ''}; e.g. Adam's "
-                       "bias correction), which a replay would freeze; use SGD, or a "
-                       "constant-coefficient update")
+        reasons.append(_frozen_numbers_reason(changed))
     return out, reasons
 
 
@@ -136,9 +149,10 @@ class GraphedStep:
     graphed = True
     reason = None
 
-    def __init__(self, graph, stream, static, outputs, pool, spec):
+    def __init__(self, graph, stream, static, outputs, pool, spec, checks=()):
         self.graph, self.stream, self.static = graph, stream, static
         self.outputs, self.pool, self.spec = outputs, pool, spec
+        self.checks = list(checks)      # the device checks the step makes (device_checks)
 
     def __call__(self, *batch):
         check_batch(self.spec, batch)
@@ -153,6 +167,7 @@ class GraphedStep:
                 dst[...] = src if backend.is_gpu_array(src) else cp.asarray(src)
             self.graph.launch(stream=self.stream)
         caller.wait_event(self.stream.record())
+        device_checks.rearm(self.checks)      # this replay rewrote their records
         return self.outputs
 
 
@@ -184,6 +199,17 @@ def _make(step_fn, batch, optimizer, warmup):
         raise CaptureError("this CuPy cannot capture CUDA graphs (no Stream.begin_capture); "
                            "use CuPy 12 or newer on a real GPU.")
     spec = _spec(batch)
+
+    def recorded(*inputs):
+        """The step, and the device checks it made (taken: they belong to the graph). Checks
+        made before are set aside: none at the capture (read just before it), but a replay
+        that runs the Python again (the emulation's) may find some not read yet."""
+        earlier = device_checks.take()
+        try:
+            return step_fn(*inputs), device_checks.take()
+        finally:
+            device_checks.rearm(earlier)
+
     static = [cp.array(_array(x), copy=True) for x in batch]
     inputs = [Tensor(s) if isinstance(x, Tensor) else s for s, x in zip(static, batch)]
     stream = cp.cuda.Stream(non_blocking=True)
@@ -195,27 +221,53 @@ def _make(step_fn, batch, optimizer, warmup):
             if reasons:
                 raise CaptureError(reasons[0] + ".")
         stream.synchronize()
+        device_checks.check()        # the warm-up's checks, read before the capture
+        # The capture runs the step's Python but none of its kernels: a Python number it
+        # changes (a step count made by the first warm-up step, so not compared there) has
+        # changed once too often, and a replay would freeze it. Put back and refused below.
+        slots = _host_number_slots(optimizer)
+        before = {where: mapping[key] for where, (mapping, key) in slots.items()}
         # Everything the step allocates from here comes from `pool`, kept with the graph.
         with cp.cuda.using_allocator(pool.malloc):
             stream.begin_capture()
             try:
-                outputs = step_fn(*inputs)
+                outputs, checks = recorded(*inputs)
             except Exception as exc:
                 _abandon(stream)
+                _put_back(slots, before)
+                device_checks.take()     # made by a capture that ran no kernel: no values
                 raise CaptureError(
                     f"the step failed while being captured ({type(exc).__name__}: {exc}); a "
                     "host read inside it (.item(), float(loss), printing, a NumPy array "
                     "mixed in) cannot be captured: return the arrays and read them after the "
                     "call.") from exc
             graph = stream.end_capture()
+    changed = _put_back(slots, before)
+    if changed:
+        raise CaptureError(_frozen_numbers_reason(changed) + ".")
+    if hasattr(graph, "set_python_replay"):
+        # The host emulation of CuPy (tests/fake_cupy.py) records no kernels; its replay
+        # runs the step again and writes the results into the captured outputs.
+        graph.set_python_replay(recorded, inputs, (outputs, checks))
     stream.synchronize()
-    return GraphedStep(graph, stream, static, outputs, pool, spec)
+    return GraphedStep(graph, stream, static, outputs, pool, spec, checks)
+
+
+def _put_back(slots, before):
+    """Restore the Python numbers a capture changed; returns where they were."""
+    changed = [where for where, (mapping, key) in slots.items()
+               if mapping.get(key) != before[where]]
+    for where in changed:
+        mapping, key = slots[where]
+        mapping[key] = before[where]
+    return changed
 
 
 def _abandon(stream):
-    """End a failed capture so the stream is usable again (its graph is discarded)."""
+    """End a failed capture so the stream is usable again (its graph is discarded). Ended
+    even when the capture was invalidated (is_capturing() then raises): a capture left open
+    would keep refusing work."""
     try:
-        if stream.is_capturing():
-            stream.end_capture()
+        stream.end_capture()
     except Exception:   # an invalidated capture reports its own error when ended
         pass

@@ -8,7 +8,7 @@ soon as nothing but the graph refers to it, unless its node saved it for backwar
 """
 import numpy
 
-from . import backend, dtypes
+from . import backend, device_checks, dtypes
 from .grad_mode import is_grad_enabled
 
 
@@ -110,6 +110,8 @@ class Tensor:
     def item(self):
         if self.data.size != 1:
             raise ValueError(f"item() needs a tensor with one element, this one has shape {self.shape}.")
+        if backend.is_gpu_array(self.data):
+            device_checks.check()   # a host read anyway: read the deferred checks with it
         return self.data.reshape(()).item()
 
     def tolist(self):

@@ -18,8 +18,9 @@ import functools
 import warnings
 
 import minidl
-from minidl import amp, cuda
+from minidl import amp, backend, cuda
 
+from . import losses
 from .tiling import forward_full
 
 __all__ = ["AMP_DTYPES", "MATMUL_PRECISIONS", "trainer_options", "apply_matmul_precision",
@@ -70,6 +71,8 @@ class GraphedSteps:
     changes the rate between epochs and a graph would replay the rate it recorded. The
     capture's one warm-up step is that batch's training step, so every batch trains once, as
     without the option. A batch of another shape (the last, smaller one) runs eagerly.
+    What the loss makes on the host from the labels (seg.losses.batch_inputs: the U-Net
+    weight map) is made before the step and copied in as a graph input, like x and y.
 
     With --amp fp16 the GradScaler goes into the graph too when the optimizer skips an inf/NaN
     step on the GPU itself (`supports_found_inf`: SGD, and Adam with capturable=True, which
@@ -100,44 +103,57 @@ class GraphedSteps:
         self.reason = reason
         self.log(f"--cuda-graph: not used ({reason.rstrip('.')}); training eagerly.")
 
-    def eager_step(self, x, y):
-        """One training step as written; returns the loss Tensor."""
+    def eager_step(self, x, y, *extra):
+        """One training step as written; returns the loss Tensor. extra: the loss's batch
+        inputs (seg.losses.batch_inputs), after the target."""
         self.optimizer.zero_grad()
         with self.step_context():
-            loss = self.loss_fn(forward_full(self.model, x), y)
+            loss = self.loss_fn(forward_full(self.model, x), y, *extra)
         backward_and_step(loss, self.optimizer, self.scaler)
         return loss
 
     def new_epoch(self):
         self.graphed = None
 
-    def __call__(self, x, y):
+    def __call__(self, x, y, host_target=None):
         """Train on one batch (x: (N, C, H, W) Tensor, y: (N, H, W) array); returns the loss
-        Tensor (read it after the call)."""
+        Tensor (read it after the call). host_target: y's labels still in host memory (the
+        loader's), from which the loss's batch inputs (the U-Net weight map) are made before
+        the step; without it they are read back from y, outside the step."""
+        extra = self._batch_inputs(y, host_target)
         if self.reason is not None:
-            return self.eager_step(x, y)
+            return self.eager_step(x, y, *extra)
         if self.graphed is None:
-            return self._capture(x, y)
+            return self._capture(x, y, *extra)
         try:
-            cuda.check_batch(self.graphed.spec, (x, y))
+            cuda.check_batch(self.graphed.spec, (x, y) + extra)
         except ValueError:
-            return self.eager_step(x, y)
-        return self.graphed(x, y)
+            return self.eager_step(x, y, *extra)
+        return self.graphed(x, y, *extra)
 
-    def _capture(self, x, y):
+    def _batch_inputs(self, y, host_target):
+        """seg.losses.batch_inputs on the host labels, moved to y's device: inputs of the
+        graph like x and y (copied into its static buffers at every replay)."""
+        if not hasattr(self.loss_fn, "batch_inputs"):
+            return ()
+        host = backend.to_numpy(y) if host_target is None else host_target
+        return tuple(backend.to_device(a, backend.device_of(y))
+                     for a in losses.batch_inputs(self.loss_fn, host))
+
+    def _capture(self, x, y, *extra):
         warm = []
         recording = [True]
 
-        def step(x, y):
-            loss = self.eager_step(x, y)
+        def step(x, y, *extra):
+            loss = self.eager_step(x, y, *extra)
             if recording[0]:
                 warm.append(loss)
             return loss
 
         with warnings.catch_warnings():       # the reason is logged below, once
             warnings.simplefilter("ignore", RuntimeWarning)
-            graphed = cuda.make_graphed_step(step, (x, y), optimizer=self.optimizer, warmup=1,
-                                             fallback=True)
+            graphed = cuda.make_graphed_step(step, (x, y) + extra, optimizer=self.optimizer,
+                                             warmup=1, fallback=True)
         recording[0] = False
         if not graphed.graphed:
             self._fall_back(graphed.reason)
@@ -145,4 +161,4 @@ class GraphedSteps:
             self.graphed = graphed
         if warm:            # the warm-up step trained on this batch already
             return warm[0]
-        return self.eager_step(x, y)
+        return self.eager_step(x, y, *extra)

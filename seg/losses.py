@@ -26,7 +26,7 @@ from minidl.tensor import Tensor
 
 __all__ = ["unet_weight_map", "weighted_cross_entropy", "SoftDice", "soft_dice_loss",
            "ce_dice_loss", "bce_dice", "CrossEntropyLoss", "WeightedCrossEntropyLoss", "DiceLoss",
-           "CEDiceLoss", "get_loss", "LOSSES"]
+           "CEDiceLoss", "get_loss", "LOSSES", "batch_inputs"]
 
 
 # ----------------------------------------------------------------------------- weight map
@@ -201,18 +201,20 @@ def soft_dice_loss(logits, target, include_background=False, class_weights=None,
     xp = backend.get_array_module(target)
     # One-hot target (N, C, H, W) as a constant array: no gradient flows into the labels.
     onehot = (target[:, None, :, :] == xp.arange(num_classes).reshape(1, -1, 1, 1))
-    weights = np.zeros(num_classes)
+    dtype = logits.dtype
     if class_weights is None:
-        weights[first:] = 1.0 / (num_classes - first)
+        # Made on the device (a fill, no host-to-device copy inside the training step).
+        weights = xp.full(num_classes, 1.0 / (num_classes - first), dtype=dtype)
+        weights[:first] = 0
     else:
         given = np.asarray(class_weights, dtype=np.float64).ravel()
         if given.size != num_classes:
             raise ValueError(f"class_weights has {given.size} entries for {num_classes} "
                              "classes; give one weight per class.")
+        weights = np.zeros(num_classes)
         weights[first:] = given[first:] / given[first:].sum()
-    dtype = logits.dtype
-    return SoftDice.apply(logits, onehot=onehot.astype(dtype),
-                          weights=backend.to_device(weights.astype(dtype), logits.device),
+        weights = backend.to_device(weights.astype(dtype), logits.device)
+    return SoftDice.apply(logits, onehot=onehot.astype(dtype), weights=weights,
                           axes=(2, 3) if per_image else (0, 2, 3), smooth=dtype.type(smooth))
 
 
@@ -248,9 +250,18 @@ class WeightedCrossEntropyLoss:
     def __init__(self, w0=10.0, sigma=5.0, class_weights="balanced"):
         self.options = {"w0": w0, "sigma": sigma, "class_weights": class_weights}
 
-    def __call__(self, logits, target):
+    def batch_inputs(self, target):
+        """The weight map (N, H, W) of host labels target (N, H, W), made before the step, so
+        that the step itself reads nothing back from the GPU (see seg.losses.batch_inputs)."""
+        return (unet_weight_maps(target, **self.options),)
+
+    def __call__(self, logits, target, weight_map=None):
+        """weight_map: from batch_inputs, or None to compute it here (from GPU labels that
+        is a device-to-host read inside the step)."""
         target = _target_array(target, logits)
-        return weighted_cross_entropy(logits, target, unet_weight_maps(target, **self.options))
+        if weight_map is None:
+            weight_map = unet_weight_maps(target, **self.options)
+        return weighted_cross_entropy(logits, target, weight_map)
 
 
 class DiceLoss:
@@ -274,6 +285,18 @@ class CEDiceLoss:
 
     def __call__(self, logits, target):
         return ce_dice_loss(logits, target, self.dice_weight, **self.dice_options)
+
+
+def batch_inputs(loss_fn, host_target):
+    """What loss_fn needs per batch beyond (logits, target) that is computed on the host from
+    the labels, as a tuple to pass after the target: `loss_fn(logits, target, *extra)`.
+
+    host_target: the batch's labels (N, H, W) while still in host memory (as the loader gave
+    them). Only the U-Net weight map needs this ((weight_map,)); the other losses give ().
+    Computing it here, before the labels go to the GPU, keeps the training step free of
+    device-to-host reads, which a CUDA graph needs (seg.acceleration.GraphedSteps)."""
+    make = getattr(loss_fn, "batch_inputs", None)
+    return () if make is None else tuple(make(host_target))
 
 
 LOSSES = {"ce": CrossEntropyLoss, "weighted_ce": WeightedCrossEntropyLoss, "dice": DiceLoss,

@@ -53,6 +53,7 @@ from .checkpoints import (load_checkpoint, read_checkpoint_meta, remove_stale_te
 from .data.loader import SampleLoadError
 from .errors import NonFiniteLossError, TrainingDataError, explain_gpu_out_of_memory
 from .interrupt import DeferredInterrupt, is_interrupt
+from .losses import batch_inputs
 from .tiling import forward_full
 
 __all__ = ["train", "Trainer", "TrainResult", "METRIC_FIELDS"]
@@ -221,11 +222,11 @@ class Trainer:
                     x = Tensor(_to_device(images, self.device))
                     y = _to_device(masks, self.device)
                     if self.graph is not None:      # the whole step (its update comes before the check)
-                        logits, loss = None, self.graph(x, y)
+                        logits, loss = None, self.graph(x, y, masks)
                     else:
                         with self.step_context():
                             logits = forward_full(self.model, x)
-                            loss = self.loss_fn(logits, y)
+                            loss = self.loss_fn(logits, y, *batch_inputs(self.loss_fn, masks))
                     value = float(loss.item())
                     if not math.isfinite(value):
                         self._stop_non_finite(value, epoch, step)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from minidl import backend
+from minidl import backend, device_checks
 
 settings.register_profile(
     "minidl", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "25")), deadline=None,
@@ -35,6 +35,14 @@ def device(request):
 def xp(device):
     """The array module of the device under test (numpy or cupy)."""
     return backend.array_module(device)
+
+
+@pytest.fixture(autouse=True)
+def _forget_deferred_checks():
+    """A check of GPU data that no read has raised yet (minidl.device_checks) belongs to the
+    test that made it, not to the next test's first read."""
+    yield
+    device_checks.take()
 
 
 def to_numpy(a):

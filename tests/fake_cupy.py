@@ -25,10 +25,20 @@ What it imitates:
   different summation order, so GPU-vs-CPU tolerances are exercised.
 * `cupy.random.RandomState`, `cupyx.scatter_add`, events, streams, the memory pool and
   `cuda.runtime` have small host versions.
+* Device-to-host reads (`.get()`, `.item()`, `.tolist()`, `int()`/`float()`/`bool()`, printing,
+  `cupy.asnumpy`, `numpy.asarray`/`numpy.array` of a device array) and host-to-device copies
+  are counted (`count_host_reads()`, `assert_no_host_reads(step, ...)`), and indexing one
+  element gives a 0-d device array, as in CuPy, not a host scalar.
+* CUDA graph capture (`Stream.begin_capture()`, `end_capture()`, `is_capturing()`, and the
+  graph's `launch()`): a host read while a stream captures raises the CUDARuntimeError CUDA
+  gives (cudaErrorStreamCaptureUnsupported) and breaks the capture, as on a GPU. See
+  "Graph capture" below for what a replay can and cannot emulate.
 
 What it cannot imitate: CUDA itself (races, memory limits, NVRTC's dialect), numerical
 differences of cuBLAS, and the exact set of keyword arguments each CuPy function accepts.
 """
+import contextlib
+import gc
 import re
 import sys
 import time
@@ -99,7 +109,7 @@ def _count_function(name, args, kwargs):
 
 
 class _CensusMethods:
-    """ndarray methods that launch a kernel or read values on the host, told to the census."""
+    """ndarray methods that launch a kernel, told to the census (reads: _host_read)."""
 
     def astype(self, dtype, *args, **kwargs):
         if census is not None and (np.dtype(dtype) != self.dtype or kwargs.get("copy", True)):
@@ -124,30 +134,6 @@ class _CensusMethods:
             _count("scatter" if _advanced(key) else "copy", "setitem")
         return super().__setitem__(key, value)
 
-    def item(self, *args):
-        _count("d2h", "item")
-        return super().item(*args)
-
-    def tolist(self):
-        _count("d2h", "tolist")
-        return super().tolist()
-
-    def __float__(self):
-        _count("d2h", "float")
-        return super().__float__()
-
-    def __int__(self):
-        _count("d2h", "int")
-        return super().__int__()
-
-    def __index__(self):
-        _count("d2h", "index")
-        return super().__index__()
-
-    def __bool__(self):
-        _count("d2h", "bool")
-        return super().__bool__()
-
 
 def _advanced(key):
     """Whether an index key is advanced (an array or list: a gather/scatter kernel), not a
@@ -160,8 +146,58 @@ class ndarray(_CensusMethods, np.ndarray):
     """Fake cupy.ndarray: NumPy storage, CuPy's type name and rules."""
 
     def get(self, stream=None, order="C", out=None):
-        _count("d2h", "get")
+        _host_read("ndarray.get()")
         return np.array(self.view(np.ndarray), copy=True, order=order)
+
+    # Every way a value comes back to the host is a device-to-host copy, which a CUDA graph
+    # capture refuses: counted, and refused while capturing (see _host_read).
+    def item(self, *args):
+        _host_read("ndarray.item()")
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        _host_read("ndarray.tolist()")
+        return self.view(np.ndarray).tolist()
+
+    def __int__(self):
+        _host_read("int() of a device array")
+        return int(self.view(np.ndarray))
+
+    def __float__(self):
+        _host_read("float() of a device array")
+        return float(self.view(np.ndarray))
+
+    def __complex__(self):
+        _host_read("complex() of a device array")
+        return complex(self.view(np.ndarray))
+
+    def __index__(self):
+        _host_read("a device array used as an index or size")
+        return self.view(np.ndarray).__index__()
+
+    def __bool__(self):
+        _host_read("bool() of a device array (an `if` on device data)")
+        return bool(self.view(np.ndarray))
+
+    def __repr__(self):
+        _host_read("printing a device array")
+        return repr(self.view(np.ndarray)).replace("array(", "cupy.ndarray(", 1)
+
+    def __str__(self):
+        _host_read("printing a device array")
+        return str(self.view(np.ndarray))
+
+    def __format__(self, spec):
+        _host_read("formatting a device array")
+        return format(self.view(np.ndarray), spec)
+
+    def __getitem__(self, key):
+        result = super().__getitem__(key)
+        # CuPy indexing stays on the device: one element is a 0-d array, not a host scalar.
+        return np.asarray(result).view(ndarray) if isinstance(result, np.generic) else result
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
     @property
     def data(self):
@@ -260,6 +296,8 @@ def _function(name, fn):
             _refuse_host(args, f"cupy.{name}")
         _count_function(name, args, kwargs)
         if name in _CONVERTERS or name == "ascontiguousarray":
+            if name in _CONVERTERS and not isinstance(args[0], ndarray):
+                _host_upload(f"cupy.{name}() of host data")
             dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
             order = "C" if name == "ascontiguousarray" else "K"
             return np.array(_unwrap(args[0]), dtype=dtype, copy=True, order=order).view(ndarray)
@@ -298,9 +336,285 @@ class _Event:
         pass
 
 
-class _Stream:
-    def synchronize(self):
+# ---------------------------------------------------------------------------- graph capture
+# How a CUDA graph capture behaves, and how far a host emulation can follow it:
+#
+# * While a stream captures, kernels are recorded, not run. The emulation runs the captured
+#   step (it has no kernels to record) and then puts back every device array that existed
+#   before the capture (_snapshot), so a capture changes no state, as on a GPU; arrays made
+#   during the capture keep values there, where a GPU's hold nothing until the first launch.
+# * A device-to-host read while a stream captures is refused: cudaMemcpy's synchronisation is
+#   not allowed on a capturing stream, CUDA answers cudaErrorStreamCaptureUnsupported and the
+#   capture is invalidated (end_capture then fails with cudaErrorStreamCaptureInvalidated).
+#   Here any capture in progress refuses every read; CUDA's relaxed mode would allow a read on
+#   an unrelated stream, which nothing in this project does.
+# * graph.launch() replays: the emulation runs the Python step again (the function given to
+#   set_python_replay by the code that captured it, minidl/cuda.py) with reads still refused,
+#   and writes its results into the captured outputs' arrays. Python code in the step runs on
+#   every emulated replay, but only once (at the capture) on a GPU, and values a GPU graph
+#   freezes at the capture (host numbers, addresses of arrays rebound later) are recomputed
+#   here: whether a replay equals eager bit for bit is checked only on a real GPU
+#   (tests/test_cuda_graphs.py::test_replay_equals_eager_bit_for_bit).
+
+class CUDARuntimeError(RuntimeError):
+    """cupy_backends.cuda.api.runtime.CUDARuntimeError: a CUDA status and its text."""
+
+    def __init__(self, status, detail=""):
+        self.status = status
+        name, text = _CUDA_ERRORS[status]
+        super().__init__(f"{name}: {text}" + (f" (fake CuPy: {detail})" if detail else ""))
+
+
+# cudaError_t values (driver_types.h) and their cudaGetErrorString texts.
+CAPTURE_UNSUPPORTED, CAPTURE_INVALIDATED = 900, 901
+_CUDA_ERRORS = {
+    CAPTURE_UNSUPPORTED: ("cudaErrorStreamCaptureUnsupported",
+                          "operation not permitted when stream is capturing"),
+    CAPTURE_INVALIDATED: ("cudaErrorStreamCaptureInvalidated",
+                          "operation failed due to a previous error during capture"),
+}
+
+
+class _Capture:
+    """The process's capture state (one capture at a time, as the code here does)."""
+    stream = None           # the stream recording a graph, or None
+    replaying = False       # an emulated graph launch is running its step
+    counters = []           # the active HostReads
+
+
+class HostReads:
+    """The device-to-host reads made while it is active: `where` lists one line per read
+    (what was read and the line of code, outside this file and NumPy, that read it).
+    `uploads` lists the host-to-device copies the same way: CUDA allows them in a capture,
+    but the graph keeps the host buffer's address and replays the copy from it, so data that
+    changes per step must be a graph input instead."""
+
+    def __init__(self):
+        self.where = []
+        self.uploads = []
+
+    def __len__(self):
+        return len(self.where)
+
+    def __enter__(self):
+        _Capture.counters.append(self)
+        _guard_numpy()
+        return self
+
+    def __exit__(self, *exc):
+        _Capture.counters.remove(self)
+        _guard_numpy()
+        return False
+
+
+def count_host_reads():
+    """`with count_host_reads() as reads: ...` then len(reads), reads.where."""
+    return HostReads()
+
+
+def assert_no_host_reads(step, *args, **kwargs):
+    """Run step(*args, **kwargs) and fail, listing them, if it read device data back to the
+    host (what a CUDA graph capture refuses) or copied host data in (what a graph would
+    replay from a stale host buffer). Returns the step's result."""
+    with count_host_reads() as reads:
+        result = step(*args, **kwargs)
+    assert not reads.where, "host reads inside the step:\n  " + "\n  ".join(reads.where)
+    assert not reads.uploads, "host data copied in inside the step:\n  " + "\n  ".join(
+        reads.uploads)
+    return result
+
+
+def _call_site():
+    import traceback
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename != __file__ and "/numpy/" not in frame.filename:
+            return f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno} ({frame.name})"
+    return "?"
+
+
+def _host_read(what):
+    """Every device-to-host read comes through here: counted, and refused while capturing."""
+    _count("d2h", what)
+    if _Capture.counters:
+        site = f"{what} at {_call_site()}"
+        for counter in _Capture.counters:
+            counter.where.append(site)
+    if _Capture.stream is not None:
+        _Capture.stream._invalidated = True
+        raise CUDARuntimeError(CAPTURE_UNSUPPORTED, f"{what} while a graph is being captured")
+    if _Capture.replaying:
+        raise CUDARuntimeError(CAPTURE_UNSUPPORTED, f"{what} inside an emulated graph replay")
+
+
+def _host_upload(what):
+    """Host-to-device copies are only counted (see HostReads)."""
+    if _Capture.counters:
+        site = f"{what} at {_call_site()}"
+        for counter in _Capture.counters:
+            counter.uploads.append(site)
+
+
+def _asnumpy(a, stream=None, order="C", out=None):
+    if isinstance(a, ndarray):
+        _host_read("cupy.asnumpy()")
+    return np.array(_unwrap(a), copy=True, order=order)
+
+
+# NumPy turns an ndarray subclass into a host array without asking it, so numpy.asarray(x)
+# and friends cannot be seen by the fake array itself; while a graph is captured or replayed,
+# or reads are counted, these module functions are wrapped to count and refuse device arrays.
+# (Real CuPy refuses them always; code that binds them under other names is not seen.)
+_NUMPY_CONVERTERS = ("asarray", "array", "asanyarray", "ascontiguousarray")
+_numpy_originals = {}
+
+
+def _refusing(convert):
+    def call(a, *args, **kwargs):
+        if isinstance(a, ndarray) or (isinstance(a, (list, tuple))
+                                      and any(isinstance(x, ndarray) for x in a)):
+            _host_read(f"numpy.{convert.__name__}() of a device array")
+        return convert(a, *args, **kwargs)
+    return call
+
+
+def _guard_numpy():
+    on = _Capture.stream is not None or _Capture.replaying or bool(_Capture.counters)
+    for name in _NUMPY_CONVERTERS:
+        if on:
+            if name not in _numpy_originals:
+                _numpy_originals[name] = getattr(np, name)
+                setattr(np, name, _refusing(_numpy_originals[name]))
+        elif name in _numpy_originals:
+            setattr(np, name, _numpy_originals.pop(name))
+
+
+def _snapshot():
+    """[(memory, copy)] of the memory behind every live device array. (Instances of a Python
+    subclass of ndarray are tracked by the garbage collector, so gc finds them all; scanning
+    once per capture costs less than registering every array made.)"""
+    owners = {}
+    for a in [o for o in gc.get_objects() if type(o) is ndarray]:
+        base = a
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        if id(base) not in owners and base.flags.writeable:
+            owners[id(base)] = (base, base.view(np.ndarray).copy())
+    return list(owners.values())
+
+
+def _arrays_in(obj):
+    """The device arrays in a step's outputs: arrays, Tensors (.data), tuples, lists, dicts."""
+    if isinstance(obj, ndarray):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [a for x in obj for a in _arrays_in(x)]
+    if isinstance(obj, dict):
+        return [a for x in obj.values() for a in _arrays_in(x)]
+    data = getattr(obj, "data", None)
+    return [data] if isinstance(data, ndarray) else []
+
+
+class _Graph:
+    """cupy.cuda.graph.Graph: launch() replays the capture (see "graph capture" above)."""
+
+    def __init__(self):
+        self._replay = None
+
+    def set_python_replay(self, step, inputs, outputs):
+        """What launch() runs: step(*inputs), its results written into `outputs`' arrays."""
+        self._replay = (step, inputs, outputs)
+
+    def launch(self, stream=None):
+        if self._replay is None:
+            raise NotImplementedError("fake CuPy replays a graph by running its Python step "
+                                      "again; the code that captured it gave none "
+                                      "(graph.set_python_replay).")
+        step, inputs, outputs = self._replay
+        _Capture.replaying = True
+        _guard_numpy()
+        try:
+            fresh = step(*inputs)
+        finally:
+            _Capture.replaying = False
+            _guard_numpy()
+        old, new = _arrays_in(outputs), _arrays_in(fresh)
+        if [a.shape for a in old] != [a.shape for a in new]:
+            raise RuntimeError("fake CuPy: the replayed step returned other arrays than the "
+                               "captured one; a graph replays one fixed set of kernels.")
+        for dst, src in zip(old, new):
+            dst.view(np.ndarray)[...] = src.view(np.ndarray)
+
+    def upload(self, stream=None):
         pass
+
+
+class _Stream:
+    """cupy.cuda.Stream: `with stream:` makes it current; capture as described above."""
+    _current = []           # the `with` stack; empty: the null stream
+
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        self._capturing = False
+        self._invalidated = False
+        self._saved = None
+
+    def synchronize(self):
+        if self._capturing:
+            self._invalidated = True
+            raise CUDARuntimeError(CAPTURE_UNSUPPORTED, "Stream.synchronize() while capturing")
+
+    def record(self, event=None):
+        event = event if event is not None else _Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        pass
+
+    def use(self):
+        _Stream._current[:] = [self]
+        return self
+
+    def __enter__(self):
+        _Stream._current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _Stream._current.pop()
+        return False
+
+    def begin_capture(self, mode=None):
+        if _Capture.stream is not None:
+            raise CUDARuntimeError(CAPTURE_UNSUPPORTED, "a second capture while one is open")
+        self._capturing, self._invalidated = True, False
+        self._saved = _snapshot()
+        _Capture.stream = self
+        _guard_numpy()
+
+    def is_capturing(self):
+        if self._capturing and self._invalidated:
+            raise RuntimeError("the current capture sequence on this stream has been "
+                               "invalidated due to a previous error")
+        return self._capturing
+
+    def end_capture(self):
+        if not self._capturing:
+            raise RuntimeError("this stream is not capturing; call begin_capture() first")
+        # A capture runs no kernels: what the step wrote here is put back.
+        for memory, values in self._saved:
+            memory.view(np.ndarray)[...] = values
+        self._capturing, self._saved = False, None
+        _Capture.stream = None
+        _guard_numpy()
+        if self._invalidated:
+            raise CUDARuntimeError(CAPTURE_INVALIDATED, "a host read broke this capture")
+        return _Graph()
+
+
+_Stream.null = _Stream(null=True)
+
+
+def _current_stream():
+    return _Stream._current[-1] if _Stream._current else _Stream.null
 
 
 class _Pool:
@@ -312,6 +626,13 @@ class _Pool:
 
     def free_all_blocks(self):
         pass
+
+
+class _MemoryPool(_Pool):
+    """cupy.cuda.MemoryPool: arrays come from NumPy here, so malloc is only passed around."""
+
+    def malloc(self, size):
+        raise NotImplementedError("fake CuPy: arrays are allocated by NumPy")
 
 
 class _MemoryHook:
@@ -332,13 +653,16 @@ class _Device:
         self.id = int(device)
 
     def synchronize(self):
-        pass
+        if _Capture.stream is not None:      # waits for the capturing stream too
+            _Capture.stream._invalidated = True
+            raise CUDARuntimeError(CAPTURE_UNSUPPORTED, "Device.synchronize() while capturing")
 
     def use(self):
         pass
 
 
 _runtime = types.SimpleNamespace(
+    CUDARuntimeError=CUDARuntimeError,
     getDeviceCount=lambda: 1,
     runtimeGetVersion=lambda: 0,
     driverGetVersion=lambda: 0,
@@ -409,13 +733,15 @@ def _make_modules():
     cp.__version__ = "fake (tests/fake_cupy.py)"
     cp.ndarray = ndarray
     cp.RawModule = RawModule
-    cp.asnumpy = lambda a, stream=None, order="C", out=None: (
-        _count("d2h", "asnumpy"), np.array(_unwrap(a), copy=True, order=order))[1]
+    cp.asnumpy = _asnumpy
     cp.get_array_module = lambda *args: cp if any(isinstance(a, ndarray) for a in args) else np
     cp.get_default_memory_pool = lambda: _Pool()
     cp.get_default_pinned_memory_pool = lambda: _Pool()
     cp.cuda = types.SimpleNamespace(
-        runtime=_runtime, Device=_Device, Event=_Event, Stream=types.SimpleNamespace(null=_Stream()),
+        runtime=_runtime, Device=_Device, Event=_Event, Stream=_Stream,
+        get_current_stream=_current_stream, MemoryPool=_MemoryPool,
+        using_allocator=lambda allocator=None: contextlib.nullcontext(),
+        graph=types.SimpleNamespace(Graph=_Graph),
         get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, MemoryHook=_MemoryHook,
         device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
         compiler=types.SimpleNamespace(CompileException=type("CompileException", (Exception,), {})))

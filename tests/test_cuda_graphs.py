@@ -1,4 +1,6 @@
-"""CUDA graphs (minidl/cuda.py): the host-side checks everywhere, replay vs eager on a GPU."""
+"""CUDA graphs (minidl/cuda.py): the host-side checks everywhere; capture and replay on a GPU
+or its host emulation (-p fake_cupy: a host read refused while capturing, replays that train
+as eager steps do); replay bit for bit equal to eager only on a real GPU."""
 import numpy as np
 import pytest
 
@@ -98,8 +100,8 @@ def test_replay_equals_eager_bit_for_bit():
         step_g(data[0][0][:1], data[0][1][:1])
 
 
-@pytest.mark.skipif(not _real_cupy(), reason="needs CuPy and a CUDA device (the host "
-                    "emulation of CuPy cannot capture graphs)")
+@pytest.mark.skipif(not GPU_PRESENT, reason="needs CuPy and a CUDA device, or the host "
+                    "emulation of CuPy (-p fake_cupy)")
 def test_host_read_inside_the_step_is_refused():
     (x, y), = batches("gpu", 1)
     model = net().to("gpu")
@@ -110,3 +112,30 @@ def test_host_read_inside_the_step_is_refused():
         return float(to_numpy(step(x, y).data))      # a host read: waits for the GPU
     with pytest.raises(cuda.CaptureError, match="host read"):
         cuda.make_graphed_step(reading, (x, y), optimizer=opt)
+    with pytest.warns(RuntimeWarning, match="CUDA graph not used: the step failed while "
+                      "being captured"):
+        eager = cuda.make_graphed_step(reading, (x, y), optimizer=opt, fallback=True)
+    assert not eager.graphed and "host read" in eager.reason and "\n" not in eager.reason
+    assert np.isfinite(eager(x, y))
+    # The failed capture was ended: the stream is usable, and a clean step captures after it.
+    assert cuda.make_graphed_step(step, (x, y), optimizer=opt).graphed
+
+
+@pytest.mark.skipif(not GPU_PRESENT, reason="needs CuPy and a CUDA device, or the host "
+                    "emulation of CuPy (-p fake_cupy)")
+def test_replay_trains_as_eager_and_refuses_other_shapes():
+    data = batches("gpu", 5)
+    graphed, eager = net().to("gpu"), net().to("gpu")
+    opt_g = optim.SGD(graphed.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt_e = optim.SGD(eager.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    step_g = cuda.make_graphed_step(make_step(graphed, opt_g), data[0], optimizer=opt_g,
+                                    warmup=2)
+    assert step_g.graphed and step_g.reason is None
+    losses_g = [step_g(*b).item() for b in data[1:]]
+    step_e = make_step(eager, opt_e)
+    losses_e = [step_e(*b).item() for b in [data[0], data[0]] + data[1:]]
+    np.testing.assert_allclose(losses_g, losses_e[2:], rtol=1e-5)
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        np.testing.assert_allclose(to_numpy(p.data), to_numpy(q.data), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="static shapes"):
+        step_g(data[0][0][:1], data[0][1][:1])

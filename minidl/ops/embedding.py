@@ -1,5 +1,7 @@
 """Embedding lookup: rows of a weight table picked by integer ids (torch.nn.functional.embedding)."""
-from .. import backend
+import numpy
+
+from .. import backend, device_checks
 from ..function import Function
 from ..tensor import Tensor
 from .shape import scatter_add
@@ -32,8 +34,17 @@ def embedding(input, weight, padding_idx=None):
     if w.ndim != 2:
         raise ValueError(f"embedding() needs a (num_embeddings, dim) weight, got shape {tuple(w.shape)}.")
     n = w.shape[0]
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n):
-        raise ValueError(f"embedding() ids must be in [0, {n}) for a table of {n} rows.")
+    def error(*_):
+        return ValueError(f"embedding() ids must be in [0, {n}) for a table of {n} rows.")
+    if ids.size and xp is numpy:
+        if int(ids.min()) < 0 or int(ids.max()) >= n:
+            raise error()
+    elif ids.size:
+        # No device-to-host read (see minidl.device_checks): checked at the next host read,
+        # and meanwhile clipped so that no lookup reads outside the table.
+        failed = (ids.min() < 0) | (ids.max() >= n)
+        device_checks.defer(("embedding", n), failed.reshape(1).astype(numpy.int64), error)
+        ids = xp.clip(ids, 0, n - 1)
     if padding_idx is not None:
         padding_idx = padding_idx % n
     return Embedding.apply(weight, ids=ids, padding_idx=padding_idx)

@@ -13,7 +13,7 @@ import math
 
 import numpy
 
-from .. import backend
+from .. import backend, device_checks
 from ..function import Function
 from ..tensor import Tensor
 from . import activation
@@ -68,20 +68,12 @@ def _class_targets(name, logits, target, weight, ignore_index, pixel_weight=None
         raise ValueError(f"{name}() got logits of shape {tuple(x.shape)} and target of shape "
                          f"{tuple(t.shape)}; the target must have shape {expected} (the logits' "
                          "shape without the class axis 1).")
-    lo, hi = (int(v) for v in (t.min(), t.max())) if t.size else (0, -1)
-    if 0 <= lo and hi < c and not lo <= ignore_index <= hi:
-        # The common case, checked with two reductions: every id valid, none ignored.
-        t_safe, w = t, None
+    ids = _array(target)
+    if backend.is_gpu_array(ids):
+        t_safe, w = _class_ids_checked_on_device(name, t, c, ignore_index, x.dtype)
     else:
-        valid = t != ignore_index
-        bad = valid & ((t < 0) | (t >= c))
-        if bad.any():
-            value = int(t[bad].reshape(-1)[0])
-            raise ValueError(f"{name}() target holds class id {value}, outside [0, {c}) for "
-                             f"logits with {c} classes; fix the labels, or pass "
-                             f"ignore_index={value} to skip those elements.")
-        t_safe = xp.where(valid, t, 0)
-        w = valid.astype(x.dtype)
+        host = t if xp is numpy else numpy.asarray(ids)
+        t_safe, w = _class_ids_checked_on_host(name, host, t, c, ignore_index, x.dtype)
     if weight is not None:
         wc = _constant(weight, xp, x.dtype)
         if tuple(wc.shape) != (c,):
@@ -96,6 +88,49 @@ def _class_targets(name, logits, target, weight, ignore_index, pixel_weight=None
                              f"the target's shape {expected}.")
         w = pw if w is None else w * pw
     return t_safe, w, denominator
+
+
+def _bad_class_id(name, c):
+    """The error for a target id outside [0, c): error(value) -> ValueError."""
+    def error(value):
+        return ValueError(f"{name}() target holds class id {value}, outside [0, {c}) for "
+                          f"logits with {c} classes; fix the labels, or pass "
+                          f"ignore_index={value} to skip those elements.")
+    return error
+
+
+def _class_ids_checked_on_host(name, host, t, c, ignore_index, dtype):
+    """Class ids whose values are on the host (host: them as a NumPy array; t: the same on
+    the logits' device), checked at once. Returns (target_safe, loss_weight or None)."""
+    lo, hi = (int(host.min()), int(host.max())) if host.size else (0, -1)
+    if 0 <= lo and hi < c and not lo <= ignore_index <= hi:
+        # The common case, checked with two reductions: every id valid, none ignored.
+        return t, None
+    valid = host != ignore_index
+    bad = valid & ((host < 0) | (host >= c))
+    if bad.any():
+        raise _bad_class_id(name, c)(int(host[bad].reshape(-1)[0]))
+    xp = backend.get_array_module(t)
+    valid = t != ignore_index
+    return xp.where(valid, t, 0), valid.astype(dtype)
+
+
+def _class_ids_checked_on_device(name, t, c, ignore_index, dtype):
+    """Class ids on the GPU, checked without a device-to-host read: the first id outside
+    [0, c) is recorded on the device and raised at the next host read (minidl.device_checks),
+    and meanwhile it counts for nothing (weight 0, a safe id), as ignored ones do.
+    Returns (target_safe, loss_weight)."""
+    xp = backend.get_array_module(t)
+    if t.size == 0:
+        return t, None
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= c))
+    first = bad.reshape(-1).argmax()                     # 0 when no id is bad
+    record = xp.stack([bad.any().astype(numpy.int64),
+                       xp.take(t.reshape(-1), first).astype(numpy.int64)])
+    device_checks.defer((name, "class ids", c), record, _bad_class_id(name, c))
+    keep = valid & ~bad
+    return xp.where(keep, t, 0), keep.astype(dtype)
 
 
 def _scale(gy, weight, denominator, reduction):
@@ -358,9 +393,16 @@ def binary_cross_entropy(input, target, weight=None, reduction="mean"):
     _same_shape("binary_cross_entropy", p, target)
     t = _float_target(target, p)
     a = _array(p)
-    if a.size and (float(a.min()) < 0 or float(a.max()) > 1):
-        raise ValueError("binary_cross_entropy() needs probabilities in [0, 1] as input; apply "
-                         "sigmoid first or use binary_cross_entropy_with_logits.")
+
+    def error(*_):
+        return ValueError("binary_cross_entropy() needs probabilities in [0, 1] as input; apply "
+                          "sigmoid first or use binary_cross_entropy_with_logits.")
+    if a.size and backend.is_gpu_array(a):     # no host read: checked at the next one
+        failed = (a.min() < 0) | (a.max() > 1)
+        device_checks.defer(("binary_cross_entropy", "range"),
+                            failed.reshape(1).astype(numpy.int64), error)
+    elif a.size and (float(a.min()) < 0 or float(a.max()) > 1):
+        raise error()
     loss = BinaryCrossEntropy.apply(p, _array(t))
     if weight is not None:
         loss = loss * _float_target(weight, p)

@@ -6,7 +6,7 @@ everything outside the input as padding, so ceil_mode's extra window needs no sp
 """
 import numpy
 
-from .. import backend
+from .. import backend, device_checks
 from ..function import Function
 from ..tensor import Tensor
 from .geometry import check_4d, pair, pool_geometry, pool_output_size  # noqa: F401
@@ -107,12 +107,24 @@ def max_unpool2d(x, indices, kernel_size, stride=None, padding=0, output_size=No
     xp = backend.get_array_module(xa)
     idx = xp.ascontiguousarray(idx, dtype=numpy.int64)
     if idx.size:
-        # Both bounds in one device-to-host transfer (one sync on the GPU, not four).
-        lo, hi = (int(v) for v in backend.to_numpy(xp.stack([idx.min(), idx.max()])))
-        if lo < 0 or hi >= out[0] * out[1]:
-            raise ValueError(f"{op}: indices must lie in [0, {out[0] * out[1]}) for an output "
-                             f"of {out[0]}x{out[1]}, got the range [{lo}, {hi}]; pass the "
-                             "output_size of the map that was pooled.")
+        size = out[0] * out[1]
+
+        def error(lo, hi):
+            return ValueError(f"{op}: indices must lie in [0, {size}) for an output of "
+                              f"{out[0]}x{out[1]}, got the range [{lo}, {hi}]; pass the "
+                              "output_size of the map that was pooled.")
+        bounds = xp.stack([idx.min(), idx.max()])
+        if xp is numpy:
+            lo, hi = (int(v) for v in bounds)
+            if lo < 0 or hi >= size:
+                raise error(lo, hi)
+        else:
+            # No device-to-host read (a stall, and refused inside a CUDA graph): the range is
+            # checked at the next host read, and meanwhile clipped so no write goes astray.
+            failed = (bounds[0] < 0) | (bounds[1] >= size)
+            record = xp.concatenate([failed.reshape(1).astype(numpy.int64), bounds])
+            device_checks.defer((op, "indices", size), record, error)
+            idx = xp.clip(idx, 0, size - 1)
     return MaxUnpool2d.apply(x, idx=idx, out_hw=out)
 
 
