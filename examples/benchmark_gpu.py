@@ -367,14 +367,15 @@ def compare_torch(clock, args, step):
     if clock.cp is None or not torch.cuda.is_available():
         print("\n  --compare-torch: needs a GPU visible to both CuPy and PyTorch; skipped")
         return None
-    mine = minidl_mode_times(clock, step, args.iters, args.cuda_graph)
+    cuda_graph = getattr(args, "cuda_graph", False)
+    mine = minidl_mode_times(clock, step, args.iters, cuda_graph)
     out = {}
     print(f"\n  vs PyTorch {torch.__version__} (same U-Net, batch, CE, Adam), training step:")
     for mode in torch_compare.TORCH_MODES:
         t = torch_compare.torch_step_time(torch, args.depth, args.features, args.batch, args.size,
                                           mode, iters=args.iters)
         out[mode] = {"torch": t}
-        for label, *_, graphed in minidl_modes(args.cuda_graph)[mode]:
+        for label, *_, graphed in minidl_modes(cuda_graph)[mode]:
             label = mode_label(label, graphed)
             m = out[mode][label] = mine[label]
             shown = f"{m * 1e3:8.1f} ms   minidl/PyTorch {m / t:5.2f}x" if m else "  (failed)"

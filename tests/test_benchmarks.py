@@ -172,9 +172,11 @@ def test_minidl_modes_of_the_torch_comparison_each_give_a_time(device):
     assert minidl.backends.conv_algorithm == "auto"
 
 
-def test_compare_torch_puts_minidl_next_to_every_torch_mode(device, monkeypatch, capsys):
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_compare_torch_puts_minidl_next_to_every_torch_mode(device, cuda_graph, monkeypatch, capsys):
     """--compare-torch's table with a stand-in for PyTorch (its step time fixed): every mode
-    gets PyTorch's time and minidl's in each matching setting, with the ratio printed."""
+    gets PyTorch's time and minidl's in each matching setting, with the ratio printed; with
+    cuda_graph, each setting also as a CUDA-graph replay (captured on the CuPy emulation too)."""
     import argparse
     import types
     import seg.models
@@ -185,15 +187,33 @@ def test_compare_torch_puts_minidl_next_to_every_torch_mode(device, monkeypatch,
     step = benchmark_gpu.make_step(model, minidl.optim.Adam(model.parameters()),
                                    minidl.randn(1, 1, 16, 16, device=device),
                                    minidl.randint(0, 2, (1, 16, 16), device=device))
-    args = argparse.Namespace(depth=2, features=4, batch=1, size=16, iters=1)
+    args = argparse.Namespace(depth=2, features=4, batch=1, size=16, iters=1,
+                              cuda_graph=cuda_graph)
     out = benchmark_gpu.compare_torch(benchmark_gpu.Clock(device), args, step)
     printed = capsys.readouterr().out
     if device == "cpu":                   # PyTorch's side needs CUDA: nothing compared
         assert out is None and "needs a GPU" in printed
         return
     assert list(out) == list(torch_compare.TORCH_MODES)
+    per_mode = 2 if cuda_graph else 1
     for mode, rows in benchmark_gpu.MINIDL_MODES.items():
         assert out[mode]["torch"] == 0.01
+        assert len(out[mode]) == 1 + per_mode * len(rows)
         for label, *_ in rows:
-            assert out[mode][label] > 0 and f"minidl ({label:13s})" in printed
-    assert printed.count("minidl/PyTorch") == sum(map(len, benchmark_gpu.MINIDL_MODES.values()))
+            for shown in [label, label + ", graph"][:per_mode]:
+                assert out[mode][shown] > 0 and f"minidl ({shown:20s})" in printed
+    assert printed.count("minidl/PyTorch") == per_mode * sum(
+        map(len, benchmark_gpu.MINIDL_MODES.values()))
+
+
+def test_gpu_benchmark_times_the_step_as_a_cuda_graph(device, capsys):
+    """--cuda-graph: on a GPU (or the CuPy emulation) the step is captured and timed as a
+    replay; on the CPU there is nothing to capture, and the reason is printed."""
+    result = benchmark_gpu.main(["--device", device, "--depth", "2", "--features", "4",
+                                 "--size", "16", "--batch", "1", "--warmup", "1", "--iters", "1",
+                                 "--skip-layers", "--matmul-size", "32", "--cuda-graph"])
+    printed = capsys.readouterr().out
+    if device == "cpu":
+        assert result["graph_step_s"] is None and "CUDA graph: not captured" in printed
+    else:
+        assert result["graph_step_s"] > 0 and "step as a CUDA-graph replay" in printed

@@ -10,6 +10,7 @@
   move to "gpu" and back, and an op given a "cpu" and a "gpu" tensor refuses with an error
   naming both devices.
 """
+import os
 import subprocess
 import sys
 import types
@@ -185,7 +186,12 @@ def test_imports_do_not_need_or_load_cupy():
         "assert 'cupy' not in sys.modules, 'importing minidl / kernels.gpu imported cupy'\n"
         "print('ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    # Without tests/fake_site (the GPU check's dry run puts it on PYTHONPATH to install the
+    # fake CuPy in every process, which is what this test must not see).
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and os.path.basename(os.path.normpath(p)) != "fake_site"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
