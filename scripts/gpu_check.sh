@@ -22,7 +22,8 @@
 # examples/train_unet.py with --device gpu, eager and (3a) with --cuda-graph; (4) the rest of
 # the test suite, GPU cases included, in parallel workers, with whatever time is left.
 #
-# Dry run without a GPU: GPU_CHECK_FAKE=1 bash scripts/gpu_check.sh runs every step against
+# Dry run without a GPU: `PATH=$PWD/.venv/bin:$PATH GPU_CHECK_FAKE=1 bash scripts/gpu_check.sh`
+# (the project's Python first on PATH) runs every step against
 # the host CuPy emulation (tests/fake_cupy.py, installed in each Python process by
 # tests/fake_site/sitecustomize.py) with the benchmarks shrunk to toy sizes, to find a broken
 # command before GPU time is spent on it. Its figures mean nothing.
