@@ -105,6 +105,7 @@ XDIST=()
 if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
 GPU_TESTS=(tests/test_implicit_gemm.py tests/test_conv_implicit_gemm.py tests/test_precision.py
            tests/test_amp_pooling.py tests/test_grad_scaler_device.py)
+GPU_TESTS+=(tests/test_dropout_graph_safe.py)   # Philox dropout, replayed in a real CUDA graph
 run_step implicit_gemm 60 python3 -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
     "${GPU_TESTS[@]}"
 
