@@ -154,6 +154,7 @@ def set_rng_state(state):
     bad_seed = isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0
     if seed is not None and bad_seed:
         raise ValueError(f"the 'seed' of an RNG state must be a non-negative integer or None, got {seed!r}.")
+    philox = _philox_entry(state.get("philox"), seed)      # checked before anything changes
     bits = dict(state["numpy"])
     gen = generator(numpy)
     current = type(gen.bit_generator).__name__
@@ -170,11 +171,7 @@ def set_rng_state(state):
     _cupy_seed = int(cupy_state["seed"]) if isinstance(cupy_state, dict) else _seed
     _cupy_drawn = False
     _generators.pop("cupy", None)       # made again, from _cupy_seed, at the next GPU draw
-    philox = state.get("philox")
-    if isinstance(philox, dict):
-        _reset_philox(int(philox["seed"]), int(philox["offset"]))
-    else:
-        _reset_philox(None if _seed is None else _seed % 2 ** 63, 0)
+    _reset_philox(*philox)
 
 
 def _float_dtype(dtype):
@@ -267,13 +264,25 @@ def _current_philox_key():
     return _philox_key
 
 
+def _philox_entry(entry, seed):
+    """(key, offset) to restart Philox from: an RNG state's "philox" entry, or without one the
+    state's seed at offset 0 (None: fresh entropy)."""
+    if entry is None:
+        return (None if seed is None else int(seed) % 2 ** 63), 0
+    if not isinstance(entry, dict) or set(entry) != {"seed", "offset"}:
+        raise ValueError("the 'philox' entry of an RNG state must be a dict with 'seed' and "
+                         "'offset'; pass the dict get_rng_state returned.")
+    key, offset = int(entry["seed"]), int(entry["offset"])
+    if not (0 <= key < 2 ** 63 and 0 <= offset < 2 ** 63):
+        raise ValueError(f"the Philox seed and offset of an RNG state must be in [0, 2^63), got "
+                         f"{key} and {offset}; pass the dict get_rng_state returned.")
+    return key, offset
+
+
 def _reset_philox(key, offset):
     """Restart the Philox stream at (key, offset); key None: fresh entropy at the next use.
     The device arrays are written in place: a captured CUDA graph keeps their addresses."""
     global _philox_key
-    if key is not None and not 0 <= key < 2 ** 63:
-        raise ValueError(f"the Philox seed of an RNG state must be in [0, 2^63), got {key}; pass "
-                         "the dict get_rng_state returned.")
     _philox_key = key
     for device, state in _philox.items():
         cuda = sys.modules["cupy"].cuda

@@ -106,12 +106,17 @@ def test_rng_state_holds_the_philox_offset(tmp_path):
                                   ref.dropout_mask(5, 0, (10, 10), 0.5, np.float32))
 
 
-def test_a_bad_philox_seed_is_refused():
+def test_a_bad_philox_entry_is_refused_and_changes_nothing():
+    minidl.manual_seed(2)
     state = minidl.get_rng_state()
-    state["philox"] = {"seed": -1, "offset": 0}
-    with pytest.raises(ValueError, match=r"Philox seed of an RNG state must be in \[0, 2\^63\)"):
-        minidl.set_rng_state(state)
     minidl.manual_seed(0)
+    expected = minidl.rand(3).data
+    minidl.manual_seed(0)
+    for bad, message in [({"seed": -1, "offset": 0}, r"seed and offset .* in \[0, 2\^63\)"),
+                         ({"seed": 1}, "a dict with 'seed' and 'offset'")]:
+        with pytest.raises(ValueError, match=message):
+            minidl.set_rng_state(dict(state, philox=bad))
+    np.testing.assert_array_equal(minidl.rand(3).data, expected)     # still seed 0's stream
 
 
 # ------------------------------------------------------------------------ in a CUDA graph
