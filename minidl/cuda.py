@@ -25,8 +25,8 @@ What a step must satisfy, because a replay repeats the recorded kernels and noth
   so each replayed batch is checked at the caller's next read;
 * no Python-side state that changes from step to step and feeds a kernel: random numbers
   drawn from minidl's host-side generators (`minidl.rand`, random augmentation), or an
-  optimizer whose update uses a
-  step count kept in Python (Adam's bias correction): replays would reuse the captured value.
+  optimizer whose update uses a step count kept in Python (Adam's bias correction): replays
+  would reuse the captured value.
   Both are checked during the eager warm-up steps and refused with the reason. A learning
   rate changed by a schedule after the capture is not seen either (not detectable here).
   Dropout is fine: its GPU masks come from a Philox stream whose offset the kernels advance

@@ -1,15 +1,16 @@
 """Random numbers for minidl: one generator per device, seeded together by `manual_seed`.
 
 Every random draw in minidl (weight initialisation, dropout masks, `randn`, ...) goes
-through `generator(xp)`, so `minidl.manual_seed(0)` makes a run repeatable.
+through `generator(xp)`, except GPU dropout (below), so `minidl.manual_seed(0)` makes a run
+repeatable.
 
     cpu  a numpy.random.Generator (PCG64)
     gpu  a cupy.random.RandomState, created the first time it is asked for, so a
          CPU-only run never imports CuPy; it gets the last seed given to manual_seed.
-
-    gpu dropout masks come from a third stream, Philox (`dropout_mask`, kernels/gpu.py), whose
-         seed and offset live in a small device array: a CUDA graph can replay the draw and
-         still get new numbers each time (`philox_state`). On the CPU dropout keeps NumPy's.
+    gpu  dropout masks only: Philox (`dropout_mask`, kernels/gpu.py), keyed by the last seed,
+         whose offset lives in a small device array (`philox_state`) that the kernels advance,
+         so a CUDA graph replaying the draw gets new numbers each time. (CPU dropout draws
+         from NumPy's generator like everything else.)
 
 The devices draw different streams: the same seed gives repeatable, not identical,
 numbers on CPU and GPU. Use `uniform(xp, ...)`, `normal(xp, ...)` and `integers(xp, ...)`
