@@ -1142,3 +1142,107 @@ def round_bfloat16(a):
     _launch("round_bfloat16_kernel", np.dtype(np.float32), a.size,
             (a.view(np.int32), out.view(np.int32)) + _i(a.size))
     return out
+
+
+# ---------------------------------------------------------------------- counter-based random numbers
+# Dropout masks a CUDA graph can replay: Philox4x32-10 (see reference.philox4x32; Salmon et
+# al., SC 2011) reads its key and counter from a (2,) int64 device array state = (seed,
+# offset), and a second one-thread launch moves the offset past the blocks drawn. Nothing on
+# the host changes from draw to draw, so each replay of a graph draws new numbers.
+PHILOX_SRC = r"""
+// The Philox4x32 bijection, 10 rounds, on c in place with key (k0, k1).
+__device__ inline void philox4x32_10(unsigned int c[4], unsigned int k0, unsigned int k1) {
+    for (int r = 0; r < 10; ++r) {
+        if (r > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
+        const unsigned long long p0 = (unsigned long long)0xD2511F53u * c[0];
+        const unsigned long long p1 = (unsigned long long)0xCD9E8D57u * c[2];
+        const unsigned int c1 = c[1], c3 = c[3];
+        c[0] = (unsigned int)(p1 >> 32) ^ c1 ^ k0;
+        c[1] = (unsigned int)p1;
+        c[2] = (unsigned int)(p0 >> 32) ^ c3 ^ k1;
+        c[3] = (unsigned int)p0;
+    }
+}
+
+// Block b of the stream at state = (seed, offset): counter offset + b, key seed (64 bits each,
+// low word first), as reference.philox_uint32.
+__device__ inline void philox_block(const long long* state, const unsigned long long b,
+                                    unsigned int w[4]) {
+    const unsigned long long key = (unsigned long long)state[0];
+    const unsigned long long ctr = (unsigned long long)state[1] + b;
+    w[0] = (unsigned int)ctr; w[1] = (unsigned int)(ctr >> 32); w[2] = 0u; w[3] = 0u;
+    philox4x32_10(w, (unsigned int)key, (unsigned int)(key >> 32));
+}
+
+// n words, one thread per block t of four (total = Q = ceil(n / 4)); word j is number t + j*Q.
+extern "C" __global__ void philox_bits_kernel(const long long* state, int* out, const I total,
+                                              const I n) {
+    GRID_STRIDE {
+        unsigned int w[4];
+        philox_block(state, (unsigned long long)t, w);
+        for (int j = 0; j < 4; ++j)
+            if (t + j * total < n) out[t + j * total] = (int)w[j];
+    }
+}
+
+// A dropout mask of n values, as philox_bits_kernel: scale where (word >> 8) >= threshold
+// (reference.keep_threshold), else 0.
+extern "C" __global__ void dropout_mask_kernel(const long long* state, T* mask, const I total,
+                                               const I n, const int threshold, const T scale) {
+    GRID_STRIDE {
+        unsigned int w[4];
+        philox_block(state, (unsigned long long)t, w);
+        for (int j = 0; j < 4; ++j)
+            if (t + j * total < n)
+                mask[t + j * total] = (w[j] >> 8) >= (unsigned int)threshold ? scale : (T)0;
+    }
+}
+
+// After a draw (stream order: the draw's kernel has read the offset): offset += blocks.
+extern "C" __global__ void philox_advance_kernel(long long* state, const I total,
+                                                 const long long blocks) {
+    GRID_STRIDE { state[1] += blocks; }
+}
+"""
+SOURCES += (PHILOX_SRC,)
+KERNEL_NAMES += ("philox_bits_kernel", "dropout_mask_kernel", "philox_advance_kernel")
+
+
+def _philox_state(state):
+    if state.dtype != np.int64 or state.shape != (2,):
+        raise TypeError(f"the Philox state must be a (2,) int64 device array (seed, offset), "
+                        f"got {state.dtype} of shape {state.shape}; use minidl.random's.")
+    return state
+
+
+def _philox_advance(state, blocks):
+    _launch("philox_advance_kernel", np.dtype(np.float32), 1,
+            (state,) + _i(1) + (np.int64(blocks),))
+
+
+def philox_uint32(state, n):
+    """The next n uint32 words of the Philox stream at state (seed, offset), a (2,) int64
+    device array whose offset is then advanced; two launches. See reference.philox_uint32."""
+    state = _philox_state(state)
+    q = _reference.philox_blocks(n)
+    out = _xp().empty(int(n), dtype=np.uint32)
+    _launch("philox_bits_kernel", np.dtype(np.float32), q,
+            (state, out.view(np.int32)) + _i(q, n))
+    _philox_advance(state, q)
+    return out
+
+
+def dropout_mask(state, shape, p, dtype):
+    """A dropout mask of `shape` (values 0 or 1 / (1 - p), 0 <= p < 1) from the Philox stream
+    at state, whose offset is then advanced: two launches, nothing read on the host. See
+    reference.dropout_mask; dtypes other than float32/float64 are drawn as float32 and cast."""
+    state = _philox_state(state)
+    dtype = np.dtype(dtype)
+    draw = dtype if dtype in _CTYPES else np.dtype(np.float32)
+    mask = _xp().empty(tuple(shape), dtype=draw)
+    n, q = mask.size, _reference.philox_blocks(mask.size)
+    _launch("dropout_mask_kernel", draw, q,
+            (state, mask) + _i(q, n)
+            + (np.int32(_reference.keep_threshold(p)), draw.type(1.0 / (1.0 - p))))
+    _philox_advance(state, q)
+    return mask.astype(dtype, copy=False)

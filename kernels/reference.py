@@ -440,3 +440,71 @@ def round_bfloat16(a):
     lsb = (u >> np.uint32(16)) & np.uint32(1)
     r = ((u + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(np.float32)
     return np.where(np.isnan(a), a, r)
+
+
+# ---------------------------------------------------------------------- counter-based random numbers
+# Philox4x32-10 (J. K. Salmon, M. A. Moraes, R. O. Dror, D. E. Shaw, "Parallel random numbers:
+# as easy as 1, 2, 3", SC 2011): a keyed bijection of a 128-bit counter, so the n-th random
+# block is a pure function of (key, n). No state but a counter: a GPU thread computes its own
+# numbers, and a CUDA graph can replay a draw with a counter (offset) kept on the device.
+# The constants are the paper's Philox4x32: two round multipliers and the key's per-round
+# increments (the golden ratio and sqrt(3) - 1 as 32-bit fractions).
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(counter, key, rounds=10):
+    """The Philox4x32 bijection. counter (..., 4) and key (..., 2), uint32 -> (..., 4) uint32.
+
+    One round multiplies words 0 and 2 by the multipliers (64-bit products split into high
+    and low halves) and mixes the high halves with words 1 and 3 and the key:
+        (c0, c1, c2, c3) -> (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0))
+    and the key grows by PHILOX_W before every round but the first.
+    """
+    c = [np.asarray(counter, np.uint32)[..., i].astype(np.uint64) for i in range(4)]
+    k0, k1 = (np.asarray(key, np.uint32)[..., i].astype(np.uint64) for i in range(2))
+    m0, m1 = (np.uint64(m) for m in PHILOX_M)
+    for r in range(rounds):
+        if r > 0:
+            k0, k1 = (k0 + np.uint64(PHILOX_W[0])) & _U32, (k1 + np.uint64(PHILOX_W[1])) & _U32
+        p0, p1 = m0 * c[0], m1 * c[2]          # < 2^64: exact in uint64
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _U32,
+             (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _U32]
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def philox_blocks(n):
+    """How many 4-word Philox blocks n numbers use (what a draw advances the offset by)."""
+    return (int(n) + 3) // 4
+
+
+def philox_uint32(seed, offset, n):
+    """n uint32 words of the stream (seed, offset): block b (0 <= b < Q = philox_blocks(n))
+    is philox4x32(counter = offset + b as 64 bits (low word first, then 0, 0), key = seed as
+    64 bits (low word first)), and word j of block b is number b + j * Q. (That order lets
+    GPU thread b write four numbers Q apart: neighbouring threads, neighbouring addresses.)
+    """
+    q = philox_blocks(n)
+    seed, offset = int(seed) % 2 ** 64, int(offset) % 2 ** 64
+    block = (np.uint64(offset) + np.arange(q, dtype=np.uint64))      # wraps mod 2^64
+    zero = np.zeros(q, np.uint64)
+    counter = np.stack([block & _U32, block >> np.uint64(32), zero, zero], axis=-1)
+    key = np.array([seed & 0xFFFFFFFF, seed >> 32], np.uint64)
+    words = philox4x32(counter.astype(np.uint32), key.astype(np.uint32))   # (Q, 4)
+    return np.ascontiguousarray(words.T).reshape(-1)[:n]
+
+
+def keep_threshold(p):
+    """Dropout keeps a number u (a uint32 word) when its top 24 bits, read as a fraction
+    (u >> 8) / 2^24 in [0, 1), are >= p: that is (u >> 8) >= ceil(p * 2^24), this integer."""
+    return int(np.ceil(float(p) * 2 ** 24))
+
+
+def dropout_mask(seed, offset, shape, p, dtype):
+    """The dropout mask of `shape` the GPU draws at (seed, offset): scale = 1 / (1 - p) where
+    the stream's word keeps (keep_threshold), else 0; dtype float32 or float64. 0 <= p < 1."""
+    n = int(np.prod(shape, dtype=np.int64))
+    keep = (philox_uint32(seed, offset, n) >> np.uint32(8)) >= np.uint32(keep_threshold(p))
+    dtype = np.dtype(dtype)
+    return np.where(keep, dtype.type(1.0 / (1.0 - p)), dtype.type(0)).reshape(shape)

@@ -24,10 +24,13 @@ What a step must satisfy, because a replay repeats the recorded kernels and noth
   (minidl.device_checks); the checks a captured step makes are re-armed after every replay,
   so each replayed batch is checked at the caller's next read;
 * no Python-side state that changes from step to step and feeds a kernel: random numbers
-  drawn on the host side (dropout masks, augmentation), or an optimizer whose update uses a
-  step count kept in Python (Adam's bias correction): replays would reuse the captured value.
+  drawn from minidl's host-side generators (`minidl.rand`, random augmentation), or an
+  optimizer whose update uses a step count kept in Python (Adam's bias correction): replays
+  would reuse the captured value.
   Both are checked during the eager warm-up steps and refused with the reason. A learning
   rate changed by a schedule after the capture is not seen either (not detectable here).
+  Dropout is fine: its GPU masks come from a Philox stream whose offset the kernels advance
+  on the device (minidl.random.dropout_mask), so every replay draws new masks.
 
 `fallback=True` returns a step that runs eagerly instead of raising, with the one-line reason
 in `.reason` (also warned once).
@@ -104,14 +107,17 @@ def _frozen_numbers_reason(changed):
 
 def host_state_changes(step_fn, batch, optimizer=None):
     """Run step_fn(*batch) once eagerly and list why a graph of it would replay wrongly:
-    draws from minidl's random generators, and optimizer numbers kept in Python that changed.
-    Works on any device (a CPU run shows whether the step will capture). Returns (output,
-    reasons)."""
+    draws from minidl's host-side random generators, and optimizer numbers kept in Python
+    that changed. Dropout masks are not such draws: on the GPU they come from the graph-safe
+    Philox stream, which never asks for a generator, and on the CPU their NumPy draws are
+    marked (minidl.random.drawing_graph_safe). Works on any device (a CPU run shows whether
+    the step will capture). Returns (output, reasons)."""
     draws = []
     original = _random.generator
 
     def counting(*args, **kwargs):
-        draws.append(1)
+        if not _random.drawing_graph_safe():
+            draws.append(1)
         return original(*args, **kwargs)
 
     before = _host_numbers(optimizer)
@@ -122,9 +128,9 @@ def host_state_changes(step_fn, batch, optimizer=None):
         _random.generator = original
     reasons = []
     if draws:
-        reasons.append("the step draws random numbers from minidl's generator (dropout, "
-                       "random augmentation), which a replay would repeat; use the model in "
-                       "eval mode or draw the randomness outside the step")
+        reasons.append("the step draws random numbers from minidl's host-side generator "
+                       "(minidl.rand/randn, random augmentation), which a replay would "
+                       "repeat; draw them outside the step and pass them in as inputs")
     after = _host_numbers(optimizer)
     changed = [k for k in after if k in before and after[k] != before[k]]
     if changed:

@@ -1,13 +1,18 @@
 """Random numbers for minidl: one generator per device, seeded together by `manual_seed`.
 
 Every random draw in minidl (weight initialisation, dropout masks, `randn`, ...) goes
-through `generator(xp)`, so `minidl.manual_seed(0)` makes a run repeatable.
+through `generator(xp)`, except GPU dropout (below), so `minidl.manual_seed(0)` makes a run
+repeatable.
 
     cpu  a numpy.random.Generator (PCG64)
     gpu  a cupy.random.RandomState, created the first time it is asked for, so a
          CPU-only run never imports CuPy; it gets the last seed given to manual_seed.
+    gpu  dropout masks only: Philox (`dropout_mask`, kernels/gpu.py), keyed by the last seed,
+         whose offset lives in a small device array (`philox_state`) that the kernels advance,
+         so a CUDA graph replaying the draw gets new numbers each time. (CPU dropout draws
+         from NumPy's generator like everything else.)
 
-The two devices draw different streams: the same seed gives repeatable, not identical,
+The devices draw different streams: the same seed gives repeatable, not identical,
 numbers on CPU and GPU. Use `uniform(xp, ...)`, `normal(xp, ...)` and `integers(xp, ...)`
 rather than the generator's own methods; they hide the small API differences.
 
@@ -25,6 +30,11 @@ _generators = {}     # "numpy" / "cupy" -> generator
 # state is "a generator freshly seeded with _cupy_seed, nothing drawn yet" (see get_rng_state).
 _cupy_seed = None    # the seed the current (or next, lazily made) CuPy generator starts from
 _cupy_drawn = False  # True once that generator was handed out for drawing
+# The graph-safe GPU stream: Philox key (63 bits, so it fits an int64) and, per GPU id, a (2,)
+# int64 device array (key, offset) that the dropout kernels read and advance themselves.
+_philox_key = None   # from manual_seed / set_rng_state; None: made from OS entropy at first use
+_philox = {}         # device id -> CuPy array (key, offset)
+_graph_safe = 0      # > 0 while drawing numbers that the GPU draws graph-safely (dropout_mask)
 
 
 def manual_seed(seed):
@@ -34,6 +44,7 @@ def manual_seed(seed):
         raise ValueError(f"manual_seed() needs a non-negative integer, got {seed!r}.")
     _seed = int(seed)
     _cupy_seed, _cupy_drawn = _seed, False
+    _reset_philox(_seed % 2 ** 63, 0)
     _generators["numpy"] = numpy.random.default_rng(_seed)
     # Reseed CuPy now only if it is already loaded; otherwise `generator` does it lazily.
     _generators.pop("cupy", None)
@@ -102,7 +113,9 @@ def get_rng_state():
              "numpy": NumPy's bit_generator state, with PCG64's 128-bit integers as (2,) uint64
                       arrays: {"bit_generator": "PCG64", "state": {"state": (2,), "inc": (2,)},
                       "has_uint32": int, "uinteger": int},
-             "cupy": {"seed": int}}     (only when CuPy is loaded or was used)
+             "cupy": {"seed": int},     (only when CuPy is loaded or was used)
+             "philox": {"seed": int, "offset": int}}   (the same; the current GPU's dropout
+                      stream: reading its offset waits for the GPU)
 
     The GPU part: cuRAND keeps its position in the stream on the device and CuPy offers no way
     to read it, so when GPU numbers have been drawn since the last call this function re-seeds
@@ -123,6 +136,7 @@ def get_rng_state():
             _cupy_seed, _cupy_drawn = _fresh_cupy_seed(_cupy_seed), False
             _generators.pop("cupy", None)   # made again, from _cupy_seed, at the next draw
         state["cupy"] = {"seed": _cupy_seed}
+        state["philox"] = _philox_position()
     return state
 
 
@@ -130,7 +144,8 @@ def set_rng_state(state):
     """Put minidl's random streams back where get_rng_state(), maybe saved and loaded with
     minidl.save/minidl.load, found them: the next draws repeat the ones that followed it.
 
-    A state without a "cupy" entry restarts the GPU stream from its "seed" (as manual_seed does).
+    A state without a "cupy" (or "philox") entry restarts that GPU stream from its "seed" (as
+    manual_seed does).
     """
     global _seed, _cupy_seed, _cupy_drawn
     if not isinstance(state, dict) or not isinstance(state.get("numpy"), dict):
@@ -140,6 +155,7 @@ def set_rng_state(state):
     bad_seed = isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0
     if seed is not None and bad_seed:
         raise ValueError(f"the 'seed' of an RNG state must be a non-negative integer or None, got {seed!r}.")
+    philox = _philox_entry(state.get("philox"), seed)      # checked before anything changes
     bits = dict(state["numpy"])
     gen = generator(numpy)
     current = type(gen.bit_generator).__name__
@@ -156,6 +172,7 @@ def set_rng_state(state):
     _cupy_seed = int(cupy_state["seed"]) if isinstance(cupy_state, dict) else _seed
     _cupy_drawn = False
     _generators.pop("cupy", None)       # made again, from _cupy_seed, at the next GPU draw
+    _reset_philox(*philox)
 
 
 def _float_dtype(dtype):
@@ -200,3 +217,85 @@ def integers(xp, low, high, shape, dtype=numpy.int64):
 def permutation(xp, n):
     """A random permutation of range(n) (e.g. to shuffle a data set)."""
     return generator(xp).permutation(n)
+
+
+# ----------------------------------------------------------------------------- graph-safe dropout
+def dropout_mask(xp, shape, p, dtype):
+    """A dropout mask of `shape` on xp's device: 1 / (1 - p) where kept (probability 1 - p),
+    else 0, of `dtype`. 0 <= p < 1.
+
+    GPU: drawn by Philox from philox_state(xp) in two launches that also move the stream's
+    offset on the device, so the host state does not change and a CUDA graph of the step
+    draws new masks on every replay. CPU: NumPy's generator, as every other CPU draw (these
+    draws are marked graph-safe, so minidl.cuda.host_state_changes on the CPU tells which
+    steps will capture on the GPU).
+    """
+    dtype = numpy.dtype(dtype)
+    if xp.__name__ != "numpy":
+        from kernels import gpu     # CuPy arrays: the GPU bundle is importable
+        return gpu.dropout_mask(philox_state(xp), shape, p, dtype)
+    global _graph_safe
+    _graph_safe += 1
+    try:
+        keep = uniform(xp, shape, dtype=dtype) >= dtype.type(p)
+    finally:
+        _graph_safe -= 1
+    return keep * dtype.type(1.0 / (1.0 - p))
+
+
+def drawing_graph_safe():
+    """True while dropout_mask draws (what host_state_changes does not count as a host draw)."""
+    return _graph_safe > 0
+
+
+def philox_state(xp):
+    """The current GPU's graph-safe stream: a (2,) int64 device array (key, offset), made at
+    the first use from the last seed. Kernels read it and advance the offset themselves."""
+    device = xp.cuda.Device().id
+    state = _philox.get(device)
+    if state is None:
+        state = _philox[device] = xp.array([_current_philox_key(), 0], dtype=xp.int64)
+    return state
+
+
+def _current_philox_key():
+    global _philox_key
+    if _philox_key is None:
+        _philox_key = _fresh_cupy_seed(None)      # 63 bits of OS entropy
+    return _philox_key
+
+
+def _philox_entry(entry, seed):
+    """(key, offset) to restart Philox from: an RNG state's "philox" entry, or without one the
+    state's seed at offset 0 (None: fresh entropy)."""
+    if entry is None:
+        return (None if seed is None else int(seed) % 2 ** 63), 0
+    if not isinstance(entry, dict) or set(entry) != {"seed", "offset"}:
+        raise ValueError("the 'philox' entry of an RNG state must be a dict with 'seed' and "
+                         "'offset'; pass the dict get_rng_state returned.")
+    key, offset = int(entry["seed"]), int(entry["offset"])
+    if not (0 <= key < 2 ** 63 and 0 <= offset < 2 ** 63):
+        raise ValueError(f"the Philox seed and offset of an RNG state must be in [0, 2^63), got "
+                         f"{key} and {offset}; pass the dict get_rng_state returned.")
+    return key, offset
+
+
+def _reset_philox(key, offset):
+    """Restart the Philox stream at (key, offset); key None: fresh entropy at the next use.
+    The device arrays are written in place: a captured CUDA graph keeps their addresses."""
+    global _philox_key
+    _philox_key = key
+    for device, state in _philox.items():
+        cuda = sys.modules["cupy"].cuda
+        if device == cuda.Device().id:
+            state[0], state[1] = _current_philox_key(), int(offset)
+        else:
+            with cuda.Device(device):     # kernels (this fill too) run on the current GPU
+                state[0], state[1] = _current_philox_key(), int(offset)
+
+
+def _philox_position():
+    """{"seed", "offset"} of the current GPU's Philox stream (a host read of the offset)."""
+    state = _philox.get(sys.modules["cupy"].cuda.Device().id) if _philox else None
+    offset = 0 if state is None else int(state[1])
+    return {"seed": _current_philox_key(), "offset": offset}

@@ -123,7 +123,8 @@ XDIST=()
 if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
 GPU_TESTS=(tests/test_implicit_gemm.py tests/test_conv_implicit_gemm.py tests/test_precision.py
            tests/test_amp_pooling.py tests/test_grad_scaler_device.py tests/test_cuda_graphs.py
-           tests/test_graph_capture.py tests/test_fused_epilogues.py)
+           tests/test_graph_capture.py tests/test_fused_epilogues.py tests/test_philox.py
+           tests/test_dropout_graph_safe.py)
 run_step new_kernels 60 python3 -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
     "${GPU_TESTS[@]}"
 

@@ -295,3 +295,68 @@ def test_a_python_step_count_made_by_the_warm_up_is_refused_at_the_capture():
     assert "'step'" in steps.reason and "freeze" in steps.reason
     assert all(state["step"] == 3 for state in optimizer.state.values())
     np.testing.assert_allclose(graphed, eager, rtol=1e-6)
+
+
+# ------------------------------------------------------- every zoo model, dropout included
+# Dropout's GPU masks come from a Philox stream whose offset lives on the device
+# (minidl.random.philox_state), so the zoo models with dropout capture too. Tiny widths;
+# FCN's 100-pixel padding makes 16x16 inputs big enough (and FC-DenseNet needs 32x32).
+ZOO = {"unet": {"depth": 2, "features_root": 4, "padding": "same", "dropout": 0.5},
+       "deconvnet": {"fc_kernel": 1, "width": 1 / 16}}
+WITHOUT_DROPOUT = {"segnet", "deconvnet"}
+
+
+def zoo_model(name):
+    from seg import models
+    minidl.manual_seed(0)
+    return models.build(name, 2, in_channels=3, **ZOO.get(name, {"width": 1 / 16})).to("gpu")
+
+
+def zoo_names():
+    from seg import models
+    return models.available()
+
+
+def philox_offset():
+    return int(to_numpy(minidl.random.philox_state(backend.require_cupy()))[1])
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("name", zoo_names())
+def test_every_zoo_models_training_step_captures_with_its_dropout(name):
+    model = zoo_model(name)
+    assert model.training
+    optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    notes = []
+    steps = GraphedSteps(model, losses.get_loss("ce"), optimizer, "gpu", log=notes.append)
+    size = 16 if name.startswith("fcn") else 32
+    rng = np.random.default_rng(0)
+    x = minidl.tensor(rng.normal(size=(2, 3, size, size)).astype(np.float32), device="gpu")
+    y = backend.to_device(rng.integers(0, 2, size=(2, size, size)), "gpu")
+    assert np.isfinite(steps(x, y).item())          # the warm-up step, then the capture
+    assert notes == [] and steps.reason is None and steps.graphed.graphed
+    before = philox_offset()
+    assert np.isfinite(steps(x, y).item())          # a replay: new masks drawn on the device
+    assert (philox_offset() > before) == (name not in WITHOUT_DROPOUT)
+
+
+@GPU_ONLY
+def test_seg_trainer_with_cuda_graph_graphs_a_deeplab_with_dropout_and_trains_as_eager(tmp_path):
+    from seg import models
+
+    def trainer(out, cuda_graph):
+        minidl.manual_seed(0)
+        model = models.build("deeplab_largefov", 2, in_channels=1, width=1 / 16).to("gpu")
+        train_loader, val_loader = loaders(augment=False)
+        return Trainer(model, train_loader, val_loader, losses.get_loss("ce"),
+                       optim.SGD(model.parameters(), lr=1e-2, momentum=0.9),
+                       out_dir=tmp_path / out, device="gpu", progress=False, plot=False,
+                       log=None, cuda_graph=cuda_graph)
+    eager = trainer("eager", False).fit(2)
+    graph = trainer("graph", True)
+    graphed = graph.fit(2)
+    assert graph.graph.reason is None and graph.graph.graphed.graphed
+    # The replays drew the dropout masks the eager steps drew: the same history.
+    for key in ("train_loss", "val_loss", "val_dice"):
+        np.testing.assert_allclose([r[key] for r in graphed.history],
+                                   [r[key] for r in eager.history], rtol=1e-5, err_msg=key)

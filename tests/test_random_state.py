@@ -120,7 +120,8 @@ def standin_cupy(monkeypatch):
     cp = types.ModuleType("cupy")
     cp.random = types.SimpleNamespace(RandomState=_StandInRandomState)
     monkeypatch.setitem(sys.modules, "cupy", cp)
-    for name, value in (("_generators", {}), ("_seed", None), ("_cupy_seed", None), ("_cupy_drawn", False)):
+    for name, value in (("_generators", {}), ("_seed", None), ("_cupy_seed", None), ("_cupy_drawn", False),
+                        ("_philox", {}), ("_philox_key", None)):
         monkeypatch.setattr(mrandom, name, value)
     return cp
 

@@ -2,7 +2,9 @@
 
 "Inverted" dropout: the kept values are scaled by 1 / (1 - p) during training, so the
 expected activation is unchanged and evaluation needs no rescaling. Masks come from
-minidl.random's generator for the tensor's device, so manual_seed makes them repeatable.
+minidl.random.dropout_mask, so manual_seed makes them repeatable: on the GPU from a Philox
+stream whose position lives on the device (a CUDA graph of a step with dropout draws new
+masks on every replay), on the CPU from NumPy's generator.
 """
 from .. import backend
 from .. import random as _random
@@ -31,8 +33,7 @@ def _masked(x, p, mask_shape):
     if p == 1.0:   # everything dropped: 1 / (1 - p) is undefined, the output is just zero
         mask = xp.zeros(mask_shape, dtype=dtype)
     else:
-        keep = _random.uniform(xp, mask_shape, dtype=dtype) >= dtype.type(p)
-        mask = keep * dtype.type(1.0 / (1.0 - p))
+        mask = _random.dropout_mask(xp, mask_shape, p, dtype)
     return MaskMultiply.apply(x, mask=mask)
 
 
