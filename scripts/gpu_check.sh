@@ -116,7 +116,7 @@ run_step benchmark_small 45 python3 examples/benchmark_gpu.py --compare-torch --
 # ---- 2b. kernels never run on a GPU before: the implicit-GEMM kernels against their NumPy reference, every shape class and
 # precision (and the matmul-precision setting), and the GradScaler on the device (never run
 # on real CuPy before: 0-d views, where/copyto on flags, the loss-scaling kernels), CUDA-graph
-# replay against eager (bit for bit) and the fused conv epilogue.
+# replay against eager (bit for bit), the fused conv epilogue and the Philox dropout kernels.
 # pytest-xdist, where installed, spreads the tests over 8 worker processes (the GPU machines
 # have 16 cores).
 XDIST=()
