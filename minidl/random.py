@@ -34,6 +34,7 @@ _cupy_drawn = False  # True once that generator was handed out for drawing
 # int64 device array (key, offset) that the dropout kernels read and advance themselves.
 _philox_key = None   # from manual_seed / set_rng_state; None: made from OS entropy at first use
 _philox = {}         # device id -> CuPy array (key, offset)
+_philox_offset = 0   # where a stream made later (first use after a seed or a restore) starts
 _graph_safe = 0      # > 0 while drawing numbers that the GPU draws graph-safely (dropout_mask)
 
 
@@ -254,7 +255,8 @@ def philox_state(xp):
     device = xp.cuda.Device().id
     state = _philox.get(device)
     if state is None:
-        state = _philox[device] = xp.array([_current_philox_key(), 0], dtype=xp.int64)
+        state = _philox[device] = xp.array([_current_philox_key(), _philox_offset],
+                                           dtype=xp.int64)
     return state
 
 
@@ -283,8 +285,10 @@ def _philox_entry(entry, seed):
 def _reset_philox(key, offset):
     """Restart the Philox stream at (key, offset); key None: fresh entropy at the next use.
     The device arrays are written in place: a captured CUDA graph keeps their addresses."""
-    global _philox_key
-    _philox_key = key
+    global _philox_key, _philox_offset
+    # A restored offset must reach a stream made only after the restore too (a resumed run's
+    # first dropout comes after set_rng_state).
+    _philox_key, _philox_offset = key, int(offset)
     for device, state in _philox.items():
         cuda = sys.modules["cupy"].cuda
         if device == cuda.Device().id:
@@ -297,5 +301,5 @@ def _reset_philox(key, offset):
 def _philox_position():
     """{"seed", "offset"} of the current GPU's Philox stream (a host read of the offset)."""
     state = _philox.get(sys.modules["cupy"].cuda.Device().id) if _philox else None
-    offset = 0 if state is None else int(state[1])
+    offset = _philox_offset if state is None else int(state[1])
     return {"seed": _current_philox_key(), "offset": offset}

@@ -250,5 +250,7 @@ def test_random_generator_is_per_device(fake_cupy, monkeypatch):
     fake_cupy.random = types.SimpleNamespace(RandomState=lambda seed: seeds.append(seed) or "rs")
     monkeypatch.setattr(mrandom, "_generators", {})
     monkeypatch.setattr(mrandom, "_seed", mrandom._seed)
+    monkeypatch.setattr(mrandom, "_philox", {})    # earlier tests' GPU dropout streams
+    monkeypatch.setattr(mrandom, "_philox_key", mrandom._philox_key)
     mrandom.manual_seed(123)
     assert mrandom.generator(fake_cupy) == "rs" and seeds[-1] == 123

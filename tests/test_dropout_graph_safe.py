@@ -106,6 +106,20 @@ def test_rng_state_holds_the_philox_offset(tmp_path):
                                   ref.dropout_mask(5, 0, (10, 10), 0.5, np.float32))
 
 
+@GPU_ONLY
+def test_a_restored_offset_reaches_a_stream_made_after_the_restore(monkeypatch):
+    """A resumed run restores the RNG state before its first GPU dropout, i.e. before its
+    process has a Philox stream: the stream made then starts at the restored offset (it
+    once started at 0, so a killed-and-resumed run drew other masks than an unbroken one)."""
+    minidl.manual_seed(5)
+    state = dict(minidl.get_rng_state(), philox={"seed": 5, "offset": 40})
+    monkeypatch.setattr(mrandom, "_philox", {})        # a fresh process: no stream yet
+    minidl.set_rng_state(state)
+    assert minidl.get_rng_state()["philox"] == {"seed": 5, "offset": 40}
+    np.testing.assert_array_equal(to_numpy(F.dropout(ones((10, 10), "gpu"), 0.5).data),
+                                  ref.dropout_mask(5, 40, (10, 10), 0.5, np.float32))
+
+
 def test_a_bad_philox_entry_is_refused_and_changes_nothing():
     minidl.manual_seed(2)
     state = minidl.get_rng_state()
