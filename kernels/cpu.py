@@ -670,3 +670,7 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
 
 # bfloat16 rounding (autocast's casts): a few NumPy passes over the bits, as fast as a loop here.
 round_bfloat16 = reference.round_bfloat16
+
+# Class-id targets (the loss checks its host targets itself, in minidl/ops/loss.py).
+class_targets = reference.class_targets
+class_targets_record = reference.class_targets_record

@@ -1142,3 +1142,90 @@ def round_bfloat16(a):
     _launch("round_bfloat16_kernel", np.dtype(np.float32), a.size,
             (a.view(np.int32), out.view(np.int32)) + _i(a.size))
     return out
+
+
+# ---------------------------------------------------------------------- class-id targets
+# cross_entropy / nll_loss check their targets on the device (minidl/device_checks.py): as
+# CuPy expressions that was about 16 launches per call (comparisons, where, stack, take,
+# astype, the record's merge, the safe denominator); here it is two kernels around the one
+# reduction of the "mean" denominator.
+CLASS_TARGETS_SRC = r"""
+// One thread per target element (see reference.class_targets): safe = the id, or 0 where it
+// is ignore_index or outside [0, C); valid = 1 or 0 as T. The position of the first id
+// outside [0, C) goes into first_bad by an integer atomicMin, so the result does not depend
+// on the threads' order; class_targets_record_kernel reads it and resets it.
+extern "C" __global__ void class_targets_kernel(
+        const long long* target, long long* safe, T* valid, long long* first_bad,
+        const I total, const long long C, const long long ignore_index) {
+    GRID_STRIDE {
+        const long long v = target[t];
+        const bool ignored = v == ignore_index;
+        const bool bad = !ignored && (v < 0 || v >= C);
+        const bool keep = !ignored && !bad;
+        safe[t] = keep ? v : 0;
+        valid[t] = keep ? (T)1 : (T)0;
+        if (bad) atomicMin(first_bad, (long long)t);
+    }
+}
+
+// One thread (total = 1), after the denominator's sum: the check's record [failed, value of
+// the first bad id] (the record not read yet, old, is kept if it had failed: has_old), the
+// denominator made safe (1 unless > 0: every target ignored), and first_bad reset to
+// LLONG_MAX (none) for the next launch, inside a CUDA graph too.
+extern "C" __global__ void class_targets_record_kernel(
+        const long long* target, long long* first_bad, const long long* old, long long* record,
+        const T* den, T* safe_den, const I total, const int has_old) {
+    GRID_STRIDE {
+        const long long pos = *first_bad;
+        *first_bad = 0x7FFFFFFFFFFFFFFFLL;
+        if (has_old && old[0] != 0) {
+            record[0] = old[0];
+            record[1] = old[1];
+        } else {
+            record[0] = pos != 0x7FFFFFFFFFFFFFFFLL;
+            record[1] = record[0] ? target[pos] : 0;
+        }
+        *safe_den = *den > (T)0 ? *den : (T)1;
+    }
+}
+"""
+SOURCES += (CLASS_TARGETS_SRC,)
+KERNEL_NAMES += ("class_targets_kernel", "class_targets_record_kernel")
+_NO_BAD_ID = np.int64(2 ** 63 - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _first_bad(device_key):
+    # One per device, made once and kept; class_targets_record_kernel resets it after use.
+    return _xp().full((), _NO_BAD_ID, dtype=np.int64)
+
+
+def class_targets(target, c, ignore_index, dtype):
+    """target (any shape) ints -> (safe int64, valid of dtype), same shape, one launch; see
+    reference.class_targets. The first id outside [0, c) is left for class_targets_record."""
+    dtype = np.dtype(dtype)
+    if dtype not in _CTYPES:
+        raise TypeError(f"the GPU kernel class_targets writes float32 or float64 weights, got "
+                        f"{dtype}; pass the logits' dtype after casting it to float32.")
+    xp = _xp()
+    t = _index_input(target)
+    safe = xp.empty(t.shape, dtype=np.int64)
+    valid = xp.empty(t.shape, dtype=dtype)
+    _launch("class_targets_kernel", dtype, t.size,
+            (t, safe, valid, _first_bad(_device_key())) + _i(t.size)
+            + (np.int64(c), np.int64(ignore_index)))
+    return safe, valid
+
+
+def class_targets_record(target, c, ignore_index, denominator, old=None):
+    """After class_targets and the sum of its weights: -> (record (2,) int64, safe
+    denominator), one launch of one thread; see reference.class_targets_record."""
+    xp = _xp()
+    den, dtype = _float_input(denominator, "class_targets_record")
+    record = xp.empty(2, dtype=np.int64)
+    safe_den = xp.empty((), dtype=dtype)
+    _launch("class_targets_record_kernel", dtype, 1,
+            (_index_input(target), _first_bad(_device_key()),
+             record if old is None else old, record, den.reshape(()), safe_den)
+            + _i(1) + (np.int32(old is not None),))
+    return record, safe_den

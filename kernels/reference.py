@@ -440,3 +440,31 @@ def round_bfloat16(a):
     lsb = (u >> np.uint32(16)) & np.uint32(1)
     r = ((u + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(np.float32)
     return np.where(np.isnan(a), a, r)
+
+
+# ---------------------------------------------------------------------- class-id targets
+def class_targets(target, c, ignore_index, dtype):
+    """Class ids checked against c classes: target (any shape) ints -> (safe, valid), same
+    shape: safe (int64) the id, or 0 where it is ignore_index or outside [0, c); valid (dtype)
+    1 where the id counts, 0 where it is ignored or outside [0, c)."""
+    t = np.asarray(target).astype(np.int64)
+    keep = (t != ignore_index) & (t >= 0) & (t < c)
+    return np.where(keep, t, 0), keep.astype(dtype)
+
+
+def class_targets_record(target, c, ignore_index, denominator, old=None):
+    """What follows class_targets once its weights are summed -> (record, safe denominator).
+
+    record (2,) int64: [1, the first id outside [0, c) in flat order] or [0, 0] if none (the
+    record of a device check, minidl.device_checks); old, the same check's record not read
+    yet, is kept instead when it had failed. The safe denominator (0-d) is denominator where
+    it is > 0, else 1 (every target ignored: the sum is 0 and "mean" returns 0, not NaN).
+    """
+    t = np.asarray(target).astype(np.int64).reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= c))
+    if old is not None and old[0]:
+        record = np.array(old, dtype=np.int64)
+    else:
+        record = np.array([1, t[bad][0]] if bad.any() else [0, 0], dtype=np.int64)
+    den = np.asarray(denominator)
+    return record, np.where(den > 0, den, den.dtype.type(1))
