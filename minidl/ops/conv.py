@@ -94,8 +94,12 @@ def plan_for(geom, x_shape, c_out, x):
 # ---------------------------------------------------------------------- Functions
 def _bias_grad(gy):
     """gy (N, C, H, W) -> (C,): the sum over everything but the channel axis, as a
-    matrix-vector product (N*C, H*W) @ ones: 2-3x faster than NumPy's sum over axes (0, 2, 3)."""
+    matrix-vector product (N*C, H*W) @ ones: 2-3x faster than NumPy's sum over axes (0, 2, 3).
+    On the GPU the sum is one reduction kernel; the product would be three launches (the
+    ones' fill, the product, the sum over N)."""
     xp = backend.get_array_module(gy)
+    if backend.is_gpu_array(gy):
+        return gy.sum(axis=(0, 2, 3))
     n, c = gy.shape[:2]
     rows = xp.ascontiguousarray(gy).reshape(n * c, -1)
     return (rows @ xp.ones(rows.shape[1], dtype=gy.dtype)).reshape(n, c).sum(axis=0)

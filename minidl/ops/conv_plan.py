@@ -436,7 +436,9 @@ class WeightGrad:
 
     The sum is kept as gW itself, (G, rows*C_out/G, K/G) with rows = kh on the row route
     (its stacked kernel rows) and 1 otherwise, or (plan.transposed_weight_grad) as its
-    transpose (G, K/G, C_out/G).
+    transpose (G, K/G, C_out/G). On the GPU the first product is the sum (_add_product): no
+    zero fill and no add for it, 2 launches per conv (the CPU keeps adding to zeros, so its
+    results stay bit-for-bit those of before: 0 + -0.0 is +0.0).
     """
 
     def __init__(self, plan, x, w_shape, cols, dtype):
@@ -452,8 +454,9 @@ class WeightGrad:
         self.fed = False
         self.rows = geom.kh if self.extra else 1
         self.transposed = plan.transposed_weight_grad
-        shape = (G, self.k // G, cog) if self.transposed else (G, self.rows * cog, self.k // G)
-        self.gw = xp.zeros(shape, dtype=dtype)
+        self.shape = (G, self.k // G, cog) if self.transposed else (G, self.rows * cog, self.k // G)
+        self.dtype = dtype
+        self.gw = xp.zeros(self.shape, dtype=dtype) if plan.device == "cpu" else None
 
     def columns(self, n0, n1, r0, r1):
         """The columns of samples n0:n1, output rows r0:r1: (n, G, K/G, rows*wo)."""
@@ -482,18 +485,23 @@ class WeightGrad:
         if self.plan.device == "cpu":
             # One batched product (NumPy hands each sample's transposed view to BLAS as a
             # transpose flag), then the sum over samples.
-            self.gw += xp.matmul(a, b.transpose(0, 1, 3, 2)).sum(axis=0)
+            self._add_product(xp.matmul(a, b.transpose(0, 1, 3, 2)).sum(axis=0))
         elif geom.groups == 1:
             # 2-D products per sample: the .T of a C-contiguous matrix is F-contiguous, which
             # cuBLAS takes as a transpose flag, so nothing is copied (CuPy's batched matmul
-            # copies a transposed view); the temporary stays small. The sum goes into a view
-            # of gw: `self.gw[0] += p` would also copy the result back onto itself (a launch).
-            gw = self.gw[0]
+            # copies a transposed view); the temporary stays small.
             for s in range(n1 - n0):
-                gw += xp.matmul(a[s, 0], b[s, 0].T)
+                self._add_product(xp.matmul(a[s, 0], b[s, 0].T)[None])
         else:   # grouped convs: small blocks, one batched product per sample
             for s in range(n1 - n0):
-                self.gw += xp.matmul(a[s], b[s].transpose(0, 2, 1))
+                self._add_product(xp.matmul(a[s], b[s].transpose(0, 2, 1)))
+
+    def _add_product(self, p):
+        """gW += p, p of gW's shape; the first p becomes gW (GPU: gW starts as None)."""
+        if self.gw is None:
+            self.gw = p
+        else:
+            self.gw += p     # same shapes: an add in place (`gw[0] += p` would copy back too)
 
     def _fold_batch(self, n0, n1, r0, r1):
         """Whether the GPU sums this piece in one GEMM over its samples (_add_folded): whole
@@ -513,8 +521,7 @@ class WeightGrad:
         cols = kernels.for_array(x).im2col_rows(x[n0:n1], u.kh, u.kw, u.sh, u.sw, u.ph, u.pw,
                                                 u.dh, u.dw, u.ho, u.wo)          # (K, n*L)
         gy_t = xp.ascontiguousarray(gy_p[:, 0].transpose(1, 0, 2)).reshape(gy_p.shape[2], -1)
-        gw = self.gw[0]
-        gw += xp.matmul(gy_t, cols.T)
+        self._add_product(xp.matmul(gy_t, cols.T)[None])
 
     def add_all(self, gy):
         """Every piece of gy (N, C_out, ho, wo): kept or 1x1 columns in one, else pieces."""
@@ -527,6 +534,8 @@ class WeightGrad:
             self.add(gy_blocks[n0:n1, :, :, r0 * geom.wo:r1 * geom.wo], n0, n1, r0, r1)
 
     def result(self):
+        if self.gw is None:                     # nothing added (an empty batch)
+            self.gw = self.xp.zeros(self.shape, dtype=self.dtype)
         G, c_out, c_in_g = self.plan.geom.groups, self.w_shape[0], self.w_shape[1]
         cog, taps = c_out // G, self.k // G // c_in_g      # taps: kh*kw, or kw (row route)
         if self.transposed:                     # (G, C/G * taps, C_out/G)
