@@ -84,18 +84,20 @@ COL2IM_SRC = r"""
 // A gather: one thread per pixel visits the kh*kw taps; tap (i, j) was read by output
 // position (oy, ox) only if iy + ph - i*dh is a non-negative multiple of sh (same for x).
 // Stride 1 (most layers) skips the divisibility test, which costs an integer division.
+// The columns' layout is two strides: from one sample's columns to the next (sample_step)
+// and from one row (c, i, j) to the next (row_step): (N, C*kh*kw, L) has L*C*kh*kw and L,
+// im2col_rows' (C*kh*kw, N*L) has L and N*L.
 extern "C" __global__ void col2im_kernel(
         const T* cols, T* x, const I total,
         const I C, const I H, const I W,
         const I kh, const I kw, const I sh, const I sw,
         const I ph, const I pw, const I dh, const I dw,
-        const I ho, const I wo) {
-    const I L = ho * wo;
+        const I ho, const I wo, const I sample_step, const I row_step) {
     GRID_STRIDE {
         I r = t;
         const I ix = r % W; r /= W;
         const I iy = r % H; r /= H;             // now r = n * C + c
-        const T* rows = cols + r * kh * kw * L; // row (n, c, i=0, j=0)
+        const T* rows = cols + (r / C) * sample_step + (r % C) * kh * kw * row_step;
         T s = (T)0;
         for (I i = 0; i < kh; ++i) {
             const I ty = iy + ph - i * dh;      // = oy * sh
@@ -109,7 +111,7 @@ extern "C" __global__ void col2im_kernel(
                 if (sw != 1 && tx % sw != 0) continue;
                 const I ox = sw == 1 ? tx : tx / sw;
                 if (ox >= wo) continue;
-                s += rows[(i * kw + j) * L + oy * wo + ox];
+                s += rows[(i * kw + j) * row_step + oy * wo + ox];
             }
         }
         x[t] = s;
@@ -585,10 +587,11 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
 def col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """cols (N, C*kh*kw, ho*wo) -> x (N, C, h, w), summing overlaps (a gather per pixel)."""
     cols, dtype = _float_input(cols, "col2im")
-    n = cols.shape[0]
+    n, L = cols.shape[0], ho * wo
     x = _xp().empty((n, c, h, w), dtype=dtype)
     _launch("col2im_kernel", dtype, x.size,
-            (cols, x) + _i(x.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+            (cols, x) + _i(x.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo,
+                           c * kh * kw * L, L))
     return x
 
 
@@ -980,17 +983,18 @@ extern "C" __global__ void bias_relu_kernel(
 // Its backward from the output y: gx = gy where y > 0, else 0, and per channel c the partial
 // sums of gx (the bias gradient) over values k, k + K, k + 2K, ... of the channel's M = N*S,
 // as batchnorm_backward_reduce_kernel: thread (c, k) writes those K-strided gx values too,
-// so one pass does both; the wrapper adds up the K partial sums.
+// so one pass does both; the wrapper adds up the K partial sums. channel_major: gx is written
+// (C, N, S) instead, the layout the conv's backward multiplies with (ConvPlan.backward).
 extern "C" __global__ void relu_bias_backward_kernel(
         const T* gy, const T* y, T* gx, T* part, const I total, const I C, const I S,
-        const I M, const I K) {
+        const I M, const I K, const int channel_major) {
     GRID_STRIDE {
         const I c = t / K;
         T sum = (T)0;
         for (I j = t % K; j < M; j += K) {
             const I a = ((j / S) * C + c) * S + j % S;
             const T g = y[a] > (T)0 ? gy[a] : (T)0;
-            gx[a] = g;
+            gx[channel_major ? c * M + j : a] = g;
             sum += g;
         }
         part[t] = sum;
@@ -1048,18 +1052,20 @@ def bias_relu(y, bias):
     return y
 
 
-def relu_bias_backward(gy, y, bias_grad=True):
-    """gy, y (N, C, S) -> (gx, gbias (C,) or None): two launches (the masked gradient with
-    per-channel partial sums, then their sum); see reference.relu_bias_backward."""
+def relu_bias_backward(gy, y, bias_grad=True, channel_major=False):
+    """gy, y (N, C, S) -> (gx (N, C, S), or (C, N, S) if channel_major; gbias (C,) or None):
+    two launches (the masked gradient with per-channel partial sums, then their sum); see
+    reference.relu_bias_backward."""
     gy, dtype = _float_input(gy, "relu_bias_backward")
     xp = _xp()
     n, c, s = gy.shape
     m = n * s
     lanes = max(1, min(_BN_LANES, m))
-    gx = xp.empty_like(gy)
+    gx = xp.empty((c, n, s) if channel_major else (n, c, s), dtype=dtype)
     part = xp.empty((c, lanes), dtype=dtype)
     _launch("relu_bias_backward_kernel", dtype, c * lanes,
-            (gy, _same(y, dtype, xp), gx, part) + _i(c * lanes, c, s, m, lanes))
+            (gy, _same(y, dtype, xp), gx, part) + _i(c * lanes, c, s, m, lanes)
+            + (np.int32(bool(channel_major)),))
     return gx, part.sum(axis=1) if bias_grad else None
 
 
@@ -1108,6 +1114,17 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     _launch("im2col_rows_kernel", dtype, total,
             (x, cols) + _i(total, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
     return cols
+
+
+def col2im_rows(cols, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """The adjoint of im2col_rows: cols (C*kh*kw, N*ho*wo) -> x (N, C, h, w), one launch of
+    col2im_kernel with that layout's strides; see reference.col2im_rows."""
+    cols, dtype = _float_input(cols, "col2im_rows")
+    L = ho * wo
+    x = _xp().empty((n, c, h, w), dtype=dtype)
+    _launch("col2im_kernel", dtype, x.size,
+            (cols, x) + _i(x.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, L, n * L))
+    return x
 
 
 # ---------------------------------------------------------------------- bfloat16 rounding

@@ -411,12 +411,14 @@ def bias_relu(y, bias):
     return np.maximum(y, 0)
 
 
-def relu_bias_backward(gy, y, bias_grad=True):
+def relu_bias_backward(gy, y, bias_grad=True, channel_major=False):
     """The adjoint of bias_relu, from its output y (N, C, S) and gy (N, C, S):
     gx = gy where y > 0 else 0 (the gradient of the conv's output), and the bias gradient
-    gbias (C,) = the sum of gx over N and S (None unless bias_grad)."""
+    gbias (C,) = the sum of gx over N and S (None unless bias_grad). channel_major: gx is
+    returned as (C, N, S), C-contiguous."""
     gx = gy * (y > 0)
-    return gx, gx.sum(axis=(0, 2)) if bias_grad else None
+    gb = gx.sum(axis=(0, 2)) if bias_grad else None
+    return (np.ascontiguousarray(gx.transpose(1, 0, 2)) if channel_major else gx), gb
 
 
 # ---------------------------------------------------------------------- im2col, batch in the columns
@@ -426,6 +428,14 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     over the samples in one matrix product."""
     cols = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)       # (N, K, L)
     return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
+
+
+def col2im_rows(cols, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """The adjoint of im2col_rows: cols (C*kh*kw, N*ho*wo) -> x (N, C, h, w), overlaps
+    summed (col2im of the same columns in im2col's layout)."""
+    per_sample = cols.reshape(cols.shape[0], n, ho * wo).transpose(1, 0, 2)
+    return col2im(np.ascontiguousarray(per_sample), c, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
+                  ho, wo)
 
 
 # ---------------------------------------------------------------------- bfloat16 rounding
