@@ -431,7 +431,6 @@ class ConvPlan:
             gw = acc.result()
         return gx, gw
 
-
     def folds(self, n, dtype):
         """Whether backward runs folded for a batch of n (_backward_folded): on the GPU, a
         plain im2col conv (groups 1) whose columns for the whole batch are one piece."""
