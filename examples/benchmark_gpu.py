@@ -297,7 +297,7 @@ def step_breakdown(clock, step, opt):
     bundle = importlib.import_module("kernels.gpu" if clock.cp is not None else "kernels.cpu")
     bd = torch_compare.Breakdown(clock)
     bd.wrap(clock.xp, "matmul", "GEMMs")
-    for name in ("im2col", "col2im"):
+    for name in ("im2col", "col2im", "im2col_rows", "col2im_rows"):
         bd.wrap(bundle, name, "im2col/col2im")
     from kernels import implicit_gemm
     for name in ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"):

@@ -650,15 +650,17 @@ def bias_relu(y, bias):
     return np.maximum(y, y.dtype.type(0), out=y)
 
 
-def relu_bias_backward(gy, y, bias_grad=True):
+def relu_bias_backward(gy, y, bias_grad=True, channel_major=False):
     """-> (gx, gbias); see reference.relu_bias_backward. The bias gradient as a
-    matrix-vector product (N*C, S) @ ones: 2-3x faster than NumPy's sum over axes (0, 2)."""
+    matrix-vector product (N*C, S) @ ones: 2-3x faster than NumPy's sum over axes (0, 2).
+    (channel_major is for the bundles' parity: the CPU's conv plans never ask for it.)"""
     gx = gy * (y > 0)
-    if not bias_grad:
-        return gx, None
-    n, c = gx.shape[:2]
-    rows = gx.reshape(n * c, -1)
-    return gx, (rows @ np.ones(rows.shape[1], dtype=gx.dtype)).reshape(n, c).sum(axis=0)
+    gb = None
+    if bias_grad:
+        n, c = gx.shape[:2]
+        rows = gx.reshape(n * c, -1)
+        gb = (rows @ np.ones(rows.shape[1], dtype=gx.dtype)).reshape(n, c).sum(axis=0)
+    return (np.ascontiguousarray(gx.transpose(1, 0, 2)) if channel_major else gx), gb
 
 
 def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
@@ -668,5 +670,12 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
 
 
+col2im_rows = reference.col2im_rows     # its adjoint (GPU only in the conv plans, too)
+
+
 # bfloat16 rounding (autocast's casts): a few NumPy passes over the bits, as fast as a loop here.
 round_bfloat16 = reference.round_bfloat16
+
+# Class-id targets (the loss checks its host targets itself, in minidl/ops/loss.py).
+class_targets = reference.class_targets
+class_targets_record = reference.class_targets_record

@@ -84,18 +84,20 @@ COL2IM_SRC = r"""
 // A gather: one thread per pixel visits the kh*kw taps; tap (i, j) was read by output
 // position (oy, ox) only if iy + ph - i*dh is a non-negative multiple of sh (same for x).
 // Stride 1 (most layers) skips the divisibility test, which costs an integer division.
+// The columns' layout is two strides: from one sample's columns to the next (sample_step)
+// and from one row (c, i, j) to the next (row_step): (N, C*kh*kw, L) has L*C*kh*kw and L,
+// im2col_rows' (C*kh*kw, N*L) has L and N*L.
 extern "C" __global__ void col2im_kernel(
         const T* cols, T* x, const I total,
         const I C, const I H, const I W,
         const I kh, const I kw, const I sh, const I sw,
         const I ph, const I pw, const I dh, const I dw,
-        const I ho, const I wo) {
-    const I L = ho * wo;
+        const I ho, const I wo, const I sample_step, const I row_step) {
     GRID_STRIDE {
         I r = t;
         const I ix = r % W; r /= W;
         const I iy = r % H; r /= H;             // now r = n * C + c
-        const T* rows = cols + r * kh * kw * L; // row (n, c, i=0, j=0)
+        const T* rows = cols + (r / C) * sample_step + (r % C) * kh * kw * row_step;
         T s = (T)0;
         for (I i = 0; i < kh; ++i) {
             const I ty = iy + ph - i * dh;      // = oy * sh
@@ -109,7 +111,7 @@ extern "C" __global__ void col2im_kernel(
                 if (sw != 1 && tx % sw != 0) continue;
                 const I ox = sw == 1 ? tx : tx / sw;
                 if (ox >= wo) continue;
-                s += rows[(i * kw + j) * L + oy * wo + ox];
+                s += rows[(i * kw + j) * row_step + oy * wo + ox];
             }
         }
         x[t] = s;
@@ -585,10 +587,11 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
 def col2im(cols, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     """cols (N, C*kh*kw, ho*wo) -> x (N, C, h, w), summing overlaps (a gather per pixel)."""
     cols, dtype = _float_input(cols, "col2im")
-    n = cols.shape[0]
+    n, L = cols.shape[0], ho * wo
     x = _xp().empty((n, c, h, w), dtype=dtype)
     _launch("col2im_kernel", dtype, x.size,
-            (cols, x) + _i(x.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+            (cols, x) + _i(x.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo,
+                           c * kh * kw * L, L))
     return x
 
 
@@ -980,17 +983,18 @@ extern "C" __global__ void bias_relu_kernel(
 // Its backward from the output y: gx = gy where y > 0, else 0, and per channel c the partial
 // sums of gx (the bias gradient) over values k, k + K, k + 2K, ... of the channel's M = N*S,
 // as batchnorm_backward_reduce_kernel: thread (c, k) writes those K-strided gx values too,
-// so one pass does both; the wrapper adds up the K partial sums.
+// so one pass does both; the wrapper adds up the K partial sums. channel_major: gx is written
+// (C, N, S) instead, the layout the conv's backward multiplies with (ConvPlan.backward).
 extern "C" __global__ void relu_bias_backward_kernel(
         const T* gy, const T* y, T* gx, T* part, const I total, const I C, const I S,
-        const I M, const I K) {
+        const I M, const I K, const int channel_major) {
     GRID_STRIDE {
         const I c = t / K;
         T sum = (T)0;
         for (I j = t % K; j < M; j += K) {
             const I a = ((j / S) * C + c) * S + j % S;
             const T g = y[a] > (T)0 ? gy[a] : (T)0;
-            gx[a] = g;
+            gx[channel_major ? c * M + j : a] = g;
             sum += g;
         }
         part[t] = sum;
@@ -1048,18 +1052,20 @@ def bias_relu(y, bias):
     return y
 
 
-def relu_bias_backward(gy, y, bias_grad=True):
-    """gy, y (N, C, S) -> (gx, gbias (C,) or None): two launches (the masked gradient with
-    per-channel partial sums, then their sum); see reference.relu_bias_backward."""
+def relu_bias_backward(gy, y, bias_grad=True, channel_major=False):
+    """gy, y (N, C, S) -> (gx (N, C, S), or (C, N, S) if channel_major; gbias (C,) or None):
+    two launches (the masked gradient with per-channel partial sums, then their sum); see
+    reference.relu_bias_backward."""
     gy, dtype = _float_input(gy, "relu_bias_backward")
     xp = _xp()
     n, c, s = gy.shape
     m = n * s
     lanes = max(1, min(_BN_LANES, m))
-    gx = xp.empty_like(gy)
+    gx = xp.empty((c, n, s) if channel_major else (n, c, s), dtype=dtype)
     part = xp.empty((c, lanes), dtype=dtype)
     _launch("relu_bias_backward_kernel", dtype, c * lanes,
-            (gy, _same(y, dtype, xp), gx, part) + _i(c * lanes, c, s, m, lanes))
+            (gy, _same(y, dtype, xp), gx, part) + _i(c * lanes, c, s, m, lanes)
+            + (np.int32(bool(channel_major)),))
     return gx, part.sum(axis=1) if bias_grad else None
 
 
@@ -1108,6 +1114,17 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     _launch("im2col_rows_kernel", dtype, total,
             (x, cols) + _i(total, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
     return cols
+
+
+def col2im_rows(cols, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """The adjoint of im2col_rows: cols (C*kh*kw, N*ho*wo) -> x (N, C, h, w), one launch of
+    col2im_kernel with that layout's strides; see reference.col2im_rows."""
+    cols, dtype = _float_input(cols, "col2im_rows")
+    L = ho * wo
+    x = _xp().empty((n, c, h, w), dtype=dtype)
+    _launch("col2im_kernel", dtype, x.size,
+            (cols, x) + _i(x.size, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, L, n * L))
+    return x
 
 
 # ---------------------------------------------------------------------- bfloat16 rounding
@@ -1246,3 +1263,90 @@ def dropout_mask(state, shape, p, dtype):
             + (np.int32(_reference.keep_threshold(p)), draw.type(1.0 / (1.0 - p))))
     _philox_advance(state, q)
     return mask.astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------- class-id targets
+# cross_entropy / nll_loss check their targets on the device (minidl/device_checks.py): as
+# CuPy expressions that was about 16 launches per call (comparisons, where, stack, take,
+# astype, the record's merge, the safe denominator); here it is two kernels around the one
+# reduction of the "mean" denominator.
+CLASS_TARGETS_SRC = r"""
+// One thread per target element (see reference.class_targets): safe = the id, or 0 where it
+// is ignore_index or outside [0, C); valid = 1 or 0 as T. The position of the first id
+// outside [0, C) goes into first_bad by an integer atomicMin, so the result does not depend
+// on the threads' order; class_targets_record_kernel reads it and resets it.
+extern "C" __global__ void class_targets_kernel(
+        const long long* target, long long* safe, T* valid, long long* first_bad,
+        const I total, const long long C, const long long ignore_index) {
+    GRID_STRIDE {
+        const long long v = target[t];
+        const bool ignored = v == ignore_index;
+        const bool bad = !ignored && (v < 0 || v >= C);
+        const bool keep = !ignored && !bad;
+        safe[t] = keep ? v : 0;
+        valid[t] = keep ? (T)1 : (T)0;
+        if (bad) atomicMin(first_bad, (long long)t);
+    }
+}
+
+// One thread (total = 1), after the denominator's sum: the check's record [failed, value of
+// the first bad id] (the record not read yet, old, is kept if it had failed: has_old), the
+// denominator made safe (1 unless > 0: every target ignored), and first_bad reset to
+// LLONG_MAX (none) for the next launch, inside a CUDA graph too.
+extern "C" __global__ void class_targets_record_kernel(
+        const long long* target, long long* first_bad, const long long* old, long long* record,
+        const T* den, T* safe_den, const I total, const int has_old) {
+    GRID_STRIDE {
+        const long long pos = *first_bad;
+        *first_bad = 0x7FFFFFFFFFFFFFFFLL;
+        if (has_old && old[0] != 0) {
+            record[0] = old[0];
+            record[1] = old[1];
+        } else {
+            record[0] = pos != 0x7FFFFFFFFFFFFFFFLL;
+            record[1] = record[0] ? target[pos] : 0;
+        }
+        *safe_den = *den > (T)0 ? *den : (T)1;
+    }
+}
+"""
+SOURCES += (CLASS_TARGETS_SRC,)
+KERNEL_NAMES += ("class_targets_kernel", "class_targets_record_kernel")
+_NO_BAD_ID = np.int64(2 ** 63 - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _first_bad(device_key):
+    # One per device, made once and kept; class_targets_record_kernel resets it after use.
+    return _xp().full((), _NO_BAD_ID, dtype=np.int64)
+
+
+def class_targets(target, c, ignore_index, dtype):
+    """target (any shape) ints -> (safe int64, valid of dtype), same shape, one launch; see
+    reference.class_targets. The first id outside [0, c) is left for class_targets_record."""
+    dtype = np.dtype(dtype)
+    if dtype not in _CTYPES:
+        raise TypeError(f"the GPU kernel class_targets writes float32 or float64 weights, got "
+                        f"{dtype}; pass the logits' dtype after casting it to float32.")
+    xp = _xp()
+    t = _index_input(target)
+    safe = xp.empty(t.shape, dtype=np.int64)
+    valid = xp.empty(t.shape, dtype=dtype)
+    _launch("class_targets_kernel", dtype, t.size,
+            (t, safe, valid, _first_bad(_device_key())) + _i(t.size)
+            + (np.int64(c), np.int64(ignore_index)))
+    return safe, valid
+
+
+def class_targets_record(target, c, ignore_index, denominator, old=None):
+    """After class_targets and the sum of its weights: -> (record (2,) int64, safe
+    denominator), one launch of one thread; see reference.class_targets_record."""
+    xp = _xp()
+    den, dtype = _float_input(denominator, "class_targets_record")
+    record = xp.empty(2, dtype=np.int64)
+    safe_den = xp.empty((), dtype=dtype)
+    _launch("class_targets_record_kernel", dtype, 1,
+            (_index_input(target), _first_bad(_device_key()),
+             record if old is None else old, record, den.reshape(()), safe_den)
+            + _i(1) + (np.int32(old is not None),))
+    return record, safe_den

@@ -411,12 +411,14 @@ def bias_relu(y, bias):
     return np.maximum(y, 0)
 
 
-def relu_bias_backward(gy, y, bias_grad=True):
+def relu_bias_backward(gy, y, bias_grad=True, channel_major=False):
     """The adjoint of bias_relu, from its output y (N, C, S) and gy (N, C, S):
     gx = gy where y > 0 else 0 (the gradient of the conv's output), and the bias gradient
-    gbias (C,) = the sum of gx over N and S (None unless bias_grad)."""
+    gbias (C,) = the sum of gx over N and S (None unless bias_grad). channel_major: gx is
+    returned as (C, N, S), C-contiguous."""
     gx = gy * (y > 0)
-    return gx, gx.sum(axis=(0, 2)) if bias_grad else None
+    gb = gx.sum(axis=(0, 2)) if bias_grad else None
+    return (np.ascontiguousarray(gx.transpose(1, 0, 2)) if channel_major else gx), gb
 
 
 # ---------------------------------------------------------------------- im2col, batch in the columns
@@ -426,6 +428,14 @@ def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     over the samples in one matrix product."""
     cols = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)       # (N, K, L)
     return np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
+
+
+def col2im_rows(cols, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """The adjoint of im2col_rows: cols (C*kh*kw, N*ho*wo) -> x (N, C, h, w), overlaps
+    summed (col2im of the same columns in im2col's layout)."""
+    per_sample = cols.reshape(cols.shape[0], n, ho * wo).transpose(1, 0, 2)
+    return col2im(np.ascontiguousarray(per_sample), c, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
+                  ho, wo)
 
 
 # ---------------------------------------------------------------------- bfloat16 rounding
@@ -508,3 +518,31 @@ def dropout_mask(seed, offset, shape, p, dtype):
     keep = (philox_uint32(seed, offset, n) >> np.uint32(8)) >= np.uint32(keep_threshold(p))
     dtype = np.dtype(dtype)
     return np.where(keep, dtype.type(1.0 / (1.0 - p)), dtype.type(0)).reshape(shape)
+
+
+# ---------------------------------------------------------------------- class-id targets
+def class_targets(target, c, ignore_index, dtype):
+    """Class ids checked against c classes: target (any shape) ints -> (safe, valid), same
+    shape: safe (int64) the id, or 0 where it is ignore_index or outside [0, c); valid (dtype)
+    1 where the id counts, 0 where it is ignored or outside [0, c)."""
+    t = np.asarray(target).astype(np.int64)
+    keep = (t != ignore_index) & (t >= 0) & (t < c)
+    return np.where(keep, t, 0), keep.astype(dtype)
+
+
+def class_targets_record(target, c, ignore_index, denominator, old=None):
+    """What follows class_targets once its weights are summed -> (record, safe denominator).
+
+    record (2,) int64: [1, the first id outside [0, c) in flat order] or [0, 0] if none (the
+    record of a device check, minidl.device_checks); old, the same check's record not read
+    yet, is kept instead when it had failed. The safe denominator (0-d) is denominator where
+    it is > 0, else 1 (every target ignored: the sum is 0 and "mean" returns 0, not NaN).
+    """
+    t = np.asarray(target).astype(np.int64).reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= c))
+    if old is not None and old[0]:
+        record = np.array(old, dtype=np.int64)
+    else:
+        record = np.array([1, t[bad][0]] if bad.any() else [0, 0], dtype=np.int64)
+    den = np.asarray(denominator)
+    return record, np.where(den > 0, den, den.dtype.type(1))

@@ -10,7 +10,9 @@ and the first failed check raises its error there.
     defer(key, record, error)   record: (k,) int64 device array [failed, value, ...];
                                 error(*values) -> the exception to raise; key: what the check
                                 is (records of one key are merged on the device: the first
-                                failure is kept, so many unread steps keep one record)
+                                failure is kept, so many unread steps keep one record);
+                                merged=True: the record already holds unread(key)'s failure
+    unread(key)                 that key's pending record, or None
     check()                     read the pending records (one transfer) and raise
 
 So on the GPU a bad label is reported one host read late: after the step that used it (whose
@@ -21,13 +23,20 @@ re-arms them after every replay, so a graph's batches are checked too.
 _pending = {}       # key -> (record, error), in the order the checks were made
 
 
-def defer(key, record, error):
-    """Register a device-side check (see the module docstring)."""
-    if key in _pending:
+def defer(key, record, error, merged=False):
+    """Register a device-side check (see the module docstring). merged: the record already
+    keeps the failure of unread(key) (a kernel merged them), so it replaces it as it is."""
+    if key in _pending and not merged:
         old, _ = _pending[key]
         xp = _array_module(record)
         record = xp.where(old[0] != 0, old, record)        # keep the first failure
     _pending[key] = (record, error)
+
+
+def unread(key):
+    """The record of key's check not read yet, or None (for a kernel that merges records)."""
+    entry = _pending.get(key)
+    return None if entry is None else entry[0]
 
 
 def pending():

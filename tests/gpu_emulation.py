@@ -33,6 +33,7 @@ static int atomicMax(int* a, int v) { int old = *a; if (v > old) *a = v; return 
 static int atomicAdd(int* a, int v) { int old = *a; *a += v; return old; }
 static float atomicAdd(float* a, float v) { float old = *a; *a += v; return old; }
 static double atomicAdd(double* a, double v) { double old = *a; *a += v; return old; }
+static long long atomicMin(long long* a, long long v) { long long old = *a; if (v < old) *a = v; return old; }
 extern "C" void emu_set_thread(unsigned int tid, unsigned int nthreads) {
     threadIdx.x = tid; blockDim.x = nthreads; blockIdx.x = 0; gridDim.x = 1;
 }

@@ -77,6 +77,14 @@ def test_bias_relu_kernels_match_reference(device, xp, n, c, s, has_bias, bias_g
     assert (gb is None) == (not bias_grad)
     if bias_grad:
         assert_close(gb, ref_gb, **tol(dtype))
+    # Channel-major (the layout the GPU's folded conv backward multiplies with): (C, N, S).
+    gx_cm, gb_cm = K.relu_bias_backward(xp.asarray(gy), out, bias_grad, channel_major=True)
+    ref_cm, _ = ref.relu_bias_backward(gy, expected, bias_grad, channel_major=True)
+    assert gx_cm.shape == (c, n, s) and ref_cm.shape == (c, n, s)
+    assert_close(gx_cm, ref_cm, **tol(dtype))
+    np.testing.assert_array_equal(to_numpy(gx_cm), to_numpy(gx).transpose(1, 0, 2))
+    if bias_grad:
+        assert_close(gb_cm, ref_gb, **tol(dtype))
 
 
 def test_bias_relu_keeps_nan(device, xp):

@@ -407,13 +407,18 @@ class ConvPlan:
         acc.add_all(gy)
         return acc.result()
 
-    def backward(self, gy, weight, x, cols, x_shape, w_shape, need_x, need_w):
+    def backward(self, gy, weight, x, cols, x_shape, w_shape, need_x, need_w,
+                 channel_major=False):
         """Both gradients of y = conv2d(x, weight) -> (gx or None, gW or None).
 
         x or cols (what forward kept) are needed for gW only, weight for gx only.
+        channel_major: gy is (C_out, N, ho, wo), as folds() asked (Conv2d's ReLU writes it so).
         """
         xp = backend.get_array_module(gy)
         gy = xp.ascontiguousarray(gy)
+        if channel_major or (cols is None and self.folds(x_shape[0], gy.dtype)):
+            return self._backward_folded(gy, weight, x, x_shape, w_shape, need_x, need_w,
+                                         channel_major)
         gx = gw = None
         if need_w:
             dtype = xp.result_type(gy.dtype, (x if cols is None else cols).dtype)
@@ -423,6 +428,39 @@ class ConvPlan:
         if need_w:
             if not acc.fed:
                 acc.add_all(gy)
+            gw = acc.result()
+        return gx, gw
+
+    def folds(self, n, dtype):
+        """Whether backward runs folded for a batch of n (_backward_folded): on the GPU, a
+        plain im2col conv (groups 1) whose columns for the whole batch are one piece."""
+        if (self.device != "gpu" or self.kind != "im2col" or self.geom.groups != 1
+                or self.extra or self.adjoint is not None or n < 2):
+            return False
+        row_bytes = self.k * self.geom.wo * dtype.itemsize
+        return list(self.pieces(n, row_bytes)) == [(0, n, 0, self.geom.ho)]
+
+    def _backward_folded(self, gy, weight, x, x_shape, w_shape, need_x, need_w, channel_major):
+        """Both gradients with the samples folded into the GEMMs: gy as (C_out, N*L) (L =
+        ho*wo) and the columns as (K, N*L) (im2col_rows), so that
+
+            gx = col2im_rows(W.T @ gy)        W (C_out, K): W.T is F-contiguous, which
+            gW = gy @ cols.T                  cuBLAS takes as a transpose flag (no copy)
+
+        are one 2-D GEMM each for the whole batch. gy is copied to that layout here unless
+        it came so (channel_major: Conv2d's ReLU/bias kernel wrote it), one launch fewer.
+        """
+        xp, kern, u = backend.get_array_module(gy), kernels.for_array(gy), self.unfold
+        n, c, h, w = x_shape
+        c_out = w_shape[0]
+        gy_t = gy.reshape(c_out, -1) if channel_major else _channel_major(gy.reshape(n, c_out, -1))
+        gx = gw = None
+        if need_x:
+            w2 = xp.ascontiguousarray(weight).reshape(c_out, -1)
+            gx = kern.col2im_rows(xp.matmul(w2.T, gy_t), n, c, h, w, *u.args(), u.ho, u.wo)
+        if need_w:
+            acc = WeightGrad(self, x, w_shape, None, xp.result_type(gy.dtype, x.dtype))
+            acc._add_folded(gy_t, 0, n)
             gw = acc.result()
         return gx, gw
 
@@ -436,7 +474,9 @@ class WeightGrad:
 
     The sum is kept as gW itself, (G, rows*C_out/G, K/G) with rows = kh on the row route
     (its stacked kernel rows) and 1 otherwise, or (plan.transposed_weight_grad) as its
-    transpose (G, K/G, C_out/G).
+    transpose (G, K/G, C_out/G). On the GPU the first product is the sum (_add_product): no
+    zero fill and no add for it, 2 launches per conv (the CPU keeps adding to zeros, so its
+    results stay bit-for-bit those of before: 0 + -0.0 is +0.0).
     """
 
     def __init__(self, plan, x, w_shape, cols, dtype):
@@ -452,8 +492,9 @@ class WeightGrad:
         self.fed = False
         self.rows = geom.kh if self.extra else 1
         self.transposed = plan.transposed_weight_grad
-        shape = (G, self.k // G, cog) if self.transposed else (G, self.rows * cog, self.k // G)
-        self.gw = xp.zeros(shape, dtype=dtype)
+        self.shape = (G, self.k // G, cog) if self.transposed else (G, self.rows * cog, self.k // G)
+        self.dtype = dtype
+        self.gw = xp.zeros(self.shape, dtype=dtype) if plan.device == "cpu" else None
 
     def columns(self, n0, n1, r0, r1):
         """The columns of samples n0:n1, output rows r0:r1: (n, G, K/G, rows*wo)."""
@@ -471,7 +512,7 @@ class WeightGrad:
         route only) its shifted stack."""
         xp, geom, self.fed = self.xp, self.plan.geom, True
         if self._fold_batch(n0, n1, r0, r1):
-            self._add_folded(gy_p, n0, n1)
+            self._add_folded(_channel_major(gy_p[:, 0]), n0, n1)
             return
         cols_p = self.columns(n0, n1, r0, r1)
         if self.extra and not shifted:
@@ -482,18 +523,23 @@ class WeightGrad:
         if self.plan.device == "cpu":
             # One batched product (NumPy hands each sample's transposed view to BLAS as a
             # transpose flag), then the sum over samples.
-            self.gw += xp.matmul(a, b.transpose(0, 1, 3, 2)).sum(axis=0)
+            self._add_product(xp.matmul(a, b.transpose(0, 1, 3, 2)).sum(axis=0))
         elif geom.groups == 1:
             # 2-D products per sample: the .T of a C-contiguous matrix is F-contiguous, which
             # cuBLAS takes as a transpose flag, so nothing is copied (CuPy's batched matmul
-            # copies a transposed view); the temporary stays small. The sum goes into a view
-            # of gw: `self.gw[0] += p` would also copy the result back onto itself (a launch).
-            gw = self.gw[0]
+            # copies a transposed view); the temporary stays small.
             for s in range(n1 - n0):
-                gw += xp.matmul(a[s, 0], b[s, 0].T)
+                self._add_product(xp.matmul(a[s, 0], b[s, 0].T)[None])
         else:   # grouped convs: small blocks, one batched product per sample
             for s in range(n1 - n0):
-                self.gw += xp.matmul(a[s], b[s].transpose(0, 2, 1))
+                self._add_product(xp.matmul(a[s], b[s].transpose(0, 2, 1)))
+
+    def _add_product(self, p):
+        """gW += p, p of gW's shape; the first p becomes gW (GPU: gW starts as None)."""
+        if self.gw is None:
+            self.gw = p
+        else:
+            self.gw += p     # same shapes: an add in place (`gw[0] += p` would copy back too)
 
     def _fold_batch(self, n0, n1, r0, r1):
         """Whether the GPU sums this piece in one GEMM over its samples (_add_folded): whole
@@ -503,18 +549,17 @@ class WeightGrad:
                 and self.cols is None and not self.extra and n1 - n0 > 1
                 and (r0, r1) == (0, plan.geom.ho))
 
-    def _add_folded(self, gy_p, n0, n1):
-        """gW += gy (C_out, n*L) @ cols (K, n*L).T: the samples folded into the product's inner
-        dimension, so one GEMM sums over them. 4 launches (the columns in that layout,
-        kernels' im2col_rows; gy's transposed copy; the GEMM; the add) instead of 1 + 2 per
-        sample, which is what a launch-bound small network pays for."""
+    def _add_folded(self, gy_t, n0, n1):
+        """gW += gy_t (C_out, n*L) @ cols (K, n*L).T, gy_t: gy of samples n0:n1 channel-major
+        (_channel_major): the samples folded into the product's inner dimension, so one GEMM
+        sums over them. 2 launches (the columns in that layout, kernels' im2col_rows; the
+        GEMM), and gy's copy unless it came channel-major, instead of 1 + 2 per sample,
+        which is what a launch-bound small network pays for."""
         xp, u = self.xp, self.plan.unfold
         x = self.x = xp.ascontiguousarray(self.x)
         cols = kernels.for_array(x).im2col_rows(x[n0:n1], u.kh, u.kw, u.sh, u.sw, u.ph, u.pw,
                                                 u.dh, u.dw, u.ho, u.wo)          # (K, n*L)
-        gy_t = xp.ascontiguousarray(gy_p[:, 0].transpose(1, 0, 2)).reshape(gy_p.shape[2], -1)
-        gw = self.gw[0]
-        gw += xp.matmul(gy_t, cols.T)
+        self._add_product(xp.matmul(gy_t, cols.T)[None])
 
     def add_all(self, gy):
         """Every piece of gy (N, C_out, ho, wo): kept or 1x1 columns in one, else pieces."""
@@ -527,6 +572,8 @@ class WeightGrad:
             self.add(gy_blocks[n0:n1, :, :, r0 * geom.wo:r1 * geom.wo], n0, n1, r0, r1)
 
     def result(self):
+        if self.gw is None:                     # nothing added (an empty batch)
+            self.gw = self.xp.zeros(self.shape, dtype=self.dtype)
         G, c_out, c_in_g = self.plan.geom.groups, self.w_shape[0], self.w_shape[1]
         cog, taps = c_out // G, self.k // G // c_in_g      # taps: kh*kw, or kw (row route)
         if self.transposed:                     # (G, C/G * taps, C_out/G)
@@ -537,6 +584,13 @@ class WeightGrad:
 
 
 # ---------------------------------------------------------------------- helpers
+def _channel_major(gy):
+    """gy (n, C_out, L) -> (C_out, n*L), C-contiguous (a copy): the layout whose product
+    with im2col_rows' columns sums over the samples."""
+    xp = backend.get_array_module(gy)
+    return xp.ascontiguousarray(gy.transpose(1, 0, 2)).reshape(gy.shape[1], -1)
+
+
 def _band(geom, h, r0, r1):
     """Input rows [a, b) that output rows [r0, r1) read, and the padding left above row a."""
     start = r0 * geom.sh - geom.ph

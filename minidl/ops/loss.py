@@ -50,7 +50,8 @@ def _class_targets(name, logits, target, weight, ignore_index, pixel_weight=None
                    weight is 0), shape (N, ...)
       loss_weight  per-element factor: 0 where ignored, else class weight * pixel weight;
                    None when that is 1 everywhere
-      denominator  sum of the class weights of the non-ignored targets ("mean" divides by it)
+      denominator  sum of the class weights of the non-ignored targets ("mean" divides by it),
+                   1 where that is 0 (_safe_denominator)
     """
     x = _array(logits)
     xp = backend.get_array_module(x)
@@ -68,26 +69,63 @@ def _class_targets(name, logits, target, weight, ignore_index, pixel_weight=None
         raise ValueError(f"{name}() got logits of shape {tuple(x.shape)} and target of shape "
                          f"{tuple(t.shape)}; the target must have shape {expected} (the logits' "
                          "shape without the class axis 1).")
+    # Weights checked before the GPU's target kernels: their pair must run to its end (the
+    # second resets what the first leaves for it).
+    wc = None if weight is None else _class_weight(name, weight, c, xp, x.dtype)
+    pw = None if pixel_weight is None else _pixel_weight(name, pixel_weight, expected, xp, x.dtype)
     ids = _array(target)
-    if backend.is_gpu_array(ids):
+    fused = backend.is_gpu_array(ids) and t.size > 0 and numpy.dtype(x.dtype) in _KERNEL_DTYPES
+    if fused:
+        t = xp.ascontiguousarray(t, dtype=numpy.int64)
+        t_safe, w = kernels.for_array(t).class_targets(t, c, ignore_index, x.dtype)
+    elif backend.is_gpu_array(ids):
         t_safe, w = _class_ids_checked_on_device(name, t, c, ignore_index, x.dtype)
     else:
         host = t if xp is numpy else numpy.asarray(ids)
         t_safe, w = _class_ids_checked_on_host(name, host, t, c, ignore_index, x.dtype)
-    if weight is not None:
-        wc = _constant(weight, xp, x.dtype)
-        if tuple(wc.shape) != (c,):
-            raise ValueError(f"{name}() got a class weight of shape {tuple(wc.shape)}; it must have "
-                             f"shape ({c},), one weight per class.")
+    if wc is not None:
         w = wc[t_safe] if w is None else w * wc[t_safe]
     denominator = xp.asarray(t.size, dtype=x.dtype) if w is None else w.sum()
-    if pixel_weight is not None:
-        pw = _constant(pixel_weight, xp, x.dtype)
-        if tuple(pw.shape) != expected:
-            raise ValueError(f"{name}() got pixel_weight of shape {tuple(pw.shape)}; it must have "
-                             f"the target's shape {expected}.")
+    if fused:
+        denominator = _defer_class_id_check(name, t, c, ignore_index, denominator)
+    else:
+        denominator = _safe_denominator(denominator, xp)
+    if pw is not None:
         w = pw if w is None else w * pw
     return t_safe, w, denominator
+
+
+def _class_weight(name, weight, c, xp, dtype):
+    wc = _constant(weight, xp, dtype)
+    if tuple(wc.shape) != (c,):
+        raise ValueError(f"{name}() got a class weight of shape {tuple(wc.shape)}; it must have "
+                         f"shape ({c},), one weight per class.")
+    return wc
+
+
+def _pixel_weight(name, pixel_weight, expected, xp, dtype):
+    pw = _constant(pixel_weight, xp, dtype)
+    if tuple(pw.shape) != expected:
+        raise ValueError(f"{name}() got pixel_weight of shape {tuple(pw.shape)}; it must have "
+                         f"the target's shape {expected}.")
+    return pw
+
+
+# The logits' dtypes the GPU kernels of the target check write weights in (others, as
+# bfloat16 logits, take the CuPy expressions of _class_ids_checked_on_device).
+_KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def _defer_class_id_check(name, t, c, ignore_index, denominator):
+    """The GPU's record of the first id outside [0, c) of t (int64, after the kernel
+    class_targets) registered with minidl.device_checks, merged on the device with the
+    check's unread record, in one kernel that also makes the denominator safe. Returns it."""
+    key = (name, "class ids", c)
+    old = device_checks.unread(key)
+    record, denominator = kernels.for_array(t).class_targets_record(t, c, ignore_index,
+                                                                    denominator, old)
+    device_checks.defer(key, record, _bad_class_id(name, c), merged=True)
+    return denominator
 
 
 def _bad_class_id(name, c):
@@ -240,9 +278,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     _check_reduction("cross_entropy", reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy() got label_smoothing={label_smoothing}; it must be in [0, 1].")
-    xp = backend.get_array_module(_array(input))
     t, w, den = _class_targets("cross_entropy", input, target, weight, ignore_index, pixel_weight)
-    den = _safe_denominator(den, xp)
     loss = CrossEntropy.apply(input, target=t, weight=w, denominator=den, reduction=reduction)
     if not label_smoothing:
         return loss
@@ -275,9 +311,8 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
     reductions as in cross_entropy (all targets ignored -> 0 for "mean").
     """
     _check_reduction("nll_loss", reduction)
-    xp = backend.get_array_module(_array(input))
     t, w, den = _class_targets("nll_loss", input, target, weight, ignore_index)
-    return NLL.apply(input, target=t, weight=w, denominator=_safe_denominator(den, xp),
+    return NLL.apply(input, target=t, weight=w, denominator=den,
                      reduction=reduction)
 
 
