@@ -796,7 +796,8 @@ _BN_LANES = 256       # partial sums per channel in the statistics' and backward
 
 
 def _batchnorm_lanes(x):
-    """Statistics, step 1: x (N, C, S) -> each channel's K lanes (mean, M2), both (C, K), and K."""
+    """Statistics, step 1: x (N, C, S) -> (part_mean, part_m2, K): each channel's K lanes'
+    (mean, M2), both (C, K)."""
     n, c, s = x.shape
     m = n * s
     lanes = max(1, min(_BN_LANES, m))
@@ -838,7 +839,7 @@ def batchnorm_stats(x):
     n, c, s = x.shape
     if n * s == 0 or c == 0:
         return _reference.batchnorm_stats(x)
-    mean, var, _ = _batchnorm_merge(*_batchnorm_lanes(x)[:2], n * s, 1.0)
+    mean, var, _ = _batchnorm_merge(*_batchnorm_lanes(x)[:2], n * s, eps=1.0)  # inv_std unread
     return mean, var
 
 

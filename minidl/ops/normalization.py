@@ -67,13 +67,14 @@ class BatchNorm(Function):
         return y.reshape(x.shape)
 
     def _fused_statistics(self, x3):
-        """On the GPU, with running statistics (if any) of x's dtype, the statistics, inv_std
-        and the running update take two kernels (eval: one) instead of some twenty CuPy
-        operations; the CPU keeps the code above, whose results the tests pin bit for bit."""
+        """On the GPU, with contiguous running statistics (if any) of x's dtype, the
+        statistics, inv_std and the running update take two kernels (eval: one) instead of
+        some twenty CuPy operations; the CPU keeps the code above, whose results the tests
+        pin bit for bit."""
         if not backend.is_gpu_array(x3):
             return False
         running = [r for r in (self.running_mean, self.running_var) if r is not None]
-        return all(r.dtype == x3.dtype for r in running)
+        return all(r.dtype == x3.dtype and r.flags.c_contiguous for r in running)
 
     def _gpu_statistics(self, kern, x3):
         """x3 (N, C, S) on the GPU -> (mean, inv_std), each (C,); updates the running
