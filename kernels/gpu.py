@@ -305,7 +305,7 @@ extern "C" __global__ void batchnorm_forward_kernel(
 // Statistics, step 1 (one read of x): thread (c, k), k < K, runs Welford's update over values
 // k, k + K, k + 2K, ... of channel c (in that order: deterministic), keeping their mean and
 // their sum of squared deviations M2, which unlike sum(x^2) - sum(x)^2 / n loses no digits when
-// the mean is large next to the spread. The wrapper merges the K partial (mean, M2) pairs.
+// the mean is large next to the spread. batchnorm_merge_kernel merges the K (mean, M2) pairs.
 extern "C" __global__ void batchnorm_stats_kernel(
         const T* x, T* part_mean, T* part_m2, const I total, const I C, const I S, const I M,
         const I K) {
@@ -328,7 +328,7 @@ extern "C" __global__ void batchnorm_stats_kernel(
 // xhat * scale + shift > 0 (the forward's mask, recomputed instead of stored). Thread
 // (c, k), k < K, sums values k, k + K, k + 2K, ... of channel c in that order, so the
 // result does not depend on thread scheduling; neighbouring k read neighbouring addresses.
-// The wrapper adds up the K partial sums per channel (one small CuPy reduction).
+// batchnorm_sum_lanes_kernel adds up the K partial sums per channel.
 // (One kernel for the whole backward would need a block-wide reduction with a barrier,
 // which the host emulation that tests this source, tests/gpu_emulation.py, cannot run.)
 extern "C" __global__ void batchnorm_backward_reduce_kernel(
@@ -363,6 +363,63 @@ extern "C" __global__ void batchnorm_backward_apply_kernel(
         if (relu) g *= (T)(xhat[t] * scale[c] + shift[c] > (T)0);
         const T k = scale[c] * inv_std[c];
         gx[t] = training ? k * (g - gshift[c] / m - xhat[t] * (gscale[c] / m)) : k * g;
+    }
+}
+
+// Statistics, step 2, one thread per channel c: merge its K lanes from step 1 with Chan et
+// al.'s formula for combining groups (lane k holds count_k = ceil((M - k) / K) values):
+//   mean = sum(count_k mean_k) / M,   M2 = sum(M2_k + count_k (mean_k - mean)^2),
+// then var = M2 / M (biased), inv_std = 1 / sqrt(var + eps) and, when update, the running
+// statistics in place (keep = 1 - momentum, momentum_unbiased = momentum * M / (M - 1)):
+//   running_mean = keep * running_mean + momentum * mean
+//   running_var  = keep * running_var  + momentum_unbiased * var
+// One launch for what were about twenty CuPy expressions, and no host read (graph-safe).
+extern "C" __global__ void batchnorm_merge_kernel(
+        const T* part_mean, const T* part_m2, T* mean, T* var, T* inv_std,
+        T* running_mean, T* running_var, const I total, const I M, const I K, const T eps,
+        const T keep, const T momentum, const T momentum_unbiased, const int update) {
+    GRID_STRIDE {
+        const T* lane_mean = part_mean + t * K;
+        const T* lane_m2 = part_m2 + t * K;
+        T s = (T)0;
+        for (I k = 0; k < K; ++k) s += (T)((M - k + K - 1) / K) * lane_mean[k];
+        const T mu = s / (T)M;
+        T m2 = (T)0;
+        for (I k = 0; k < K; ++k) {
+            const T d = lane_mean[k] - mu;
+            m2 += lane_m2[k] + (T)((M - k + K - 1) / K) * d * d;
+        }
+        const T v = m2 / (T)M;
+        mean[t] = mu;
+        var[t] = v;
+        inv_std[t] = (T)1 / sqrt(v + eps);
+        if (update) {
+            running_mean[t] = keep * running_mean[t] + momentum * mu;
+            running_var[t] = keep * running_var[t] + momentum_unbiased * v;
+        }
+    }
+}
+
+// Evaluation, one thread per channel: inv_std = 1 / sqrt(running_var + eps).
+extern "C" __global__ void batchnorm_inv_std_kernel(
+        const T* var, T* inv_std, const I total, const T eps) {
+    GRID_STRIDE {
+        inv_std[t] = (T)1 / sqrt(var[t] + eps);
+    }
+}
+
+// Backward, between steps 1 and 2, one thread per channel c: add up its K partial sums of g
+// and of g * xhat, in lane order (deterministic).
+extern "C" __global__ void batchnorm_sum_lanes_kernel(
+        const T* part_g, const T* part_gx, T* gshift, T* gscale, const I total, const I K) {
+    GRID_STRIDE {
+        T sg = (T)0, sgx = (T)0;
+        for (I k = 0; k < K; ++k) {
+            sg += part_g[t * K + k];
+            sgx += part_gx[t * K + k];
+        }
+        gshift[t] = sg;
+        gscale[t] = sgx;
     }
 }
 """
@@ -488,7 +545,8 @@ KERNEL_NAMES = (
     "maxunpool_claim_kernel", "maxunpool_fill_kernel", "maxunpool_backward_kernel",
     "bilinear_forward_kernel", "bilinear_backward_kernel",
     "batchnorm_stats_kernel", "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
-    "batchnorm_backward_apply_kernel", "adam_update_kernel", "adam_update_at_step_kernel",
+    "batchnorm_backward_apply_kernel", "batchnorm_merge_kernel", "batchnorm_inv_std_kernel",
+    "batchnorm_sum_lanes_kernel", "adam_update_kernel", "adam_update_at_step_kernel",
     "sgd_update_kernel", "unscale_check_kernel", "update_scale_kernel",
 )
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -737,26 +795,75 @@ from . import reference as _reference  # noqa: E402
 _BN_LANES = 256       # partial sums per channel in the statistics' and backward's first step
 
 
+def _batchnorm_lanes(x):
+    """Statistics, step 1: x (N, C, S) -> (part_mean, part_m2, K): each channel's K lanes'
+    (mean, M2), both (C, K)."""
+    n, c, s = x.shape
+    m = n * s
+    lanes = max(1, min(_BN_LANES, m))
+    part_mean = _xp().empty((c, lanes), dtype=x.dtype)
+    part_m2 = _xp().empty((c, lanes), dtype=x.dtype)
+    _launch("batchnorm_stats_kernel", x.dtype, c * lanes,
+            (x, part_mean, part_m2) + _i(c * lanes, c, s, m, lanes))
+    return part_mean, part_m2, lanes
+
+
+def _batchnorm_merge(part_mean, part_m2, m, eps, running_mean=None, running_var=None,
+                     momentum=0.0):
+    """Statistics, step 2 (batchnorm_merge_kernel): -> (mean, var, inv_std), each (C,); the
+    running statistics, when given, are updated in place."""
+    xp, dtype = _xp(), np.dtype(part_mean.dtype)
+    c, lanes = part_mean.shape
+    mean, var, inv_std = (xp.empty(c, dtype=dtype) for _ in range(3))
+    update = running_mean is not None
+    if update:
+        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+            if r.dtype != dtype or not r.flags.c_contiguous or r.shape != (c,):
+                raise TypeError(f"batchnorm_train_statistics updates {name} in place, so it "
+                                f"must be a C-contiguous ({c},) {dtype} array like the input's "
+                                f"statistics, got a {r.dtype} array of shape {r.shape}.")
+    else:
+        running_mean = running_var = mean          # unread
+    t = dtype.type
+    _launch("batchnorm_merge_kernel", dtype, c,
+            (part_mean, part_m2, mean, var, inv_std, running_mean, running_var)
+            + _i(c, m, lanes) + (t(eps), t(1 - momentum), t(momentum),
+                                 t(momentum * m / max(m - 1, 1)), np.int32(update)))
+    return mean, var, inv_std
+
+
 def batchnorm_stats(x):
     """x (N, C, S) -> per-channel mean and biased variance, each (C,); see
     reference.batchnorm_stats."""
     x, dtype = _float_input(x, "batchnorm_stats")
     n, c, s = x.shape
-    m = n * s
-    if m == 0 or c == 0:
+    if n * s == 0 or c == 0:
         return _reference.batchnorm_stats(x)
-    xp = _xp()
-    lanes = max(1, min(_BN_LANES, m))
-    part_mean = xp.empty((c, lanes), dtype=dtype)
-    part_m2 = xp.empty((c, lanes), dtype=dtype)
-    _launch("batchnorm_stats_kernel", dtype, c * lanes,
-            (x, part_mean, part_m2) + _i(c * lanes, c, s, m, lanes))
-    # Merge the lanes (Chan et al.'s formula for combining groups): lane k holds count_k
-    # values; mean = sum(count_k mean_k) / m, M2 = sum(M2_k + count_k (mean_k - mean)^2).
-    count = ((m - xp.arange(lanes) + lanes - 1) // lanes).astype(dtype)
-    mean = (part_mean * count).sum(axis=1) / dtype.type(m)
-    m2 = part_m2.sum(axis=1) + (count * (part_mean - mean[:, None]) ** 2).sum(axis=1)
-    return mean, m2 / dtype.type(m)
+    mean, var, _ = _batchnorm_merge(*_batchnorm_lanes(x)[:2], n * s, eps=1.0)  # inv_std unread
+    return mean, var
+
+
+def batchnorm_train_statistics(x, eps, running_mean=None, running_var=None, momentum=0.0):
+    """x (N, C, S) with N*S > 1 -> (mean, inv_std), each (C,), in two launches; running_mean
+    and running_var ((C,), x's dtype, or both None) are updated in place with `momentum`.
+    See reference.batchnorm_train_statistics."""
+    x, dtype = _float_input(x, "batchnorm_train_statistics")
+    n, c, s = x.shape
+    part_mean, part_m2, _ = _batchnorm_lanes(x)
+    mean, _, inv_std = _batchnorm_merge(part_mean, part_m2, n * s, eps, running_mean,
+                                        running_var, momentum)
+    return mean, inv_std
+
+
+def batchnorm_eval_statistics(running_mean, running_var, eps):
+    """running_mean, running_var (C,) float32/float64 -> (mean, inv_std), each (C,), in one
+    launch: mean is running_mean itself (read, never written); see
+    reference.batchnorm_eval_statistics."""
+    running_var, dtype = _float_input(running_var, "batchnorm_eval_statistics")
+    inv_std = _xp().empty_like(running_var)
+    _launch("batchnorm_inv_std_kernel", dtype, running_var.size,
+            (running_var, inv_std) + _i(running_var.size) + (dtype.type(eps),))
+    return running_mean, inv_std
 
 
 def _per_channel(v, dtype):
@@ -793,7 +900,9 @@ def batchnorm_backward(gy, xhat, inv_std, scale, training, relu_shift=None):
     _launch("batchnorm_backward_reduce_kernel", dtype, c * lanes,
             (gy, xhat, scale, shift, part_g, part_gx) + _i(c * lanes, c, s, m, lanes)
             + (np.int32(relu),))
-    gshift, gscale = part_g.sum(axis=1), part_gx.sum(axis=1)
+    gshift, gscale = xp.empty(c, dtype=dtype), xp.empty(c, dtype=dtype)
+    _launch("batchnorm_sum_lanes_kernel", dtype, c,
+            (part_g, part_gx, gshift, gscale) + _i(c, lanes))
     gx = xp.empty_like(gy)
     _launch("batchnorm_backward_apply_kernel", dtype, gy.size,
             (gy, xhat, scale, shift, _per_channel(inv_std, dtype), gshift, gscale, gx)

@@ -205,6 +205,32 @@ def batchnorm_stats(x):
     return x.mean(axis=(0, 2)), x.var(axis=(0, 2))
 
 
+def batchnorm_train_statistics(x, eps, running_mean=None, running_var=None, momentum=0.0):
+    """x (N, C, S) with N*S > 1 -> (mean, inv_std), each (C,), in x's dtype:
+
+        mean, var = batchnorm_stats(x),   inv_std = 1 / sqrt(var + eps)
+        running_mean <- (1 - momentum) running_mean + momentum mean            (in place)
+        running_var  <- (1 - momentum) running_var + momentum var M / (M - 1)  (unbiased)
+
+    with M = N*S values per channel; running_mean and running_var are (C,) or both None.
+    """
+    mean, var = batchnorm_stats(x)
+    if running_mean is not None:
+        m = x.shape[0] * x.shape[2]
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean.astype(running_mean.dtype, copy=False)
+        running_var *= 1 - momentum
+        running_var += (momentum * m / (m - 1)) * var.astype(running_var.dtype, copy=False)
+    return mean, (1 / np.sqrt(var + x.dtype.type(eps))).astype(x.dtype)
+
+
+def batchnorm_eval_statistics(running_mean, running_var, eps):
+    """running_mean, running_var (C,) -> (mean, inv_std), each (C,): the running mean, and
+    inv_std = 1 / sqrt(running_var + eps)."""
+    return running_mean, (1 / np.sqrt(running_var + running_var.dtype.type(eps))).astype(
+        running_var.dtype)
+
+
 def batchnorm_forward(x, mean, inv_std, scale, shift, relu=False):
     """x (N, C, S); mean, inv_std, scale, shift (C,) -> (y, xhat), both (N, C, S):
 

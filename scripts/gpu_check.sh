@@ -116,7 +116,8 @@ run_step benchmark_small 45 python3 examples/benchmark_gpu.py --compare-torch --
 # ---- 2b. kernels never run on a GPU before: the implicit-GEMM kernels against their NumPy reference, every shape class and
 # precision (and the matmul-precision setting), and the GradScaler on the device (never run
 # on real CuPy before: 0-d views, where/copyto on flags, the loss-scaling kernels), CUDA-graph
-# replay against eager (bit for bit), the fused conv epilogue and the Philox dropout kernels.
+# replay against eager (bit for bit), the fused conv epilogue, the Philox dropout kernels and
+# batch norm's merge / inv_std / lane-sum kernels (test_normalization's "gpu" cases).
 # pytest-xdist, where installed, spreads the tests over 8 worker processes (the GPU machines
 # have 16 cores).
 XDIST=()
@@ -124,7 +125,7 @@ if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
 GPU_TESTS=(tests/test_implicit_gemm.py tests/test_conv_implicit_gemm.py tests/test_precision.py
            tests/test_amp_pooling.py tests/test_grad_scaler_device.py tests/test_cuda_graphs.py
            tests/test_graph_capture.py tests/test_fused_epilogues.py tests/test_philox.py
-           tests/test_dropout_graph_safe.py)
+           tests/test_dropout_graph_safe.py tests/test_normalization.py)
 run_step new_kernels 60 python3 -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
     "${GPU_TESTS[@]}"
 

@@ -303,7 +303,47 @@ def test_batchnorm_relu_kernels_match_reference(emu, shape, training, relu, dtyp
         _close(name, a, b.astype(dtype), dtype)
     assert [name for name, _ in emu.launches] == [
         "batchnorm_forward_kernel", "batchnorm_backward_reduce_kernel",
-        "batchnorm_backward_apply_kernel"]
+        "batchnorm_sum_lanes_kernel", "batchnorm_backward_apply_kernel"]
+
+
+@pytest.mark.parametrize("track", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 7), (1, 2, 300), (3, 1, 200), (2, 1, 1)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_batchnorm_statistics_kernels_match_reference(emu, shape, dtype, track):
+    """Training: the statistics kernel and the merge kernel give mean, inv_std and the
+    updated running statistics (momentum 0.3, unbiased variance) of the reference, in two
+    launches; (1, 2, 300) and (3, 1, 200) merge several lanes per channel, and the offset of
+    1e3 checks the merge keeps a float32 variance's digits. Eval: inv_std in one launch."""
+    rng = np.random.default_rng(5)
+    x = (1e3 + rng.standard_normal(shape)).astype(dtype)
+    c = shape[1]
+    rm0, rv0 = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    mine = (rm0.copy(), rv0.copy()) if track else (None, None)
+    theirs = (rm0.copy(), rv0.copy()) if track else (None, None)
+    mean, inv_std = gpu.batchnorm_train_statistics(x, 1e-5, *mine, momentum=0.3)
+    ref_mean, ref_inv_std = ref.batchnorm_train_statistics(x, 1e-5, *theirs, momentum=0.3)
+    _close("mean", mean, ref_mean, dtype)
+    # A float32 variance of values near 1e3 has about 4 good digits (the inputs' rounding).
+    np.testing.assert_allclose(inv_std, ref_inv_std, rtol=1e-3 if dtype == np.float32 else 1e-9)
+    if track:
+        _close("running_mean", mine[0], theirs[0], dtype)
+        np.testing.assert_allclose(mine[1], theirs[1],
+                                   rtol=1e-3 if dtype == np.float32 else 1e-9)
+        assert not np.array_equal(mine[0], rm0)        # updated in place
+    assert [name for name, _ in emu.launches] == ["batchnorm_stats_kernel",
+                                                  "batchnorm_merge_kernel"]
+    emu.launches.clear()
+    mean, inv_std = gpu.batchnorm_eval_statistics(rm0, rv0, 1e-5)
+    ref_mean, ref_inv_std = ref.batchnorm_eval_statistics(rm0, rv0, 1e-5)
+    assert mean is rm0
+    _close("eval inv_std", inv_std, ref_inv_std, dtype)
+    assert [name for name, _ in emu.launches] == ["batchnorm_inv_std_kernel"]
+
+
+def test_batchnorm_statistics_refuse_running_stats_of_another_dtype(emu):
+    x = np.ones((2, 2, 3), np.float32)
+    with pytest.raises(TypeError, match="running_mean in place.*float32"):
+        gpu.batchnorm_train_statistics(x, 1e-5, np.zeros(2), np.ones(2), 0.1)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -350,4 +390,5 @@ def test_batchnorm_stats_kernel_matches_reference(emu, shape, dtype):
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-6 if dtype == np.float32 else 1e-13)
     np.testing.assert_allclose(var, ref_var, rtol=1e-3 if dtype == np.float32 else 1e-9,
                                atol=1e-6 if dtype == np.float32 else 1e-12)
-    assert [name for name, _ in emu.launches] == ["batchnorm_stats_kernel"]
+    assert [name for name, _ in emu.launches] == ["batchnorm_stats_kernel",
+                                                  "batchnorm_merge_kernel"]

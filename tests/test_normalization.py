@@ -163,6 +163,35 @@ def test_batchnorm2d_module(device):
     assert int(to_numpy(bn.num_batches_tracked)) == 2        # eval does not count
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_batchnorm2d_float32_steps_match_reference(device, momentum, relu):
+    """Three float32 training steps and one eval step of the module (on the GPU: the merge
+    kernel updates the running statistics, the inv_std kernel serves eval) against
+    kernels.reference; momentum=None is the cumulative average, factor 1 / step."""
+    from kernels import reference as ref
+    kind = nn.BatchNormReLU2d if relu else nn.BatchNorm2d
+    bn = kind(3, momentum=momentum, device=device)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rng = np.random.default_rng(7)
+    for step in range(1, 4):
+        x = (100 * step + rng.standard_normal((2, 3, 4, 5))).astype(np.float32)
+        y = bn(t(x, device))
+        factor = 1 / step if momentum is None else momentum
+        mean, inv_std = ref.batchnorm_train_statistics(x.reshape(2, 3, -1), 1e-5, rm, rv, factor)
+        want, _ = ref.batchnorm_forward(x.reshape(2, 3, -1), mean, inv_std, np.ones(3, np.float32),
+                                        np.zeros(3, np.float32), relu)
+        np.testing.assert_allclose(to_numpy(y.data), want.reshape(x.shape), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(to_numpy(bn.running_mean), rm, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(bn.running_var), rv, rtol=1e-3)
+    bn.eval()
+    y = bn(t(x, device))
+    mean, inv_std = ref.batchnorm_eval_statistics(rm, rv, 1e-5)
+    want, _ = ref.batchnorm_forward(x.reshape(2, 3, -1), mean, inv_std, np.ones(3, np.float32),
+                                    np.zeros(3, np.float32), relu)
+    np.testing.assert_allclose(to_numpy(y.data), want.reshape(x.shape), rtol=1e-3, atol=1e-3)
+
+
 def test_batchnorm2d_cumulative_average_and_no_tracking(device):
     bn = nn.BatchNorm2d(2, momentum=None, device=device)
     batches = [np.random.default_rng(i).standard_normal((3, 2, 2, 2)) + i for i in range(3)]
