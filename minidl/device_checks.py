@@ -20,6 +20,10 @@ bad elements counted for nothing), like a CUDA device assert. Host (NumPy) data 
 checked on the spot by the ops. minidl.cuda takes the records a captured step makes and
 re-arms them after every replay, so a graph's batches are checked too.
 """
+import numpy
+
+from kernels.cuda import load_cupy
+
 _pending = {}       # key -> (record, error), in the order the checks were made
 
 
@@ -73,6 +77,6 @@ def check():
 
 
 def _array_module(a):
-    # Imported here: minidl.backend calls check() and is imported before anything else.
-    from . import backend
-    return backend.get_array_module(a)
+    # Not through minidl.backend, which calls check() from to_numpy: this module stays below
+    # it. The test is backend.is_gpu_array's (by type name, so the CPU never imports CuPy).
+    return load_cupy() if type(a).__module__.startswith("cupy") else numpy
