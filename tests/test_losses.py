@@ -211,3 +211,20 @@ def test_loss_modules_hold_weights_as_buffers():
                  np_cross_entropy(x, target, weight=w), rtol=1e-5)
     kl = nn.KLDivLoss(reduction="batchmean")
     assert kl(F.log_softmax(minidl.tensor(x), 1), np.exp(np_log_softmax(x))).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_cross_entropy_of_float16_logits_outside_autocast(device):
+    """float16 logits (no autocast): the loss and the gradient come back in float16, close to
+    the float32 result (on the GPU the kernels compute in float32)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32) * 3
+    t = rng.integers(0, 3, size=(2, 4, 5))
+    results = {}
+    for dtype in ("float16", "float32"):
+        logits = minidl.tensor(x.astype(dtype), requires_grad=True, device=device)
+        loss = F.cross_entropy(logits, minidl.tensor(t, device=device))
+        loss.backward()
+        assert loss.dtype == np.dtype(dtype) and logits.grad.dtype == np.dtype(dtype)
+        results[dtype] = (float(loss.item()), to_numpy(logits.grad).astype(np.float32))
+    assert abs(results["float16"][0] - results["float32"][0]) < 2e-2
+    np.testing.assert_allclose(results["float16"][1], results["float32"][1], atol=2e-3)

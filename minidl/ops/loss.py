@@ -200,10 +200,15 @@ class CrossEntropy(Function):
     """
     def forward(self, x):
         n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        self.x_shape = x.shape
+        self.x_shape, self.x_dtype = x.shape, x.dtype
+        if backend.is_gpu_array(x) and x.dtype.itemsize < 4:
+            # float16 logits outside autocast: the GPU kernels take float32/float64, so the
+            # softmax runs in float32 (as PyTorch accumulates it) and the results go back.
+            x = x.astype("float32")
         loss, self.probs = kernels.for_array(x).cross_entropy_forward(
             x.reshape(n, c, s), self.target.reshape(n, s), _pixels(self.weight, n, s))
-        return _reduce_array(loss.reshape(self.target.shape), self.reduction, self.denominator)
+        loss = _reduce_array(loss.reshape(self.target.shape), self.reduction, self.denominator)
+        return loss.astype(self.x_dtype, copy=False)
 
     def backward(self, gy):
         n, _, s = self.probs.shape
@@ -213,7 +218,7 @@ class CrossEntropy(Function):
             coef = coef.reshape(n, s)
         g = kernels.for_array(self.probs).cross_entropy_backward(
             self.probs, self.target.reshape(n, s), coef, _pixels(self.weight, n, s))
-        return g.reshape(self.x_shape)
+        return g.reshape(self.x_shape).astype(self.x_dtype, copy=False)
 
 
 def _pixels(a, n, s):
