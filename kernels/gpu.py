@@ -47,30 +47,32 @@ _GRID_STRIDE = ("for (I t = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; t < 
                 "t += (I)blockDim.x * (I)gridDim.x)")
 
 IM2COL_SRC = r"""
-// cols (N, C*kh*kw, ho*wo) from x (N, C, H, W). One thread per (n, c, oy, ox) writes that
-// output position's kh*kw taps of channel c: rows (c, i, j) of cols, one row apart (L).
-// Padding reads 0. Why not one thread per element of cols: the index arithmetic (integer
-// divisions, emulated in software on a GPU) then costs more than moving the data; here it
-// is done once per kh*kw elements. Neighbouring threads (ox, ox+1) still write neighbouring
-// addresses in every row, so the stores stay coalesced.
+// cols from x (N, C, H, W). One thread per (n, c, oy, ox) writes that output position's
+// kh*kw taps of channel c: rows (c, i, j) of cols, row_step apart. Padding reads 0. Why not
+// one thread per element of cols: the index arithmetic (integer divisions, emulated in
+// software on a GPU) then costs more than moving the data; here it is done once per kh*kw
+// elements. Neighbouring threads (ox, ox+1) still write neighbouring addresses in every row,
+// so the stores stay coalesced. The columns' layout is two strides, as in col2im_kernel:
+// (N, C*kh*kw, L) has sample_step L*C*kh*kw and row_step L; im2col_rows' (C*kh*kw, N*L),
+// the samples side by side, has L and N*L.
 extern "C" __global__ void im2col_kernel(
         const T* x, T* cols, const I total,
         const I C, const I H, const I W,
         const I kh, const I kw, const I sh, const I sw,
         const I ph, const I pw, const I dh, const I dw,
-        const I ho, const I wo) {
-    const I L = ho * wo;
+        const I ho, const I wo, const I sample_step, const I row_step) {
     GRID_STRIDE {
         I r = t;
         const I ox = r % wo; r /= wo;
         const I oy = r % ho; r /= ho;           // now r = n * C + c
         const T* plane = x + r * H * W;
-        T* out = cols + r * kh * kw * L + oy * wo + ox;   // row (n, c, i=0, j=0)
+        T* out = cols + (r / C) * sample_step + (r % C) * kh * kw * row_step
+                 + oy * wo + ox;                // row (c, i=0, j=0)
         const I y0 = oy * sh - ph, x0 = ox * sw - pw;
         for (I i = 0; i < kh; ++i) {
             const I iy = y0 + i * dh;
             const bool row_inside = iy >= 0 && iy < H;
-            for (I j = 0; j < kw; ++j, out += L) {
+            for (I j = 0; j < kw; ++j, out += row_step) {
                 const I ix = x0 + j * dw;
                 *out = (row_inside && ix >= 0 && ix < W) ? plane[iy * W + ix] : (T)0;
             }
@@ -637,8 +639,10 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
     n, c, h, w = x.shape
     cols = _xp().empty((n, c * kh * kw, ho * wo), dtype=dtype)
     total = n * c * ho * wo        # threads: one per (n, c, oy, ox), each writing kh*kw values
+    L = ho * wo
     _launch("im2col_kernel", dtype, total,
-            (x, cols) + _i(total, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+            (x, cols) + _i(total, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo,
+                           c * kh * kw * L, L))
     return cols
 
 
@@ -1179,49 +1183,18 @@ def relu_bias_backward(gy, y, bias_grad=True, channel_major=False):
 
 
 # ---------------------------------------------------------------------- im2col, batch in the columns
-IM2COL_ROWS_SRC = r"""
-// im2col_kernel's work with another layout: cols (C*kh*kw, N*L), L = ho*wo, row (c, i, j),
-// column (n, oy, ox), so that one GEMM gy (C_out, N*L) @ cols.T gives a conv's weight
-// gradient summed over the samples too (instead of one GEMM and one add per sample).
-// One thread per (n, c, oy, ox), as there; neighbouring ox still write neighbouring addresses.
-extern "C" __global__ void im2col_rows_kernel(
-        const T* x, T* cols, const I total,
-        const I N, const I C, const I H, const I W,
-        const I kh, const I kw, const I sh, const I sw,
-        const I ph, const I pw, const I dh, const I dw,
-        const I ho, const I wo) {
-    const I L = ho * wo, NL = N * L;
-    GRID_STRIDE {
-        I r = t;
-        const I ox = r % wo; r /= wo;
-        const I oy = r % ho; r /= ho;           // now r = n * C + c
-        const I c = r % C, n = r / C;
-        const T* plane = x + r * H * W;
-        T* out = cols + c * kh * kw * NL + n * L + oy * wo + ox;   // row (c, i=0, j=0)
-        const I y0 = oy * sh - ph, x0 = ox * sw - pw;
-        for (I i = 0; i < kh; ++i) {
-            const I iy = y0 + i * dh;
-            const bool row_inside = iy >= 0 && iy < H;
-            for (I j = 0; j < kw; ++j, out += NL) {
-                const I ix = x0 + j * dw;
-                *out = (row_inside && ix >= 0 && ix < W) ? plane[iy * W + ix] : (T)0;
-            }
-        }
-    }
-}
-"""
-SOURCES += (IM2COL_ROWS_SRC,)
-KERNEL_NAMES += ("im2col_rows_kernel",)
-
-
 def im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
-    """x (N, C, H, W) -> cols (C*kh*kw, N*ho*wo), one launch; see reference.im2col_rows."""
+    """x (N, C, H, W) -> cols (C*kh*kw, N*ho*wo): row (c, i, j), column (n, oy, ox), so that
+    one GEMM gy (C_out, N*L) @ cols.T gives a conv's weight gradient summed over the samples
+    too (instead of one GEMM and one add per sample). One launch of im2col_kernel with that
+    layout's strides; see reference.im2col_rows."""
     x, dtype = _float_input(x, "im2col_rows")
     n, c, h, w = x.shape
-    cols = _xp().empty((c * kh * kw, n * ho * wo), dtype=dtype)
-    total = n * c * ho * wo
-    _launch("im2col_rows_kernel", dtype, total,
-            (x, cols) + _i(total, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo))
+    L = ho * wo
+    cols = _xp().empty((c * kh * kw, n * L), dtype=dtype)
+    total = n * c * L
+    _launch("im2col_kernel", dtype, total,
+            (x, cols) + _i(total, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, L, n * L))
     return cols
 
 
