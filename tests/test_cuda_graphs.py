@@ -82,6 +82,24 @@ def test_cpu_inputs_are_refused_or_run_eagerly():
     assert not np.array_equal(before, to_numpy(model[0].weight.data))
 
 
+def graphed_and_eager(n_batches):
+    """Two copies of net() trained with SGD on the same batches: one through a graphed step
+    (two eager warm-up steps on the first batch, the capture, then one replay per later
+    batch), one eagerly on the same sequence. Returns ((graphed model, its losses), (eager
+    model, its losses after the warm-up), the graphed step)."""
+    data = batches("gpu", n_batches)
+    graphed, eager = net().to("gpu"), net().to("gpu")
+    opt_g = optim.SGD(graphed.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt_e = optim.SGD(eager.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    step_g = cuda.make_graphed_step(make_step(graphed, opt_g), data[0], optimizer=opt_g,
+                                    warmup=2)
+    assert step_g.graphed
+    losses_g = [float(to_numpy(step_g(*b).data)) for b in data[1:]]
+    step_e = make_step(eager, opt_e)
+    losses_e = [float(to_numpy(step_e(*b).data)) for b in [data[0], data[0]] + data[1:]]
+    return (graphed, losses_g), (eager, losses_e[2:]), step_g
+
+
 def _real_cupy():
     return GPU_PRESENT and not str(backend.require_cupy().__version__).startswith("fake")
 
@@ -89,22 +107,12 @@ def _real_cupy():
 @pytest.mark.skipif(not _real_cupy(), reason="needs CuPy and a CUDA device (the host "
                     "emulation of CuPy cannot capture graphs)")
 def test_replay_equals_eager_bit_for_bit():
-    data = batches("gpu", 6)
-    graphed, eager = net().to("gpu"), net().to("gpu")
-    opt_g = optim.SGD(graphed.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    opt_e = optim.SGD(eager.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    # Two eager warm-up steps on the example batch, the capture, then one replay per batch.
-    step_g = cuda.make_graphed_step(make_step(graphed, opt_g), data[0], optimizer=opt_g,
-                                    warmup=2)
-    assert step_g.graphed
-    losses_g = [float(to_numpy(step_g(*b).data)) for b in data[1:]]
-    step_e = make_step(eager, opt_e)
-    losses_e = [float(to_numpy(step_e(*b).data)) for b in [data[0], data[0]] + data[1:]]
-    assert losses_g == losses_e[2:]
+    (graphed, losses_g), (eager, losses_e), step_g = graphed_and_eager(6)
+    assert losses_g == losses_e
     for p, q in zip(graphed.parameters(), eager.parameters()):
         np.testing.assert_array_equal(to_numpy(p.data), to_numpy(q.data))
     with pytest.raises(ValueError, match="static shapes"):
-        step_g(data[0][0][:1], data[0][1][:1])
+        step_g(*(a[:1] for a in step_g.static))
 
 
 @pytest.mark.skipif(not GPU_PRESENT, reason="needs CuPy and a CUDA device, or the host "
@@ -131,18 +139,10 @@ def test_host_read_inside_the_step_is_refused():
 @pytest.mark.skipif(not GPU_PRESENT, reason="needs CuPy and a CUDA device, or the host "
                     "emulation of CuPy (-p fake_cupy)")
 def test_replay_trains_as_eager_and_refuses_other_shapes():
-    data = batches("gpu", 5)
-    graphed, eager = net().to("gpu"), net().to("gpu")
-    opt_g = optim.SGD(graphed.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    opt_e = optim.SGD(eager.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    step_g = cuda.make_graphed_step(make_step(graphed, opt_g), data[0], optimizer=opt_g,
-                                    warmup=2)
-    assert step_g.graphed and step_g.reason is None
-    losses_g = [step_g(*b).item() for b in data[1:]]
-    step_e = make_step(eager, opt_e)
-    losses_e = [step_e(*b).item() for b in [data[0], data[0]] + data[1:]]
-    np.testing.assert_allclose(losses_g, losses_e[2:], rtol=1e-5)
+    (graphed, losses_g), (eager, losses_e), step_g = graphed_and_eager(5)
+    assert step_g.reason is None
+    np.testing.assert_allclose(losses_g, losses_e, rtol=1e-5)
     for p, q in zip(graphed.parameters(), eager.parameters()):
         np.testing.assert_allclose(to_numpy(p.data), to_numpy(q.data), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="static shapes"):
-        step_g(data[0][0][:1], data[0][1][:1])
+        step_g(*(a[:1] for a in step_g.static))

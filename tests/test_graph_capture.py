@@ -40,6 +40,18 @@ def batch(seed=0, labels=2):
     return x, backend.to_device(y, "gpu"), y
 
 
+def assert_graphed_trains_as_eager(trainer):
+    """trainer(out, cuda_graph) -> a seg Trainer: two epochs with --cuda-graph really graph and
+    give the eager run's history."""
+    eager = trainer("eager", False).fit(2)
+    graph = trainer("graph", True)
+    graphed = graph.fit(2)
+    assert graph.graph.reason is None and graph.graph.graphed.graphed
+    for key in ("train_loss", "val_loss", "val_dice"):
+        np.testing.assert_allclose([r[key] for r in graphed.history],
+                                   [r[key] for r in eager.history], rtol=1e-5, err_msg=key)
+
+
 OPTIMIZERS = {
     "sgd": lambda ps: optim.SGD(ps, lr=0.05, momentum=0.9),
     "adam": lambda ps: optim.Adam(ps, lr=1e-2, capturable=True),
@@ -167,13 +179,7 @@ def test_seg_trainer_with_cuda_graph_graphs_and_trains_as_eager(loss, tmp_path):
                        optim.Adam(model.parameters(), lr=1e-2, capturable=True),
                        out_dir=tmp_path / out, device="gpu", progress=False, plot=False,
                        log=None, cuda_graph=cuda_graph)
-    eager = trainer("eager", False).fit(2)
-    graph = trainer("graph", True)
-    graphed = graph.fit(2)
-    assert graph.graph.reason is None and graph.graph.graphed.graphed
-    for key in ("train_loss", "val_loss", "val_dice"):
-        np.testing.assert_allclose([r[key] for r in graphed.history],
-                                   [r[key] for r in eager.history], rtol=1e-5, err_msg=key)
+    assert_graphed_trains_as_eager(trainer)
 
 
 @GPU_ONLY
@@ -352,11 +358,5 @@ def test_seg_trainer_with_cuda_graph_graphs_a_deeplab_with_dropout_and_trains_as
                        optim.SGD(model.parameters(), lr=1e-2, momentum=0.9),
                        out_dir=tmp_path / out, device="gpu", progress=False, plot=False,
                        log=None, cuda_graph=cuda_graph)
-    eager = trainer("eager", False).fit(2)
-    graph = trainer("graph", True)
-    graphed = graph.fit(2)
-    assert graph.graph.reason is None and graph.graph.graphed.graphed
-    # The replays drew the dropout masks the eager steps drew: the same history.
-    for key in ("train_loss", "val_loss", "val_dice"):
-        np.testing.assert_allclose([r[key] for r in graphed.history],
-                                   [r[key] for r in eager.history], rtol=1e-5, err_msg=key)
+    # The replays draw the dropout masks the eager steps draw: the same history.
+    assert_graphed_trains_as_eager(trainer)
