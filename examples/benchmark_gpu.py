@@ -239,7 +239,7 @@ def make_step(model, opt, x, target, amp_dtype=None):
     return step
 
 
-def make_graphed_step(step, amp_dtype=None):
+def graph_replay_step(step, amp_dtype=None):
     """step's model trained by a CUDA-graph replay (minidl.cuda.make_graphed_step) of the same
     step, with a capturable Adam (its step count on the device; fresh moments). Each call
     copies the batch into the graph's static inputs and launches the graph, as --cuda-graph
@@ -343,7 +343,7 @@ def minidl_mode_times(clock, step, iters, cuda_graph=False):
             try:
                 with settings_of(matmul, algorithm):
                     if graphed:
-                        mode_step, reason = make_graphed_step(step, amp_dtype)
+                        mode_step, reason = graph_replay_step(step, amp_dtype)
                     else:
                         mode_step, reason = make_step(step.model, step.opt, step.x,
                                                       step.target, amp_dtype), None
@@ -560,7 +560,7 @@ def run(args):
     for k, v in result["breakdown_ms"].items():
         print(f"    {k:14s} {v:8.2f} ms")
     if args.cuda_graph:
-        replay, reason = make_graphed_step(step, args.amp)
+        replay, reason = graph_replay_step(step, args.amp)
         result["graph_step_s"] = None if replay is None else clock.time(
             replay, warmup=1, iters=args.iters)[0]
         if replay is None:
